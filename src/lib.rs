@@ -1,4 +1,158 @@
-//! mxspool: a backup MX that spools a domain's mail while its primary is down.
+//! mxspool: a backup MX. While a domain's primary mail server is unreachable,
+//! mxspool accepts the domain's mail, keeps it safe on disk, and hands it to the
+//! primary the moment the primary is back. It never delivers to mailboxes and
+//! never relays for anyone else.
+//!
+//! # Layout (in the order mail flows)
+//! - [`config`]: the TOML file, validated into a typed [`config::Config`].
+//! - [`inbound`]: (1) SMTP in. Sessions, relay policy, DATA handling; commits
+//!   finished messages to the spool and says 250 only after the fsync.
+//! - [`spool`]: (2) the durable queue on redb: envelopes, bodies, the due index.
+//! - [`shutdown`]: the signal every task watches.
+//!
+//! [`Server`] wires these together: the binary binds sockets, loads the config,
+//! and calls [`Server::start`]; tests do the same on `127.0.0.1:0`.
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod inbound;
+pub mod shutdown;
+pub mod spool;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use config::{Config, ConfigError};
+use inbound::policy::Policy;
+use inbound::{Inbound, Limits};
+use spool::{OpenError, Spool};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Spool(#[from] OpenError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot read the address of a listening socket: {0}")]
+    Socket(std::io::Error),
+}
+
+/// A running mxspool: listeners, sessions and the spool.
+pub struct Server {
+    config: Config,
+    inbound: Arc<Inbound>,
+    smtp_addrs: Vec<SocketAddr>,
+    trigger: shutdown::Trigger,
+    /// Closes once every listener and session has finished.
+    running: mpsc::Receiver<()>,
+    listeners: Vec<JoinHandle<()>>,
+    /// Domains whose mail an ETRN asked to release.
+    flush_requests: mpsc::UnboundedReceiver<String>,
+}
+
+impl Server {
+    /// Opens the spool and starts serving SMTP on the given (already bound)
+    /// listeners.
+    pub async fn start(config: Config, smtp: Vec<TcpListener>) -> Result<Server, StartError> {
+        let policy = Policy::from_config(&config)?;
+        let path = config.spool.path.clone();
+        let max_size = config.spool.max_size;
+        let spool = tokio::task::spawn_blocking(move || Spool::open(&path, max_size))
+            .await
+            .map_err(|e| OpenError::Io {
+                path: config.spool.path.clone(),
+                reason: e.to_string(),
+            })??;
+
+        let (flush_tx, flush_requests) = mpsc::unbounded_channel();
+        let inbound = Arc::new(Inbound::new(
+            spool,
+            policy,
+            Limits {
+                command_timeout: config.server.command_timeout,
+                data_timeout: config.server.data_timeout,
+                max_connections: config.server.max_connections,
+                max_connections_per_ip: config.server.max_connections_per_ip,
+            },
+            flush_tx,
+            Arc::new(Notify::new()),
+        ));
+        let (trigger, shutdown) = shutdown::channel();
+        let (running_tx, running) = mpsc::channel(1);
+        let mut smtp_addrs = Vec::new();
+        let mut listeners = Vec::new();
+        for listener in smtp {
+            smtp_addrs.push(listener.local_addr().map_err(StartError::Socket)?);
+            listeners.push(tokio::spawn(inbound::listen(
+                listener,
+                inbound.clone(),
+                shutdown.clone(),
+                running_tx.clone(),
+            )));
+        }
+        Ok(Server {
+            config,
+            inbound,
+            smtp_addrs,
+            trigger,
+            running,
+            listeners,
+            flush_requests,
+        })
+    }
+
+    pub fn smtp_addrs(&self) -> &[SocketAddr] {
+        &self.smtp_addrs
+    }
+
+    pub fn spool(&self) -> &Spool {
+        &self.inbound.spool
+    }
+
+    /// Re-reads the config file and the recipient files it names (SIGHUP). On
+    /// error the running policy stays. Listeners and the spool keep their
+    /// startup settings; a change to those needs a restart.
+    pub fn reload(&mut self) -> Result<(), ConfigError> {
+        let fresh = Config::load(&self.config.source)?;
+        let policy = Policy::from_config(&fresh)?;
+        if fresh.server.listen != self.config.server.listen
+            || fresh.spool.path != self.config.spool.path
+        {
+            warn!("server.listen and spool.path changes take effect after a restart");
+        }
+        self.inbound.set_policy(policy);
+        self.config = fresh;
+        info!("configuration reloaded");
+        Ok(())
+    }
+
+    /// The next domain an ETRN asked to flush.
+    pub async fn next_flush_request(&mut self) -> Option<String> {
+        self.flush_requests.recv().await
+    }
+
+    /// Stops accepting, tells sessions to finish (421 to idle ones; a commit in
+    /// progress completes and is acknowledged), waits up to `grace` for them,
+    /// then closes the spool.
+    pub async fn shutdown(mut self, grace: Duration) {
+        self.trigger.fire();
+        for listener in self.listeners.drain(..) {
+            let _ = listener.await;
+        }
+        if tokio::time::timeout(grace, self.running.recv())
+            .await
+            .is_err()
+        {
+            warn!("sessions still open after the grace period; closing anyway");
+        }
+        let spool = self.inbound.spool.clone();
+        let _ = tokio::task::spawn_blocking(move || spool.close()).await;
+        info!("stopped");
+    }
+}

@@ -1,0 +1,320 @@
+//! The async shell around [`Session`]: reads command lines and message data from
+//! the socket, performs the session's steps (commit to the spool, ETRN), writes
+//! replies, and enforces timeouts and shutdown. Generic over the stream so a TLS
+//! stream or an in-memory pipe speak the same protocol code.
+//!
+//! Replies are buffered while more pipelined commands are already waiting and
+//! flushed before every read that would block (RFC 2920).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tracing::{debug, info, warn};
+
+use super::Inbound;
+use super::data::{Data, DataReader};
+use super::received::Trace;
+use super::reply::Reply;
+use super::session::{Env, Session, Step};
+use crate::shutdown::Shutdown;
+use crate::spool::{Client, CommitError, Envelope, NewMessage};
+
+/// Longest command line we read (Postfix's `line_length_limit`); longer lines
+/// are discarded up to their end and refused with 500 5.5.2.
+pub const MAX_LINE: usize = 2048;
+const READ_CHUNK: usize = 16 * 1024;
+
+enum Input {
+    Line(Vec<u8>),
+    TooLong,
+}
+
+#[derive(Debug)]
+enum Stop {
+    /// The client closed the connection.
+    Eof,
+    Timeout,
+    Shutdown,
+    Io(std::io::Error),
+}
+
+/// The connection's bytes: what has been read but not used, and replies not yet sent.
+struct Io<S> {
+    stream: S,
+    input: Vec<u8>,
+    /// Start of unconsumed bytes in `input`.
+    start: usize,
+    output: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
+    fn pending(&self) -> &[u8] {
+        &self.input[self.start..]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.input.len() {
+            self.input.clear();
+            self.start = 0;
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), Stop> {
+        if !self.output.is_empty() {
+            self.stream
+                .write_all(&self.output)
+                .await
+                .map_err(Stop::Io)?;
+            self.stream.flush().await.map_err(Stop::Io)?;
+            self.output.clear();
+        }
+        Ok(())
+    }
+
+    /// Sends pending replies, then waits for more input.
+    async fn fill(&mut self, timeout: Duration, shutdown: &mut Shutdown) -> Result<(), Stop> {
+        self.flush().await?;
+        if self.start > 0 {
+            self.input.drain(..self.start);
+            self.start = 0;
+        }
+        let len = self.input.len();
+        self.input.resize(len + READ_CHUNK, 0);
+        let read = tokio::select! {
+            r = tokio::time::timeout(timeout, self.stream.read(&mut self.input[len..])) => r,
+            () = shutdown.wait() => {
+                self.input.truncate(len);
+                return Err(Stop::Shutdown);
+            }
+        };
+        let n = match read {
+            Err(_) => Err(Stop::Timeout),
+            Ok(Err(e)) => Err(Stop::Io(e)),
+            Ok(Ok(0)) => Err(Stop::Eof),
+            Ok(Ok(n)) => Ok(n),
+        };
+        self.input.truncate(len + *n.as_ref().unwrap_or(&0));
+        n.map(|_| ())
+    }
+
+    async fn next_line(
+        &mut self,
+        timeout: Duration,
+        shutdown: &mut Shutdown,
+    ) -> Result<Input, Stop> {
+        let mut skipping = false;
+        loop {
+            let pending = self.pending();
+            if let Some(pos) = memchr::memchr(b'\n', pending) {
+                let line = pending[..=pos].to_vec();
+                self.consume(pos + 1);
+                return Ok(if skipping || line.len() > MAX_LINE {
+                    Input::TooLong
+                } else {
+                    Input::Line(line)
+                });
+            }
+            if pending.len() > MAX_LINE {
+                skipping = true;
+                let n = pending.len();
+                self.consume(n);
+            }
+            self.fill(timeout, shutdown).await?;
+        }
+    }
+
+    async fn read_data(
+        &mut self,
+        max: u64,
+        timeout: Duration,
+        shutdown: &mut Shutdown,
+    ) -> Result<Data, Stop> {
+        let mut reader = DataReader::new(max);
+        loop {
+            let (used, done) = reader.feed(self.pending());
+            self.consume(used);
+            if let Some(data) = done {
+                return Ok(data);
+            }
+            self.fill(timeout, shutdown).await?;
+        }
+    }
+}
+
+/// Serves one SMTP connection until QUIT, error, timeout or shutdown.
+pub async fn serve<S>(stream: S, peer: SocketAddr, inbound: Arc<Inbound>, mut shutdown: Shutdown)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut io = Io {
+        stream,
+        input: Vec::new(),
+        start: 0,
+        output: Vec::new(),
+    };
+    let stop = converse(&mut io, peer, &inbound, &mut shutdown).await;
+    let policy = inbound.policy();
+    let farewell = match &stop {
+        Stop::Timeout => Some(Reply::new(
+            421,
+            "4.4.2",
+            format!("{} Error: timeout exceeded", policy.hostname),
+        )),
+        Stop::Shutdown => Some(Reply::new(
+            421,
+            "4.3.2",
+            format!(
+                "{} Service shutting down, closing connection",
+                policy.hostname
+            ),
+        )),
+        Stop::Eof | Stop::Io(_) => None,
+    };
+    if let Some(reply) = farewell {
+        reply.write_to(&mut io.output);
+        let _ = tokio::time::timeout(Duration::from_secs(5), io.flush()).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), io.stream.shutdown()).await;
+    match stop {
+        Stop::Io(e) => debug!(error = %e, "connection lost"),
+        stop => debug!(?stop, "disconnected"),
+    }
+}
+
+async fn converse<S>(
+    io: &mut Io<S>,
+    peer: SocketAddr,
+    inbound: &Inbound,
+    shutdown: &mut Shutdown,
+) -> Stop
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut session = Session::new(peer.ip());
+    Session::greeting(&inbound.policy()).write_to(&mut io.output);
+    loop {
+        let input = match io.next_line(inbound.command_timeout, shutdown).await {
+            Ok(input) => input,
+            Err(stop) => return stop,
+        };
+        let policy = inbound.policy();
+        let step = {
+            let spool_has_room = |size| inbound.spool.has_room(size);
+            let env = Env {
+                policy: &policy,
+                spool_has_room: &spool_has_room,
+            };
+            match input {
+                Input::Line(line) => session.command(&line, &env),
+                Input::TooLong => session.line_too_long(),
+            }
+        };
+        match step {
+            Step::Reply(reply) => {
+                if reply.is_error() {
+                    info!(reply = %reply, "rejected");
+                }
+                reply.write_to(&mut io.output);
+            }
+            Step::Etrn { domain, reply } => {
+                info!(%domain, "ETRN");
+                inbound.request_flush(domain);
+                reply.write_to(&mut io.output);
+            }
+            Step::Close(reply) => {
+                reply.write_to(&mut io.output);
+                return io.flush().await.err().unwrap_or(Stop::Eof);
+            }
+            Step::Data(reply) => {
+                reply.write_to(&mut io.output);
+                let data = match io
+                    .read_data(policy.max_message_size, inbound.data_timeout, shutdown)
+                    .await
+                {
+                    Ok(data) => data,
+                    Err(stop) => return stop,
+                };
+                let reply = match session.finish_data(&data, &policy) {
+                    Err(reply) => {
+                        info!(reply = %reply, size = data.size, "message refused");
+                        reply
+                    }
+                    Ok(transaction) => {
+                        let now = SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .unwrap_or_default();
+                        let id = inbound.spool.next_id(now.as_micros() as u64);
+                        let trace = Trace {
+                            helo: session.helo_name(),
+                            ip: peer.ip(),
+                            by: &policy.hostname,
+                            esmtp: session.is_esmtp(),
+                            tls: false,
+                            smtputf8: transaction.smtputf8,
+                            id,
+                            only_recipient: match transaction.recipients.as_slice() {
+                                [only] => Some(only.address.as_str()),
+                                _ => None,
+                            },
+                            date: now.as_secs() as i64,
+                        };
+                        let header = trace.header();
+                        let mut body = Vec::with_capacity(header.len() + data.body.len());
+                        body.extend_from_slice(header.as_bytes());
+                        body.extend_from_slice(&data.body);
+                        let now_ms = now.as_millis() as u64;
+                        let mut recipients = transaction.recipients;
+                        for r in &mut recipients {
+                            r.next_attempt_ms = now_ms;
+                        }
+                        let envelope = Envelope {
+                            id,
+                            sender: transaction.sender,
+                            ret: transaction.ret,
+                            envid: transaction.envid,
+                            body_type: transaction.body_type,
+                            smtputf8: transaction.smtputf8,
+                            has_8bit: data.has_8bit,
+                            arrived_ms: now_ms,
+                            size: body.len() as u64,
+                            client: Client {
+                                ip: peer.ip(),
+                                helo: session.helo_name().to_owned(),
+                                tls: false,
+                            },
+                            recipients,
+                        };
+                        commit(inbound, envelope, body).await
+                    }
+                };
+                reply.write_to(&mut io.output);
+            }
+        }
+    }
+}
+
+/// Stores the message and says how it went; 250 only once it is on disk.
+async fn commit(inbound: &Inbound, envelope: Envelope, body: Vec<u8>) -> Reply {
+    let id = envelope.id;
+    let sender = envelope.sender.clone();
+    let recipients = envelope.recipients.len();
+    let size = envelope.size;
+    match inbound.spool.commit(NewMessage { envelope, body }).await {
+        Ok(()) => {
+            info!(queue_id = %id, from = %sender, recipients, size, "queued");
+            inbound.notify_queued();
+            Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))
+        }
+        Err(CommitError::Full) => {
+            warn!(queue_id = %id, size, "spool full, message refused");
+            Reply::new(452, "4.3.1", "Error: insufficient system storage")
+        }
+        Err(e) => {
+            warn!(queue_id = %id, error = %e, "message not stored");
+            Reply::new(451, "4.3.0", "Error: queue file write error")
+        }
+    }
+}

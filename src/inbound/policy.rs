@@ -1,0 +1,223 @@
+//! Who may connect, which recipients we take, and the limits of a session.
+//!
+//! Built from the configuration (and the recipient files it names) and swapped
+//! whole on SIGHUP. Pure lookups: no I/O after construction, no DNS.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::config::{Config, ConfigError};
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Our name in the banner, EHLO reply and `Received:`.
+    pub hostname: String,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    pub max_received_headers: usize,
+    /// Where mail for the bare `<postmaster>` goes (RFC 5321 §4.5.1 requires us to
+    /// take it).
+    pub postmaster: String,
+    domains: Vec<RelayDomain>,
+    allow: Vec<IpNet>,
+    deny: Vec<IpNet>,
+    etrn_allow: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone)]
+struct RelayDomain {
+    name: String,
+    include_subdomains: bool,
+    /// Lower-cased local parts and addresses; empty means "anyone at the domain".
+    recipients: HashSet<String>,
+}
+
+/// Why a recipient is refused; the session turns it into a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not an address we can judge (no domain, empty).
+    Syntax,
+    /// Not one of our relay domains, or a routing trick in the local part.
+    Relay,
+    /// A relay domain with a recipient list that does not name this address.
+    UnknownUser,
+}
+
+impl Policy {
+    /// Builds the policy; reads every `recipients_file`, so it is also the reload.
+    pub fn from_config(config: &Config) -> Result<Policy, ConfigError> {
+        let mut domains = Vec::new();
+        for d in &config.domains {
+            domains.push(RelayDomain {
+                name: d.name.clone(),
+                include_subdomains: d.include_subdomains,
+                recipients: d.load_recipients()?.into_iter().collect(),
+            });
+        }
+        Ok(Policy {
+            hostname: config.server.hostname.clone(),
+            max_message_size: config.server.max_message_size,
+            max_recipients: config.server.max_recipients,
+            max_received_headers: config.server.max_received_headers,
+            postmaster: config.delivery.postmaster.clone(),
+            domains,
+            allow: config.server.allow.clone(),
+            deny: config.server.deny.clone(),
+            etrn_allow: config.server.etrn_allow.clone(),
+        })
+    }
+
+    /// May this address talk to us at all (`allow` and not `deny`)?
+    pub fn admits(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.allow.iter().any(|n| n.contains(&ip)) && !self.deny.iter().any(|n| n.contains(&ip))
+    }
+
+    pub fn etrn_allowed(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.etrn_allow.iter().any(|n| n.contains(&ip))
+    }
+
+    /// The configured relay domain `domain` belongs to, if any.
+    pub fn relay_domain(&self, domain: &str) -> Option<&str> {
+        let domain = normalise_domain(domain);
+        self.find(&domain).map(|d| d.name.as_str())
+    }
+
+    fn find(&self, domain: &str) -> Option<&RelayDomain> {
+        self.domains.iter().find(|d| {
+            domain == d.name
+                || (d.include_subdomains
+                    && domain.len() > d.name.len()
+                    && domain.ends_with(&d.name)
+                    && domain.as_bytes()[domain.len() - d.name.len() - 1] == b'.')
+        })
+    }
+
+    /// Judges a forward path as smtp-proto parsed it (quotes and source route
+    /// already stripped). Returns the address to store: local part as sent,
+    /// domain lower-cased without a trailing dot.
+    pub fn check_recipient(&self, address: &str) -> Result<String, Refusal> {
+        let Some((local, domain)) = address.rsplit_once('@') else {
+            return Err(Refusal::Syntax);
+        };
+        let domain = normalise_domain(domain);
+        if local.is_empty() || domain.is_empty() {
+            return Err(Refusal::Syntax);
+        }
+        let relay = self.find(&domain).ok_or(Refusal::Relay)?;
+        // `user%other@us`, `other!user@us` and `"user@other"@us` (which arrives as
+        // `user@other@us`) ask us to route onward: the classic open-relay tricks.
+        if local.contains(['@', '%', '!']) {
+            return Err(Refusal::Relay);
+        }
+        let address = format!("{local}@{domain}");
+        if !relay.recipients.is_empty() {
+            let lower = address.to_lowercase();
+            let local_lower = local.to_lowercase();
+            if !relay.recipients.contains(&lower) && !relay.recipients.contains(&local_lower) {
+                return Err(Refusal::UnknownUser);
+            }
+        }
+        Ok(address)
+    }
+}
+
+fn normalise_domain(domain: &str) -> String {
+    domain.strip_suffix('.').unwrap_or(domain).to_lowercase()
+}
+
+/// A policy for unit tests: example.com (anyone), example.org with subdomains
+/// and the list {alice, bob@example.org}; 192.0.2.0/24 denied; ETRN from loopback.
+#[cfg(test)]
+pub(crate) fn sample() -> Policy {
+    Policy {
+        hostname: "mx2.example.net".into(),
+        max_message_size: 1000,
+        max_recipients: 10,
+        max_received_headers: 5,
+        postmaster: "postmaster@example.net".into(),
+        domains: vec![
+            RelayDomain {
+                name: "example.com".into(),
+                include_subdomains: false,
+                recipients: HashSet::new(),
+            },
+            RelayDomain {
+                name: "example.org".into(),
+                include_subdomains: true,
+                recipients: ["alice".to_string(), "bob@example.org".to_string()]
+                    .into_iter()
+                    .collect(),
+            },
+        ],
+        allow: vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
+        deny: vec!["192.0.2.0/24".parse().unwrap()],
+        etrn_allow: vec!["127.0.0.0/8".parse().unwrap()],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        sample()
+    }
+
+    #[test]
+    fn recipients() {
+        use Refusal::*;
+        let p = policy();
+        let cases: &[(&str, Result<&str, Refusal>)] = &[
+            ("user@example.com", Ok("user@example.com")),
+            ("User@EXAMPLE.com.", Ok("User@example.com")),
+            ("user@sub.example.com", Err(Relay)),
+            ("user@example.com.evil.net", Err(Relay)),
+            ("user@notexample.com", Err(Relay)),
+            ("user@example.net", Err(Relay)),
+            ("user%other.net@example.com", Err(Relay)),
+            ("other.net!user@example.com", Err(Relay)),
+            ("user@other.net@example.com", Err(Relay)),
+            ("user", Err(Syntax)),
+            ("", Err(Syntax)),
+            ("@example.com", Err(Syntax)),
+            ("alice@example.org", Ok("alice@example.org")),
+            ("ALICE@Example.ORG", Ok("ALICE@example.org")),
+            (
+                "alice@deep.sub.example.org",
+                Ok("alice@deep.sub.example.org"),
+            ),
+            ("bob@example.org", Ok("bob@example.org")),
+            ("bob@sub.example.org", Err(UnknownUser)),
+            ("carol@example.org", Err(UnknownUser)),
+            ("carol@badexample.org", Err(Relay)),
+        ];
+        for (input, want) in cases {
+            let got = p.check_recipient(input);
+            assert_eq!(got.as_deref(), want.as_ref().map(|s| *s), "{input}");
+        }
+    }
+
+    #[test]
+    fn connection_lists() {
+        let p = policy();
+        assert!(p.admits("127.0.0.1".parse().unwrap()));
+        assert!(p.admits("2001:db8::1".parse().unwrap()));
+        assert!(!p.admits("192.0.2.9".parse().unwrap()));
+        assert!(!p.admits("::ffff:192.0.2.9".parse().unwrap()));
+        assert!(p.etrn_allowed("127.0.0.2".parse().unwrap()));
+        assert!(p.etrn_allowed("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!p.etrn_allowed("10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn relay_domain_lookup() {
+        let p = policy();
+        assert_eq!(p.relay_domain("Example.COM."), Some("example.com"));
+        assert_eq!(p.relay_domain("a.example.org"), Some("example.org"));
+        assert_eq!(p.relay_domain("a.example.com"), None);
+    }
+}

@@ -1,0 +1,82 @@
+//! SMTP replies: a code, an RFC 3463 enhanced status code, and text.
+
+use std::fmt;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    /// Enhanced status code, e.g. "5.7.1"; empty only for the greeting-style
+    /// replies RFC 2034 exempts (220, 221 may still carry one; we always do).
+    pub status: &'static str,
+    /// One element per line of a multi-line reply.
+    pub lines: Vec<String>,
+}
+
+impl Reply {
+    pub fn new(code: u16, status: &'static str, text: impl Into<String>) -> Reply {
+        Reply {
+            code,
+            status,
+            lines: vec![text.into()],
+        }
+    }
+
+    /// A multi-line reply (EHLO); no enhanced code on lines that are keywords.
+    pub fn multiline(code: u16, lines: Vec<String>) -> Reply {
+        Reply {
+            code,
+            status: "",
+            lines,
+        }
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.code >= 400
+    }
+
+    /// The first line's text, for logs.
+    pub fn text(&self) -> &str {
+        self.lines.first().map(String::as_str).unwrap_or("")
+    }
+
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        use std::io::Write;
+        let last = self.lines.len().saturating_sub(1);
+        for (i, line) in self.lines.iter().enumerate() {
+            let sep = if i == last { ' ' } else { '-' };
+            // Writing into a Vec cannot fail.
+            let _ = if self.status.is_empty() {
+                write!(out, "{}{sep}{line}\r\n", self.code)
+            } else {
+                write!(out, "{}{sep}{} {line}\r\n", self.code, self.status)
+            };
+        }
+    }
+}
+
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut out = Vec::new();
+        self.write_to(&mut out);
+        f.write_str(String::from_utf8_lossy(&out).trim_end())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_single_and_multi_line() {
+        let mut out = Vec::new();
+        Reply::new(250, "2.1.0", "Ok").write_to(&mut out);
+        assert_eq!(out, b"250 2.1.0 Ok\r\n");
+        out.clear();
+        Reply::multiline(
+            250,
+            vec!["mx".into(), "PIPELINING".into(), "SIZE 10".into()],
+        )
+        .write_to(&mut out);
+        assert_eq!(out, b"250-mx\r\n250-PIPELINING\r\n250 SIZE 10\r\n");
+    }
+}

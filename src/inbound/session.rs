@@ -1,0 +1,734 @@
+//! The SMTP conversation as a pure state machine: `(state, command line, policy)
+//! -> (reply, step)`. No I/O, no clock, no spool: the connection shell in
+//! `conn.rs` reads lines, asks this what to say, and performs the steps (read the
+//! data, commit, flush the queue, close).
+
+use std::net::IpAddr;
+
+use smtp_proto::{
+    Error as ParseError, MAIL_BODY_7BIT, MAIL_BODY_8BITMIME, MAIL_RET_FULL, MAIL_RET_HDRS,
+    MAIL_SMTPUTF8, MailFrom, RCPT_NOTIFY_DELAY, RCPT_NOTIFY_FAILURE, RCPT_NOTIFY_NEVER,
+    RCPT_NOTIFY_SUCCESS, RcptTo, Request,
+};
+
+use super::data::{Data, count_received};
+use super::policy::{Policy, Refusal};
+use super::reply::Reply;
+use crate::spool::{BodyType, Notify, RcptStatus, Recipient, Ret};
+
+/// Errors a client may make before we hang up (Postfix's `smtpd_hard_error_limit`).
+pub const MAX_ERRORS: u32 = 20;
+
+/// MAIL FROM flags we advertise an extension for; anything else is refused.
+const MAIL_FLAGS_SUPPORTED: u64 =
+    MAIL_BODY_7BIT | MAIL_BODY_8BITMIME | MAIL_RET_FULL | MAIL_RET_HDRS | MAIL_SMTPUTF8;
+const RCPT_FLAGS_SUPPORTED: u64 =
+    RCPT_NOTIFY_SUCCESS | RCPT_NOTIFY_FAILURE | RCPT_NOTIFY_DELAY | RCPT_NOTIFY_NEVER;
+
+/// What the connection must do after a command.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Send the reply and read the next command.
+    Reply(Reply),
+    /// Send the reply (354), then read message data and call [`Session::finish_data`].
+    Data(Reply),
+    /// Send the reply, then ask the scheduler to release `domain`'s mail.
+    Etrn { domain: String, reply: Reply },
+    /// Send the reply and close the connection.
+    Close(Reply),
+}
+
+/// What the caller needs besides the command line.
+pub struct Env<'a> {
+    pub policy: &'a Policy,
+    /// Whether the spool can take this many more bytes (`spool.max_size`).
+    pub spool_has_room: &'a dyn Fn(u64) -> bool,
+}
+
+/// A mail transaction in progress: MAIL, then RCPTs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transaction {
+    pub sender: String,
+    pub ret: Ret,
+    pub envid: Option<String>,
+    pub body_type: BodyType,
+    pub smtputf8: bool,
+    /// Accepted recipients, in order, without duplicates.
+    pub recipients: Vec<Recipient>,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    ip: IpAddr,
+    /// The name the client gave in EHLO/HELO, and whether it was EHLO.
+    helo: Option<(String, bool)>,
+    transaction: Option<Transaction>,
+    errors: u32,
+}
+
+impl Session {
+    pub fn new(ip: IpAddr) -> Session {
+        Session {
+            ip,
+            helo: None,
+            transaction: None,
+            errors: 0,
+        }
+    }
+
+    pub fn greeting(policy: &Policy) -> Reply {
+        Reply::new(220, "", format!("{} ESMTP mxspool", policy.hostname))
+    }
+
+    /// The client's EHLO/HELO name (empty before it gave one).
+    pub fn helo_name(&self) -> &str {
+        self.helo.as_ref().map(|(h, _)| h.as_str()).unwrap_or("")
+    }
+
+    /// Whether the client greeted with EHLO (the `Received:` protocol says so).
+    pub fn is_esmtp(&self) -> bool {
+        self.helo.as_ref().is_some_and(|(_, esmtp)| *esmtp)
+    }
+
+    /// Handles one command line (ending in LF).
+    pub fn command(&mut self, line: &[u8], env: &Env<'_>) -> Step {
+        let step = match Request::parse(&mut line.iter()) {
+            Ok(request) => self.request(request.into_owned(), line, env),
+            Err(e) => Step::Reply(parse_error(e)),
+        };
+        self.count_errors(step)
+    }
+
+    /// The line exceeded the command length limit and was discarded.
+    pub fn line_too_long(&mut self) -> Step {
+        self.count_errors(Step::Reply(Reply::new(
+            500,
+            "5.5.2",
+            "Error: line too long",
+        )))
+    }
+
+    fn count_errors(&mut self, step: Step) -> Step {
+        let Step::Reply(reply) = &step else {
+            return step;
+        };
+        // "Too many recipients" and "storage full" are the server's limits, not
+        // the client's mistakes.
+        if reply.is_error() && !matches!(reply.code, 452) {
+            self.errors += 1;
+            if self.errors >= MAX_ERRORS {
+                return Step::Close(Reply::new(421, "4.7.0", "Error: too many errors"));
+            }
+        }
+        step
+    }
+
+    fn request(&mut self, request: Request<String>, line: &[u8], env: &Env<'_>) -> Step {
+        let policy = env.policy;
+        let reply = match request {
+            Request::Ehlo { host } => {
+                self.helo = Some((host, true));
+                self.transaction = None;
+                return Step::Reply(ehlo_reply(policy));
+            }
+            Request::Helo { host } => {
+                self.helo = Some((host, false));
+                self.transaction = None;
+                Reply::new(250, "", policy.hostname.clone())
+            }
+            Request::Mail { from } => self.mail(from, env),
+            Request::Rcpt { to } => self.rcpt(to, line, policy),
+            Request::Data => match &self.transaction {
+                _ if self.helo.is_none() => need_helo(),
+                None => Reply::new(503, "5.5.1", "Error: need MAIL command"),
+                Some(t) if t.recipients.is_empty() => {
+                    Reply::new(554, "5.5.1", "Error: no valid recipients")
+                }
+                Some(_) => {
+                    return Step::Data(Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
+                }
+            },
+            Request::Rset => {
+                self.transaction = None;
+                Reply::new(250, "2.0.0", "Ok")
+            }
+            Request::Noop { .. } => Reply::new(250, "2.0.0", "Ok"),
+            Request::Quit => return Step::Close(Reply::new(221, "2.0.0", "Bye")),
+            Request::Vrfy { .. } => Reply::new(
+                252,
+                "2.5.2",
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            ),
+            Request::Help { .. } => Reply::new(
+                214,
+                "2.0.0",
+                "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP ETRN",
+            ),
+            Request::Etrn { name } => return self.etrn(&name, policy),
+            Request::Bdat { .. } => {
+                // The chunk's bytes follow the command; without CHUNKING we cannot
+                // tell them from commands, so stop listening rather than guess.
+                return Step::Close(Reply::new(
+                    503,
+                    "5.5.1",
+                    "Error: BDAT without CHUNKING; closing connection",
+                ));
+            }
+            Request::Lhlo { .. } => Reply::new(500, "5.5.1", "Error: this is not an LMTP server"),
+            Request::StartTls => Reply::new(502, "5.5.1", "Error: STARTTLS not available"),
+            Request::Auth { .. } => Reply::new(502, "5.5.1", "Error: authentication not enabled"),
+            Request::Expn { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
+                Reply::new(502, "5.5.1", "Error: command not implemented")
+            }
+        };
+        Step::Reply(reply)
+    }
+
+    fn mail(&mut self, from: MailFrom<String>, env: &Env<'_>) -> Reply {
+        let Some((_, esmtp)) = &self.helo else {
+            return need_helo();
+        };
+        if self.transaction.is_some() {
+            return Reply::new(503, "5.5.1", "Error: nested MAIL command");
+        }
+        let has_params = from.flags != 0 || from.size != 0 || from.env_id.is_some();
+        if has_params && !esmtp {
+            return Reply::new(555, "5.5.4", "Error: MAIL parameters need EHLO");
+        }
+        if from.flags & !MAIL_FLAGS_SUPPORTED != 0
+            || from.trans_id.is_some()
+            || from.by != 0
+            || from.solicit.is_some()
+            || from.mtrk.is_some()
+            || from.auth.is_some()
+            || from.hold_for != 0
+            || from.hold_until != 0
+            || from.mt_priority != 0
+        {
+            return Reply::new(555, "5.5.4", "Error: unsupported MAIL parameter");
+        }
+        let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
+        if !from.address.is_ascii() && !smtputf8 {
+            return Reply::new(
+                553,
+                "5.6.7",
+                "Error: must declare SMTPUTF8 to send unicode address",
+            );
+        }
+        let size = from.size as u64;
+        if size > env.policy.max_message_size {
+            return Reply::new(
+                552,
+                "5.3.4",
+                "Error: message size exceeds fixed maximum message size",
+            );
+        }
+        if !(env.spool_has_room)(size) {
+            return Reply::new(452, "4.3.1", "Error: insufficient system storage");
+        }
+        self.transaction = Some(Transaction {
+            sender: from.address,
+            ret: if from.flags & MAIL_RET_FULL != 0 {
+                Ret::Full
+            } else if from.flags & MAIL_RET_HDRS != 0 {
+                Ret::Headers
+            } else {
+                Ret::Unset
+            },
+            envid: from.env_id,
+            body_type: if from.flags & MAIL_BODY_8BITMIME != 0 {
+                BodyType::EightBitMime
+            } else if from.flags & MAIL_BODY_7BIT != 0 {
+                BodyType::SevenBit
+            } else {
+                BodyType::Unset
+            },
+            smtputf8,
+            recipients: Vec::new(),
+        });
+        Reply::new(250, "2.1.0", "Ok")
+    }
+
+    fn rcpt(&mut self, to: RcptTo<String>, line: &[u8], policy: &Policy) -> Reply {
+        let esmtp = self.is_esmtp();
+        let Some(transaction) = &mut self.transaction else {
+            return Reply::new(503, "5.5.1", "Error: need MAIL command");
+        };
+        if (to.flags != 0 || to.orcpt.is_some()) && !esmtp {
+            return Reply::new(555, "5.5.4", "Error: RCPT parameters need EHLO");
+        }
+        if to.flags & !RCPT_FLAGS_SUPPORTED != 0 || to.rrvs != 0 {
+            return Reply::new(555, "5.5.4", "Error: unsupported RCPT parameter");
+        }
+        if !to.address.is_ascii() && !transaction.smtputf8 {
+            return Reply::new(
+                553,
+                "5.6.7",
+                "Error: must declare SMTPUTF8 to send unicode address",
+            );
+        }
+        if transaction.recipients.len() >= policy.max_recipients {
+            return Reply::new(452, "4.5.3", "Error: too many recipients");
+        }
+        // smtp-proto parses both `<>` and `<postmaster>` to "": only the raw line
+        // tells them apart. The bare postmaster must be accepted (RFC 5321 §4.5.1).
+        let address = if to.address.is_empty() {
+            if !is_bare_postmaster(line) {
+                return Reply::new(501, "5.1.3", "Error: bad recipient address syntax");
+            }
+            policy.postmaster.clone()
+        } else {
+            match policy.check_recipient(&to.address) {
+                Ok(address) => address,
+                Err(Refusal::Syntax) => {
+                    return Reply::new(501, "5.1.3", "Error: bad recipient address syntax");
+                }
+                Err(Refusal::Relay) => {
+                    return Reply::new(
+                        550,
+                        "5.7.1",
+                        format!("<{}>: Relay access denied", to.address),
+                    );
+                }
+                Err(Refusal::UnknownUser) => {
+                    return Reply::new(
+                        550,
+                        "5.1.1",
+                        format!(
+                            "<{}>: Recipient address rejected: User unknown in relay recipient table",
+                            to.address
+                        ),
+                    );
+                }
+            }
+        };
+        let duplicate = transaction
+            .recipients
+            .iter()
+            .any(|r| r.address.eq_ignore_ascii_case(&address));
+        if !duplicate {
+            let mut notify = 0;
+            for (flag, bit) in [
+                (RCPT_NOTIFY_SUCCESS, Notify::SUCCESS),
+                (RCPT_NOTIFY_FAILURE, Notify::FAILURE),
+                (RCPT_NOTIFY_DELAY, Notify::DELAY),
+                (RCPT_NOTIFY_NEVER, Notify::NEVER),
+            ] {
+                if to.flags & flag != 0 {
+                    notify |= bit;
+                }
+            }
+            transaction.recipients.push(Recipient {
+                address,
+                orcpt: to.orcpt,
+                notify: Notify(notify),
+                status: RcptStatus::Queued,
+                attempts: 0,
+                next_attempt_ms: 0,
+                last_reply: None,
+                unreachable: false,
+                delay_notified: false,
+            });
+        }
+        Reply::new(250, "2.1.5", "Ok")
+    }
+
+    fn etrn(&mut self, name: &str, policy: &Policy) -> Step {
+        let reply = if self.helo.is_none() {
+            need_helo()
+        } else if self.transaction.is_some() {
+            Reply::new(503, "5.5.1", "Error: MAIL transaction in progress")
+        } else if !policy.etrn_allowed(self.ip) {
+            Reply::new(
+                459,
+                "4.7.1",
+                format!("<{name}>: ETRN not allowed from this client"),
+            )
+        } else if let Some(domain) = policy.relay_domain(name.trim_start_matches('@')) {
+            return Step::Etrn {
+                domain: domain.to_owned(),
+                reply: Reply::new(250, "2.0.0", format!("Queuing for node <{name}> started")),
+            };
+        } else {
+            Reply::new(
+                458,
+                "4.5.4",
+                format!("Unable to queue messages for node <{name}>"),
+            )
+        };
+        self.count_errors(Step::Reply(reply))
+    }
+
+    /// The client finished sending data. On success, returns the transaction to
+    /// commit (the caller replies after the commit); on refusal, the reply. The
+    /// transaction ends either way.
+    pub fn finish_data(&mut self, data: &Data, policy: &Policy) -> Result<Transaction, Reply> {
+        let transaction = self
+            .transaction
+            .take()
+            .ok_or_else(|| Reply::new(503, "5.5.1", "Error: need MAIL command"))?;
+        if data.oversize {
+            return Err(Reply::new(
+                552,
+                "5.3.4",
+                "Error: message size exceeds fixed maximum message size",
+            ));
+        }
+        // Our own Received: makes one more; refuse before it would exceed the limit.
+        if count_received(&data.body) >= policy.max_received_headers {
+            return Err(Reply::new(
+                554,
+                "5.4.6",
+                "Error: too many hops (mail forwarding loop?)",
+            ));
+        }
+        Ok(transaction)
+    }
+}
+
+fn need_helo() -> Reply {
+    Reply::new(503, "5.5.1", "Error: send HELO/EHLO first")
+}
+
+fn ehlo_reply(policy: &Policy) -> Reply {
+    Reply::multiline(
+        250,
+        vec![
+            policy.hostname.clone(),
+            "PIPELINING".into(),
+            format!("SIZE {}", policy.max_message_size),
+            "ETRN".into(),
+            "ENHANCEDSTATUSCODES".into(),
+            "8BITMIME".into(),
+            "DSN".into(),
+            "SMTPUTF8".into(),
+        ],
+    )
+}
+
+fn parse_error(e: ParseError) -> Reply {
+    match e {
+        ParseError::UnknownCommand => Reply::new(500, "5.5.2", "Error: command not recognized"),
+        ParseError::InvalidSenderAddress => {
+            Reply::new(501, "5.1.7", "Error: bad sender address syntax")
+        }
+        ParseError::InvalidRecipientAddress => {
+            Reply::new(501, "5.1.3", "Error: bad recipient address syntax")
+        }
+        ParseError::SyntaxError { syntax } => Reply::new(501, "5.5.4", format!("Syntax: {syntax}")),
+        ParseError::InvalidParameter { param } => {
+            Reply::new(501, "5.5.4", format!("Error: invalid {param} parameter"))
+        }
+        ParseError::UnsupportedParameter { param } => Reply::new(
+            555,
+            "5.5.4",
+            format!(
+                "Error: unsupported parameter {}",
+                param.chars().take(40).collect::<String>()
+            ),
+        ),
+        ParseError::ResponseTooLong => Reply::new(500, "5.5.2", "Error: line too long"),
+        ParseError::NeedsMoreData { .. } | ParseError::InvalidResponse { .. } => {
+            Reply::new(500, "5.5.2", "Error: syntax error")
+        }
+    }
+}
+
+/// `RCPT TO:<postmaster>` (any case, optional space after the colon).
+fn is_bare_postmaster(line: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(line).to_ascii_lowercase();
+    text.split_once(':')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with("<postmaster>"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::policy;
+    use super::*;
+
+    /// Runs a script of (command, expected reply code) against one session.
+    fn run(session: &mut Session, policy: &Policy, script: &[(&str, u16)]) {
+        let room = |_| true;
+        let env = Env {
+            policy,
+            spool_has_room: &room,
+        };
+        for (command, want) in script {
+            let step = session.command(format!("{command}\r\n").as_bytes(), &env);
+            let code = match &step {
+                Step::Reply(r) | Step::Data(r) | Step::Close(r) => r.code,
+                Step::Etrn { reply, .. } => reply.code,
+            };
+            assert_eq!(code, *want, "{command:?} -> {step:?}");
+        }
+    }
+
+    fn local() -> Session {
+        Session::new("127.0.0.1".parse().unwrap())
+    }
+
+    #[test]
+    fn order_of_commands() {
+        let p = policy::sample();
+        run(
+            &mut local(),
+            &p,
+            &[
+                ("MAIL FROM:<a@b.test>", 503),
+                ("RCPT TO:<x@example.com>", 503),
+                ("DATA", 503),
+                ("EHLO client.test", 250),
+                ("RCPT TO:<x@example.com>", 503),
+                ("DATA", 503),
+                ("MAIL FROM:<a@b.test>", 250),
+                ("MAIL FROM:<a@b.test>", 503),
+                ("DATA", 554),
+                ("RCPT TO:<x@example.com>", 250),
+                ("RSET", 250),
+                ("RCPT TO:<x@example.com>", 503),
+                ("MAIL FROM:<>", 250),
+                ("RCPT TO:<x@example.com>", 250),
+                ("DATA", 354),
+            ],
+        );
+    }
+
+    #[test]
+    fn every_reply_but_ehlo_carries_an_enhanced_code() {
+        let p = policy::sample();
+        let room = |_| true;
+        let env = Env {
+            policy: &p,
+            spool_has_room: &room,
+        };
+        let mut s = local();
+        for command in [
+            "HELO x",
+            "NOOP",
+            "VRFY a",
+            "HELP",
+            "RSET",
+            "BOGUS",
+            "MAIL FROM:<",
+            "EXPN x",
+            "STARTTLS",
+            "AUTH PLAIN",
+            "ETRN example.com",
+        ] {
+            let step = s.command(format!("{command}\r\n").as_bytes(), &env);
+            let (Step::Reply(r) | Step::Etrn { reply: r, .. }) = step else {
+                panic!("{command}: {step:?}");
+            };
+            if command != "HELO x" {
+                assert!(!r.status.is_empty(), "{command}: {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn recipients_and_parameters() {
+        let p = policy::sample();
+        run(
+            &mut local(),
+            &p,
+            &[
+                ("EHLO c", 250),
+                ("MAIL FROM:<a@b.test> SIZE=2000", 552),
+                ("MAIL FROM:<a@b.test> BODY=BINARYMIME", 555),
+                ("MAIL FROM:<a@b.test> REQUIRETLS", 555),
+                ("MAIL FROM:<j\u{f6}rg@b.test>", 553),
+                (
+                    "MAIL FROM:<a@b.test> SIZE=100 BODY=8BITMIME RET=HDRS ENVID=x",
+                    250,
+                ),
+                ("RCPT TO:<x@example.net>", 550),
+                ("RCPT TO:<x%y@example.com>", 550),
+                ("RCPT TO:<\"x@y.test\"@example.com>", 550),
+                ("RCPT TO:<@a.test,@b.test:x@example.com>", 250),
+                ("RCPT TO:<@example.com:x@evil.test>", 550),
+                ("RCPT TO:<carol@example.org>", 550),
+                (
+                    "RCPT TO:<alice@example.org> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a@b",
+                    250,
+                ),
+                ("RCPT TO:<x@[192.0.2.1]>", 501),
+                ("RCPT TO:<>", 501),
+                ("RCPT TO:<Postmaster>", 250),
+                ("RCPT TO:<j\u{f6}rg@example.com>", 553),
+            ],
+        );
+    }
+
+    #[test]
+    fn stores_dsn_parameters_and_deduplicates() {
+        let p = policy::sample();
+        let mut s = local();
+        run(
+            &mut s,
+            &p,
+            &[
+                ("EHLO c", 250),
+                ("MAIL FROM:<a@b.test> RET=FULL ENVID=QQ314159 SMTPUTF8", 250),
+                ("RCPT TO:<x@example.com> NOTIFY=NEVER", 250),
+                ("RCPT TO:<X@Example.com>", 250),
+                ("RCPT TO:<postmaster>", 250),
+                ("RCPT TO:<j\u{f6}rg@example.com>", 250),
+            ],
+        );
+        let t = s.transaction.clone().unwrap();
+        assert_eq!(t.ret, Ret::Full);
+        assert_eq!(t.envid.as_deref(), Some("QQ314159"));
+        assert!(t.smtputf8);
+        let addrs: Vec<&str> = t.recipients.iter().map(|r| r.address.as_str()).collect();
+        assert_eq!(
+            addrs,
+            [
+                "x@example.com",
+                "postmaster@example.net",
+                "j\u{f6}rg@example.com"
+            ]
+        );
+        assert_eq!(t.recipients[0].notify, Notify(Notify::NEVER));
+    }
+
+    #[test]
+    fn helo_clients_get_no_esmtp_parameters() {
+        let p = policy::sample();
+        run(
+            &mut local(),
+            &p,
+            &[
+                ("HELO c", 250),
+                ("MAIL FROM:<a@b.test> SIZE=10", 555),
+                ("MAIL FROM:<a@b.test>", 250),
+                ("RCPT TO:<x@example.com> NOTIFY=NEVER", 555),
+            ],
+        );
+    }
+
+    #[test]
+    fn recipient_limit_is_a_temporary_refusal_not_an_error() {
+        let mut p = policy::sample();
+        p.max_recipients = 2;
+        let mut s = local();
+        let mut script = vec![("EHLO c", 250), ("MAIL FROM:<a@b.test>", 250)];
+        script.push(("RCPT TO:<a@example.com>", 250));
+        script.push(("RCPT TO:<b@example.com>", 250));
+        for _ in 0..MAX_ERRORS + 5 {
+            script.push(("RCPT TO:<c@example.com>", 452));
+        }
+        run(&mut s, &p, &script);
+    }
+
+    #[test]
+    fn too_many_errors_closes() {
+        let p = policy::sample();
+        let room = |_| true;
+        let env = Env {
+            policy: &p,
+            spool_has_room: &room,
+        };
+        let mut s = local();
+        for i in 1..=MAX_ERRORS {
+            let step = s.command(b"BOGUS\r\n", &env);
+            if i < MAX_ERRORS {
+                assert!(
+                    matches!(step, Step::Reply(ref r) if r.code == 500),
+                    "{step:?}"
+                );
+            } else {
+                assert!(
+                    matches!(step, Step::Close(ref r) if r.code == 421),
+                    "{step:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn etrn() {
+        let p = policy::sample();
+        let room = |_| true;
+        let env = Env {
+            policy: &p,
+            spool_has_room: &room,
+        };
+        let mut s = local();
+        s.command(b"EHLO c\r\n", &env);
+        assert_eq!(
+            s.command(b"ETRN Example.COM\r\n", &env),
+            Step::Etrn {
+                domain: "example.com".into(),
+                reply: Reply::new(250, "2.0.0", "Queuing for node <Example.COM> started"),
+            }
+        );
+        assert!(matches!(
+            s.command(b"ETRN @sub.example.org\r\n", &env),
+            Step::Etrn { ref domain, .. } if domain == "example.org"
+        ));
+        assert!(
+            matches!(s.command(b"ETRN other.test\r\n", &env), Step::Reply(ref r) if r.code == 458)
+        );
+        assert!(matches!(s.command(b"ETRN #queue\r\n", &env), Step::Reply(ref r) if r.code == 458));
+
+        let mut remote = Session::new("198.51.100.1".parse().unwrap());
+        remote.command(b"EHLO c\r\n", &env);
+        assert!(
+            matches!(remote.command(b"ETRN example.com\r\n", &env), Step::Reply(ref r) if r.code == 459)
+        );
+    }
+
+    #[test]
+    fn full_spool_refuses_mail_temporarily() {
+        let p = policy::sample();
+        let full = |_| false;
+        let env = Env {
+            policy: &p,
+            spool_has_room: &full,
+        };
+        let mut s = local();
+        s.command(b"EHLO c\r\n", &env);
+        assert!(matches!(
+            s.command(b"MAIL FROM:<a@b.test>\r\n", &env),
+            Step::Reply(ref r) if r.code == 452 && r.status == "4.3.1"
+        ));
+    }
+
+    #[test]
+    fn finish_data_checks_size_and_hops() {
+        let p = policy::sample();
+        let room = |_| true;
+        let env = Env {
+            policy: &p,
+            spool_has_room: &room,
+        };
+        let data = |body: &[u8], oversize| Data {
+            body: body.to_vec(),
+            size: body.len() as u64,
+            oversize,
+            has_8bit: false,
+            normalised: false,
+        };
+        let mut s = local();
+        for (body, oversize, want) in [
+            (b"Subject: hi\r\n\r\nx\r\n".to_vec(), false, None),
+            (Vec::new(), true, Some(552)),
+            ("Received: x\r\n".repeat(5).into_bytes(), false, Some(554)),
+            ("Received: x\r\n".repeat(4).into_bytes(), false, None),
+        ] {
+            run(
+                &mut s,
+                &p,
+                &[
+                    ("EHLO c", 250),
+                    ("MAIL FROM:<a@b.test>", 250),
+                    ("RCPT TO:<x@example.com>", 250),
+                ],
+            );
+            let got = s.finish_data(&data(&body, oversize), &p);
+            assert_eq!(got.err().map(|r| r.code), want);
+            // The transaction is over either way.
+            assert!(matches!(s.command(b"DATA\r\n", &env), Step::Reply(ref r) if r.code == 503));
+        }
+    }
+}

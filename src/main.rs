@@ -1,0 +1,129 @@
+//! The `mxspool` command: parse arguments, load the config, set up logging,
+//! bind sockets, and hand over to the library. Nothing else lives here.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mxspool::Server;
+use mxspool::config::{Config, LogFormat};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Backup MX spooling server: keeps a domain's mail while its primary is down
+/// and forwards it the moment the primary is back.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file.
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "MXSPOOL_CONFIG",
+        default_value = "/etc/mxspool/config.toml"
+    )]
+    config: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve,
+    /// Validate the configuration and print it with every default filled in.
+    CheckConfig,
+}
+
+/// Exit status for a configuration that does not load.
+const EXIT_CONFIG: u8 = 2;
+/// How long sessions get to finish after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("mxspool: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match cli.command {
+        Command::CheckConfig => {
+            print!("{}", config.to_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Serve => {
+            init_logging(&config);
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("mxspool: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("mxspool: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let mut listeners = Vec::new();
+    for addr in &config.server.listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (server.listen)"))?;
+        listeners.push(listener);
+    }
+    let spool_path: &Path = &config.spool.path;
+    let spool_path = spool_path.display().to_string();
+    let mut server = Server::start(config, listeners).await?;
+    let addrs: Vec<String> = server.smtp_addrs().iter().map(|a| a.to_string()).collect();
+    tracing::info!(spool = %spool_path, "listening for SMTP on {}", addrs.join(", "));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = hup.recv() => {
+                if let Err(e) = server.reload() {
+                    tracing::error!("reload failed, keeping the running configuration: {e}");
+                }
+            }
+            Some(domain) = server.next_flush_request() => {
+                tracing::info!(%domain, "flush requested; delivery starts with the scheduler");
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    server.shutdown(SHUTDOWN_GRACE).await;
+    Ok(())
+}

@@ -1,0 +1,816 @@
+//! (2) The spool: the one durable handoff between receiving and delivering.
+//!
+//! A typed API over one redb file. Inbound sessions hand a finished message to
+//! [`Spool::commit`], which returns only after the write transaction holding it has
+//! been fsync'd; concurrent commits are batched by a single writer thread so many
+//! sessions share one fsync (group commit). Readers use redb's MVCC snapshots and
+//! never wait for the writer.
+//!
+//! Tables: `messages` (envelope records by ID), `bodies` (written once, by ID),
+//! `due` (`(next attempt ms, ID)`, so a range scan yields due mail in order),
+//! `held` and `dead` (places a message moves to, not flags), `quarantine`
+//! (records that did not decode, kept for inspection), `meta`.
+//!
+//! The spool never speaks SMTP and never decides policy.
+
+mod id;
+mod record;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+
+use redb::{
+    Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition,
+};
+use tokio::sync::oneshot;
+
+pub use id::{IdGen, ParseIdError, QueueId};
+pub use record::{BodyType, Client, DecodeError, Envelope, Notify, RcptStatus, Recipient, Ret};
+pub use writer::Change;
+use writer::{Job, Totals, Writer};
+
+const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
+const BODIES: TableDefinition<u64, &[u8]> = TableDefinition::new("bodies");
+const DUE: TableDefinition<(u64, u64), ()> = TableDefinition::new("due");
+const HELD: TableDefinition<u64, ()> = TableDefinition::new("held");
+const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead");
+const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Layout version of the tables above, stored in `meta` and checked at open.
+const SCHEMA: u64 = 1;
+/// redb's page cache. Its 1 GiB default would dwarf the rest of the process; the
+/// hot data (recent envelopes, the due index) is small.
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
+
+/// A message ready to be stored: everything the 250 promises.
+#[derive(Debug)]
+pub struct NewMessage {
+    pub envelope: Envelope,
+    /// The content as it will be forwarded: our `Received:` header, then the data.
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{path}: the spool is in use by another process (is another mxspool running?)")]
+    Locked { path: PathBuf },
+    #[error("{path}: cannot open the spool: {reason}")]
+    Io { path: PathBuf, reason: String },
+    #[error("{path}: the spool file is damaged or not a spool: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{path}: spool layout version {found} is not supported (this mxspool reads {SCHEMA})")]
+    Schema { path: PathBuf, found: u64 },
+}
+
+/// Why a commit did not happen. Either way nothing of the message was stored.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CommitError {
+    /// `spool.max_size` would be exceeded: a temporary condition for the client.
+    #[error("spool is full")]
+    Full,
+    /// The write or its fsync failed.
+    #[error("spool write failed: {0}")]
+    Io(String),
+    /// The spool is shutting down.
+    #[error("spool is closed")]
+    Closed,
+}
+
+/// A read failed: the file is unreadable, which callers report as a temporary error.
+#[derive(Debug, thiserror::Error)]
+#[error("spool read failed: {0}")]
+pub struct ReadError(String);
+
+fn read_err(e: impl std::fmt::Display) -> ReadError {
+    ReadError(e.to_string())
+}
+
+/// Figures that cost nothing to read: kept up to date by the writer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Messages in the queue, held ones included.
+    pub messages: u64,
+    /// Body bytes on disk, queued and dead (what `spool.max_size` limits).
+    pub bytes: u64,
+    pub held: u64,
+    pub dead: u64,
+    /// Records that did not decode and were moved aside.
+    pub quarantined: u64,
+}
+
+/// Cheap to clone: every clone talks to the same file and writer.
+#[derive(Clone)]
+pub struct Spool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<Database>,
+    path: PathBuf,
+    ids: IdGen,
+    max_size: u64,
+    /// Running totals, updated by the writer after each successful commit.
+    totals: Arc<Totals>,
+    /// `None` once closed; taking it out and joining the thread drains the writer.
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool at `path`, quarantines undecodable
+    /// records, and starts the writer thread. Blocking: call from `spawn_blocking`.
+    pub fn open(path: &Path, max_size: u64) -> Result<Spool, OpenError> {
+        let io = |reason: String| OpenError::Io {
+            path: path.to_owned(),
+            reason,
+        };
+        let corrupt = |reason: String| OpenError::Corrupt {
+            path: path.to_owned(),
+            reason,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| io(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        // redb documents that opening a file altered behind its back may panic;
+        // a damaged spool must be a clear startup error instead.
+        let opened = std::panic::catch_unwind(|| {
+            Database::builder().set_cache_size(CACHE_BYTES).create(path)
+        });
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(DatabaseError::DatabaseAlreadyOpen)) => {
+                return Err(OpenError::Locked {
+                    path: path.to_owned(),
+                });
+            }
+            Ok(Err(DatabaseError::Storage(redb::StorageError::Io(e)))) => {
+                return Err(io(e.to_string()));
+            }
+            Ok(Err(e)) => return Err(corrupt(e.to_string())),
+            Err(_) => return Err(corrupt("the storage engine failed while reading it".into())),
+        };
+
+        let scan = prepare(&db).map_err(|e| match e {
+            PrepareError::Schema(found) => OpenError::Schema {
+                path: path.to_owned(),
+                found,
+            },
+            PrepareError::Db(reason) => corrupt(reason),
+        })?;
+
+        let db = Arc::new(db);
+        let totals = Arc::new(Totals {
+            messages: AtomicU64::new(scan.messages),
+            bytes: AtomicU64::new(scan.bytes),
+            dead: AtomicU64::new(scan.dead),
+            held: AtomicU64::new(scan.held),
+            quarantined: AtomicU64::new(scan.quarantined),
+        });
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            db: db.clone(),
+            max_size,
+            totals: totals.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| io(format!("cannot start the writer thread: {e}")))?;
+        if scan.quarantined_now > 0 {
+            tracing::warn!(
+                count = scan.quarantined_now,
+                "moved undecodable spool records to quarantine"
+            );
+        }
+        Ok(Spool {
+            inner: Arc::new(Inner {
+                db,
+                path: path.to_owned(),
+                ids: IdGen::new(scan.largest_id),
+                max_size,
+                totals,
+                jobs: Mutex::new(Some(tx)),
+                writer: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// A fresh queue ID; `now_micros` is the wall clock in microseconds.
+    pub fn next_id(&self, now_micros: u64) -> QueueId {
+        self.inner.ids.next(now_micros)
+    }
+
+    /// Whether `size` more bytes would still fit under `spool.max_size`. Advisory
+    /// (for refusing early at MAIL FROM); the writer makes the binding decision.
+    pub fn has_room(&self, size: u64) -> bool {
+        let used = self.inner.totals.bytes.load(Ordering::Relaxed);
+        used.saturating_add(size) <= self.inner.max_size
+    }
+
+    pub fn stats(&self) -> Stats {
+        let t = &self.inner.totals;
+        Stats {
+            messages: t.messages.load(Ordering::Relaxed),
+            bytes: t.bytes.load(Ordering::Relaxed),
+            held: t.held.load(Ordering::Relaxed),
+            dead: t.dead.load(Ordering::Relaxed),
+            quarantined: t.quarantined.load(Ordering::Relaxed),
+        }
+    }
+
+    fn send(&self, job: Job) -> Result<(), CommitError> {
+        let jobs = self.inner.jobs.lock().map_err(|_| CommitError::Closed)?;
+        let jobs = jobs.as_ref().ok_or(CommitError::Closed)?;
+        jobs.send(job).map_err(|_| CommitError::Closed)
+    }
+
+    /// Applies `change` to message `id` durably (with `insert`, e.g. a DSN about
+    /// it, in the same transaction). Returns the envelope as it now stands
+    /// (`None`: no such message). After an `Edit` that left no recipient queued,
+    /// the message is gone from the spool; the returned envelope says how each
+    /// recipient ended.
+    pub async fn change(
+        &self,
+        id: QueueId,
+        change: Change,
+        insert: Vec<NewMessage>,
+    ) -> Result<Option<Envelope>, CommitError> {
+        let (done, result) = oneshot::channel();
+        self.send(Job::Change {
+            id,
+            change,
+            insert,
+            done,
+        })?;
+        result.await.unwrap_or(Err(CommitError::Closed))
+    }
+
+    /// Stores the message durably. Returns once the transaction holding it has been
+    /// committed with an fsync, or with an error after which nothing of it remains.
+    pub async fn commit(&self, message: NewMessage) -> Result<(), CommitError> {
+        let (done, result) = oneshot::channel();
+        self.send(Job::Commit {
+            message: Box::new(message),
+            done,
+        })?;
+        result.await.unwrap_or(Err(CommitError::Closed))
+    }
+
+    /// Stops accepting commits, waits for those in progress, and stops the writer.
+    /// Blocking: call from `spawn_blocking`.
+    pub fn close(&self) {
+        if let Ok(mut jobs) = self.inner.jobs.lock() {
+            jobs.take();
+        }
+        let handle = self.inner.writer.lock().ok().and_then(|mut w| w.take());
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+
+    /// The envelope of a queued message, if it exists and decodes.
+    pub fn envelope(&self, id: QueueId) -> Result<Option<Envelope>, ReadError> {
+        let txn = self.inner.db.begin_read().map_err(read_err)?;
+        let table = txn.open_table(MESSAGES).map_err(read_err)?;
+        let Some(raw) = table.get(id.0).map_err(read_err)? else {
+            return Ok(None);
+        };
+        Envelope::decode(raw.value()).map(Some).map_err(read_err)
+    }
+
+    /// The stored body of a message.
+    pub fn body(&self, id: QueueId) -> Result<Option<Vec<u8>>, ReadError> {
+        let txn = self.inner.db.begin_read().map_err(read_err)?;
+        let table = txn.open_table(BODIES).map_err(read_err)?;
+        Ok(table
+            .get(id.0)
+            .map_err(read_err)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Every queued envelope in ID (arrival) order; undecodable ones are skipped
+    /// (they were quarantined at open and cannot appear later).
+    pub fn envelopes(&self) -> Result<Vec<Envelope>, ReadError> {
+        let txn = self.inner.db.begin_read().map_err(read_err)?;
+        let table = txn.open_table(MESSAGES).map_err(read_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(read_err)? {
+            let (_, raw) = row.map_err(read_err)?;
+            if let Ok(env) = Envelope::decode(raw.value()) {
+                out.push(env);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The due index in order: `(unix ms, ID)` of every message with mail to try.
+    pub fn due(&self) -> Result<Vec<(u64, QueueId)>, ReadError> {
+        self.due_until(u64::MAX, usize::MAX)
+    }
+
+    /// Due entries at or before `until_ms`, earliest first, at most `limit`.
+    pub fn due_until(&self, until_ms: u64, limit: usize) -> Result<Vec<(u64, QueueId)>, ReadError> {
+        let txn = self.inner.db.begin_read().map_err(read_err)?;
+        let table = txn.open_table(DUE).map_err(read_err)?;
+        let mut out = Vec::new();
+        for row in table
+            .range((0, 0)..=(until_ms, u64::MAX))
+            .map_err(read_err)?
+            .take(limit)
+        {
+            let (key, _) = row.map_err(read_err)?;
+            let (ms, id) = key.value();
+            out.push((ms, QueueId(id)));
+        }
+        Ok(out)
+    }
+
+    /// When the earliest message is due, if any is.
+    pub fn next_due(&self) -> Result<Option<u64>, ReadError> {
+        let txn = self.inner.db.begin_read().map_err(read_err)?;
+        let table = txn.open_table(DUE).map_err(read_err)?;
+        Ok(table.first().map_err(read_err)?.map(|(k, _)| k.value().0))
+    }
+
+    pub fn is_held(&self, id: QueueId) -> Result<bool, ReadError> {
+        let txn = self.inner.db.begin_read().map_err(read_err)?;
+        let table = txn.open_table(HELD).map_err(read_err)?;
+        Ok(table.get(id.0).map_err(read_err)?.is_some())
+    }
+
+    /// Every dead letter, oldest first.
+    pub fn dead_letters(&self) -> Result<Vec<Envelope>, ReadError> {
+        let txn = self.inner.db.begin_read().map_err(read_err)?;
+        let table = txn.open_table(DEAD).map_err(read_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(read_err)? {
+            let (_, raw) = row.map_err(read_err)?;
+            if let Ok(env) = Envelope::decode(raw.value()) {
+                out.push(env);
+            }
+        }
+        Ok(out)
+    }
+
+    /// IDs of records moved to quarantine, with their raw bytes, for inspection.
+    pub fn quarantined(&self) -> Result<Vec<(QueueId, Vec<u8>)>, ReadError> {
+        let txn = self.inner.db.begin_read().map_err(read_err)?;
+        let table = txn.open_table(QUARANTINE).map_err(read_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(read_err)? {
+            let (id, raw) = row.map_err(read_err)?;
+            out.push((QueueId(id.value()), raw.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Writes raw bytes as a message record, bypassing encoding: lets tests (and
+    /// only tests) plant a damaged record to prove it is quarantined.
+    #[doc(hidden)]
+    pub fn write_raw_record_for_tests(&self, id: QueueId, raw: &[u8]) -> Result<(), ReadError> {
+        let txn = self.inner.db.begin_write().map_err(read_err)?;
+        txn.open_table(MESSAGES)
+            .map_err(read_err)?
+            .insert(id.0, raw)
+            .map_err(read_err)?;
+        txn.commit().map_err(read_err)
+    }
+}
+
+struct Scan {
+    messages: u64,
+    bytes: u64,
+    held: u64,
+    dead: u64,
+    quarantined: u64,
+    quarantined_now: u64,
+    largest_id: u64,
+}
+
+enum PrepareError {
+    Schema(u64),
+    Db(String),
+}
+
+impl<E: std::fmt::Display> From<E> for PrepareError
+where
+    E: Into<redb::Error>,
+{
+    fn from(e: E) -> Self {
+        PrepareError::Db(e.to_string())
+    }
+}
+
+/// Creates missing tables, checks the layout version, moves undecodable message
+/// records to quarantine and totals what is queued.
+fn prepare(db: &Database) -> Result<Scan, PrepareError> {
+    let txn = db.begin_write()?;
+    let mut scan = Scan {
+        messages: 0,
+        bytes: 0,
+        held: 0,
+        dead: 0,
+        quarantined: 0,
+        quarantined_now: 0,
+        largest_id: 0,
+    };
+    {
+        let mut meta = txn.open_table(META)?;
+        let found = meta.get("schema")?.map(|v| v.value());
+        match found {
+            None => {
+                meta.insert("schema", SCHEMA)?;
+            }
+            Some(SCHEMA) => {}
+            Some(other) => return Err(PrepareError::Schema(other)),
+        }
+        let mut messages = txn.open_table(MESSAGES)?;
+        // Bodies of quarantined records stay where they are, for manual recovery.
+        txn.open_table(BODIES)?;
+        let mut due = txn.open_table(DUE)?;
+        let held = txn.open_table(HELD)?;
+        let dead = txn.open_table(DEAD)?;
+        let mut quarantine = txn.open_table(QUARANTINE)?;
+
+        let mut bad = Vec::new();
+        for row in messages.iter()? {
+            let (id, raw) = row?;
+            let id = id.value();
+            match Envelope::decode(raw.value()) {
+                Ok(env) => {
+                    scan.messages += 1;
+                    scan.bytes += env.size;
+                }
+                Err(_) => bad.push((id, raw.value().to_vec())),
+            }
+        }
+        if !bad.is_empty() {
+            let due_keys: Vec<(u64, u64)> = due
+                .iter()?
+                .filter_map(|r| r.ok().map(|(k, _)| k.value()))
+                .filter(|(_, id)| bad.iter().any(|(b, _)| b == id))
+                .collect();
+            for key in due_keys {
+                due.remove(key)?;
+            }
+        }
+        for (id, raw) in &bad {
+            quarantine.insert(*id, raw.as_slice())?;
+            messages.remove(*id)?;
+        }
+        scan.quarantined_now = bad.len() as u64;
+        scan.quarantined = quarantine.len()?;
+        scan.held = held.len()?;
+        for row in dead.iter()? {
+            let (_, raw) = row?;
+            // An undecodable dead letter stays where it is: it is already aside.
+            if let Ok(env) = Envelope::decode(raw.value()) {
+                scan.dead += 1;
+                scan.bytes += env.size;
+            }
+        }
+        for table_last in [
+            messages.last()?.map(|(k, _)| k.value()),
+            dead.last()?.map(|(k, _)| k.value()),
+            quarantine.last()?.map(|(k, _)| k.value()),
+        ] {
+            scan.largest_id = scan.largest_id.max(table_last.unwrap_or(0));
+        }
+    }
+    txn.commit()?;
+    Ok(scan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(id: u64, body: &[u8]) -> NewMessage {
+        let mut envelope = record::sample(id, &["a@example.com"]);
+        envelope.size = body.len() as u64;
+        NewMessage {
+            envelope,
+            body: body.to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn commit_then_read_back_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.redb");
+        let spool = Spool::open(&path, 1 << 20).unwrap();
+        spool.commit(message(10, b"hello\r\n")).await.unwrap();
+        spool.commit(message(11, b"world\r\n")).await.unwrap();
+        assert_eq!(spool.stats().messages, 2);
+        assert_eq!(spool.stats().bytes, 14);
+        spool.close();
+        drop(spool);
+
+        let spool = Spool::open(&path, 1 << 20).unwrap();
+        assert_eq!(
+            spool.stats(),
+            Stats {
+                messages: 2,
+                bytes: 14,
+                ..Stats::default()
+            }
+        );
+        let env = spool.envelope(QueueId(11)).unwrap().unwrap();
+        assert_eq!(env.recipients[0].address, "a@example.com");
+        assert_eq!(spool.body(QueueId(11)).unwrap().unwrap(), b"world\r\n");
+        assert_eq!(
+            spool.due().unwrap(),
+            vec![(1_000, QueueId(10)), (1_000, QueueId(11))]
+        );
+        // New IDs continue after the largest stored one.
+        assert!(spool.next_id(0) > QueueId(11));
+    }
+
+    #[tokio::test]
+    async fn concurrent_commits_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("s.redb"), 1 << 30).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..200u64 {
+            let spool = spool.clone();
+            tasks.push(tokio::spawn(async move {
+                spool.commit(message(100 + i, b"x\r\n")).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(spool.envelopes().unwrap().len(), 200);
+        assert_eq!(spool.stats().messages, 200);
+    }
+
+    #[tokio::test]
+    async fn full_spool_refuses_and_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("s.redb"), 10).unwrap();
+        spool.commit(message(1, b"12345678")).await.unwrap();
+        assert!(!spool.has_room(3));
+        assert_eq!(
+            spool.commit(message(2, b"123")).await,
+            Err(CommitError::Full)
+        );
+        assert!(spool.envelope(QueueId(2)).unwrap().is_none());
+        assert!(spool.body(QueueId(2)).unwrap().is_none());
+        assert_eq!(spool.stats().messages, 1);
+    }
+
+    #[tokio::test]
+    async fn closed_spool_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("s.redb"), 1 << 20).unwrap();
+        spool.close();
+        assert_eq!(
+            spool.commit(message(1, b"x")).await,
+            Err(CommitError::Closed)
+        );
+    }
+
+    #[tokio::test]
+    async fn undecodable_records_are_quarantined_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let spool = Spool::open(&path, 1 << 20).unwrap();
+        spool.commit(message(5, b"good\r\n")).await.unwrap();
+        spool
+            .write_raw_record_for_tests(QueueId(6), &[1, 0xff, 0xff])
+            .unwrap();
+        spool.write_raw_record_for_tests(QueueId(7), &[77]).unwrap();
+        spool.close();
+        drop(spool);
+
+        let spool = Spool::open(&path, 1 << 20).unwrap();
+        assert_eq!(spool.stats().messages, 1);
+        assert_eq!(spool.stats().quarantined, 2);
+        let q = spool.quarantined().unwrap();
+        assert_eq!(q[0], (QueueId(6), vec![1, 0xff, 0xff]));
+        assert_eq!(spool.envelopes().unwrap().len(), 1);
+        assert!(spool.next_id(0) > QueueId(7));
+    }
+
+    #[test]
+    fn a_second_opener_gets_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let _first = Spool::open(&path, 1 << 20).unwrap();
+        let err = Spool::open(&path, 1 << 20).err().unwrap();
+        assert!(matches!(err, OpenError::Locked { .. }), "{err}");
+        assert!(err.to_string().contains("in use by another process"));
+    }
+
+    #[test]
+    fn garbage_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        std::fs::write(&path, vec![0x5a; 64 * 1024]).unwrap();
+        let err = Spool::open(&path, 1 << 20).err().unwrap();
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+    }
+
+    /// Messages 1 (two recipients) and 2, both due at 1000.
+    async fn two_messages() -> (tempfile::TempDir, Spool) {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("s.redb"), 1 << 20).unwrap();
+        let mut first = message(1, b"one\r\n");
+        first.envelope = record::sample(1, &["a@example.com", "b@example.com"]);
+        first.envelope.size = 5;
+        spool.commit(first).await.unwrap();
+        spool.commit(message(2, b"two\r\n")).await.unwrap();
+        (dir, spool)
+    }
+
+    #[tokio::test]
+    async fn edits_move_the_due_entry_and_finished_messages_leave() {
+        let (_dir, spool) = two_messages().await;
+        let env = spool
+            .change(
+                QueueId(1),
+                Change::Edit(Box::new(|env| {
+                    env.recipients[0].status = RcptStatus::Delivered;
+                    env.recipients[1].attempts = 1;
+                    env.recipients[1].next_attempt_ms = 5_000;
+                })),
+                vec![],
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(env.next_due_ms(), Some(5_000));
+        assert_eq!(
+            spool.due().unwrap(),
+            vec![(1_000, QueueId(2)), (5_000, QueueId(1))]
+        );
+        assert_eq!(
+            spool.due_until(4_999, 10).unwrap(),
+            vec![(1_000, QueueId(2))]
+        );
+        assert_eq!(spool.due_until(u64::MAX, 1).unwrap().len(), 1);
+        assert_eq!(spool.next_due().unwrap(), Some(1_000));
+
+        // The last queued recipient finishes: the message and its body go.
+        let env = spool
+            .change(
+                QueueId(1),
+                Change::Edit(Box::new(|env| {
+                    env.recipients[1].status = RcptStatus::Failed
+                })),
+                vec![],
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(env.next_due_ms(), None);
+        assert!(spool.envelope(QueueId(1)).unwrap().is_none());
+        assert!(spool.body(QueueId(1)).unwrap().is_none());
+        assert_eq!(spool.due().unwrap(), vec![(1_000, QueueId(2))]);
+        assert_eq!(spool.stats().messages, 1);
+        assert_eq!(spool.stats().bytes, 5);
+
+        // Unknown IDs are not an error.
+        let gone = spool
+            .change(QueueId(99), Change::Edit(Box::new(|_| {})), vec![])
+            .await
+            .unwrap();
+        assert!(gone.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_edit_can_queue_a_notice_in_the_same_transaction() {
+        let (_dir, spool) = two_messages().await;
+        spool
+            .change(
+                QueueId(2),
+                Change::Edit(Box::new(|env| {
+                    env.recipients[0].status = RcptStatus::Failed
+                })),
+                vec![message(3, b"notice\r\n")],
+            )
+            .await
+            .unwrap();
+        assert!(spool.envelope(QueueId(2)).unwrap().is_none());
+        assert!(spool.envelope(QueueId(3)).unwrap().is_some());
+        assert_eq!(spool.stats().messages, 2);
+    }
+
+    #[tokio::test]
+    async fn hold_release_bury_unbury_delete() {
+        let (_dir, spool) = two_messages().await;
+        spool
+            .change(QueueId(1), Change::Hold, vec![])
+            .await
+            .unwrap();
+        assert!(spool.is_held(QueueId(1)).unwrap());
+        assert_eq!(spool.due().unwrap(), vec![(1_000, QueueId(2))]);
+        assert_eq!(spool.stats().held, 1);
+        // An edit while held keeps it out of the due index.
+        spool
+            .change(
+                QueueId(1),
+                Change::Edit(Box::new(|env| env.recipients[0].attempts = 3)),
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(spool.due().unwrap().len(), 1);
+
+        spool
+            .change(QueueId(1), Change::Release { now_ms: 7_000 }, vec![])
+            .await
+            .unwrap();
+        assert!(!spool.is_held(QueueId(1)).unwrap());
+        assert_eq!(
+            spool.due().unwrap(),
+            vec![(1_000, QueueId(2)), (7_000, QueueId(1))]
+        );
+
+        spool
+            .change(QueueId(2), Change::Bury, vec![])
+            .await
+            .unwrap();
+        assert_eq!(spool.due().unwrap(), vec![(7_000, QueueId(1))]);
+        assert_eq!(spool.dead_letters().unwrap()[0].id, QueueId(2));
+        assert_eq!(spool.stats().dead, 1);
+        assert_eq!(spool.stats().messages, 1);
+        // The body stays with the dead letter.
+        assert!(spool.body(QueueId(2)).unwrap().is_some());
+
+        let back = spool
+            .change(QueueId(2), Change::Unbury { now_ms: 8_000 }, vec![])
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.recipients[0].attempts, 0);
+        assert_eq!(spool.stats().dead, 0);
+        assert_eq!(spool.stats().messages, 2);
+        assert!(spool.due().unwrap().contains(&(8_000, QueueId(2))));
+
+        spool
+            .change(QueueId(2), Change::Bury, vec![])
+            .await
+            .unwrap();
+        spool
+            .change(QueueId(2), Change::Delete, vec![])
+            .await
+            .unwrap();
+        spool
+            .change(QueueId(1), Change::Delete, vec![])
+            .await
+            .unwrap();
+        assert!(spool.dead_letters().unwrap().is_empty());
+        assert!(spool.envelopes().unwrap().is_empty());
+        assert!(spool.due().unwrap().is_empty());
+        assert_eq!(spool.stats(), Stats::default());
+    }
+
+    #[tokio::test]
+    async fn totals_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        {
+            let spool = Spool::open(&path, 1 << 20).unwrap();
+            spool.commit(message(1, b"12345")).await.unwrap();
+            spool.commit(message(2, b"123")).await.unwrap();
+            spool.commit(message(3, b"1")).await.unwrap();
+            spool
+                .change(QueueId(1), Change::Bury, vec![])
+                .await
+                .unwrap();
+            spool
+                .change(QueueId(2), Change::Hold, vec![])
+                .await
+                .unwrap();
+            let before = spool.stats();
+            spool.close();
+            drop(spool);
+            let spool = Spool::open(&path, 1 << 20).unwrap();
+            assert_eq!(spool.stats(), before);
+            assert_eq!(
+                before,
+                Stats {
+                    messages: 2,
+                    bytes: 9,
+                    held: 1,
+                    dead: 1,
+                    quarantined: 0
+                }
+            );
+        }
+    }
+}

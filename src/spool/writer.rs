@@ -1,0 +1,378 @@
+//! The spool's only writer: one thread that turns queued jobs into as few
+//! fsync'd transactions as possible. Whatever jobs arrive while a commit is being
+//! fsync'd go into the next transaction together (group commit), and every job
+//! in a batch learns its own outcome once that transaction is durable.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+
+use redb::{Database, ReadableTable, Table};
+use tokio::sync::oneshot;
+
+use super::{
+    BODIES, CommitError, DEAD, DUE, Envelope, HELD, MESSAGES, NewMessage, QUARANTINE, QueueId,
+    RcptStatus,
+};
+
+/// Most jobs one transaction takes; bounds the memory a batch holds.
+const MAX_BATCH: usize = 512;
+/// Most new body bytes one transaction takes, for the same reason.
+const MAX_BATCH_BYTES: u64 = 64 * 1024 * 1024;
+
+pub(super) type Done<T> = oneshot::Sender<Result<T, CommitError>>;
+
+/// A change to one queued message, applied atomically with the rest of its batch.
+pub enum Change {
+    /// Edit the envelope (outcomes, next attempt). A message with no queued
+    /// recipient left has nothing more to do and leaves the spool.
+    Edit(Box<dyn FnOnce(&mut Envelope) + Send>),
+    /// Take the message out of the due index until released.
+    Hold,
+    /// Back into the due index; queued recipients become due at `now_ms`.
+    Release { now_ms: u64 },
+    /// Move to dead letters: mail that can be neither delivered nor bounced.
+    Bury,
+    /// Back from dead letters: every undelivered recipient is queued again, due now.
+    Unbury { now_ms: u64 },
+    /// Remove the message (queued, held or dead) and its body.
+    Delete,
+}
+
+pub(super) enum Job {
+    Commit {
+        message: Box<NewMessage>,
+        done: Done<()>,
+    },
+    Change {
+        id: QueueId,
+        change: Change,
+        /// New messages (e.g. a DSN about this one) stored in the same transaction,
+        /// so an outcome and its notice are recorded together or not at all.
+        insert: Vec<NewMessage>,
+        done: Done<Option<Envelope>>,
+    },
+}
+
+/// Running totals the rest of the process reads without touching the file.
+#[derive(Debug, Default)]
+pub(super) struct Totals {
+    /// Messages in the queue (held ones included, dead letters not).
+    pub messages: AtomicU64,
+    /// Body bytes on disk, queued and dead alike (what `spool.max_size` limits).
+    pub bytes: AtomicU64,
+    pub dead: AtomicU64,
+    pub held: AtomicU64,
+    pub quarantined: AtomicU64,
+}
+
+/// Changes to [`Totals`] made by one batch, applied only once it is durable.
+#[derive(Default)]
+struct Delta {
+    messages: i64,
+    bytes: i64,
+    dead: i64,
+    held: i64,
+}
+
+fn apply(total: &AtomicU64, delta: i64) {
+    if delta >= 0 {
+        total.fetch_add(delta as u64, Ordering::Relaxed);
+    } else {
+        total.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+    }
+}
+
+enum Outcome {
+    Commit(Done<()>, Result<(), CommitError>),
+    Change(
+        Done<Option<Envelope>>,
+        Result<Option<Envelope>, CommitError>,
+    ),
+}
+
+impl Outcome {
+    /// Reports the outcome; a success in a transaction that failed becomes `error`.
+    fn send(self, error: Option<&CommitError>) {
+        match (self, error) {
+            (Outcome::Commit(done, Ok(())), Some(e)) => drop(done.send(Err(e.clone()))),
+            (Outcome::Change(done, Ok(_)), Some(e)) => drop(done.send(Err(e.clone()))),
+            (Outcome::Commit(done, r), _) => drop(done.send(r)),
+            (Outcome::Change(done, r), _) => drop(done.send(r)),
+        }
+    }
+}
+
+pub(super) struct Writer {
+    pub db: Arc<Database>,
+    pub max_size: u64,
+    pub totals: Arc<Totals>,
+}
+
+struct Tables<'t> {
+    messages: Table<'t, u64, &'static [u8]>,
+    bodies: Table<'t, u64, &'static [u8]>,
+    due: Table<'t, (u64, u64), ()>,
+    held: Table<'t, u64, ()>,
+    dead: Table<'t, u64, &'static [u8]>,
+    quarantine: Table<'t, u64, &'static [u8]>,
+}
+
+impl Writer {
+    pub fn run(self, jobs: mpsc::Receiver<Job>) {
+        while let Ok(first) = jobs.recv() {
+            let mut batch = vec![first];
+            let mut bytes = 0u64;
+            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                match jobs.try_recv() {
+                    Ok(job) => {
+                        if let Job::Commit { message, .. } = &job {
+                            bytes += message.body.len() as u64;
+                        }
+                        batch.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.run_batch(batch);
+        }
+    }
+
+    fn run_batch(&self, batch: Vec<Job>) {
+        let started = std::time::Instant::now();
+        let jobs = batch.len();
+        let mut outcomes = Vec::with_capacity(jobs);
+        let mut delta = Delta::default();
+        let result = self.write(batch, &mut outcomes, &mut delta);
+        match &result {
+            Ok(()) => {
+                apply(&self.totals.messages, delta.messages);
+                apply(&self.totals.bytes, delta.bytes);
+                apply(&self.totals.dead, delta.dead);
+                apply(&self.totals.held, delta.held);
+                tracing::trace!(jobs, elapsed = ?started.elapsed(), "spool commit");
+            }
+            Err(e) => tracing::error!(error = %e, jobs, "spool commit failed"),
+        }
+        let error = result.err();
+        for outcome in outcomes {
+            outcome.send(error.as_ref());
+        }
+    }
+
+    /// Applies every job in one transaction and commits it (fsync). Any storage
+    /// error aborts the whole transaction: then nothing of the batch happened.
+    fn write(
+        &self,
+        batch: Vec<Job>,
+        outcomes: &mut Vec<Outcome>,
+        delta: &mut Delta,
+    ) -> Result<(), CommitError> {
+        let io = |e: redb::Error| CommitError::Io(e.to_string());
+        // Durability::Immediate is redb's default: commit() returns after the fsync.
+        let txn = self.db.begin_write().map_err(|e| io(e.into()))?;
+        {
+            let mut t = Tables {
+                messages: txn.open_table(MESSAGES).map_err(|e| io(e.into()))?,
+                bodies: txn.open_table(BODIES).map_err(|e| io(e.into()))?,
+                due: txn.open_table(DUE).map_err(|e| io(e.into()))?,
+                held: txn.open_table(HELD).map_err(|e| io(e.into()))?,
+                dead: txn.open_table(DEAD).map_err(|e| io(e.into()))?,
+                quarantine: txn.open_table(QUARANTINE).map_err(|e| io(e.into()))?,
+            };
+            let mut room = self
+                .max_size
+                .saturating_sub(self.totals.bytes.load(Ordering::Relaxed));
+            let mut failure: Option<CommitError> = None;
+            for job in batch {
+                match job {
+                    Job::Commit { message, done } => {
+                        let size = message.envelope.size;
+                        let r = if failure.is_some() {
+                            Ok(())
+                        } else if size > room {
+                            Err(CommitError::Full)
+                        } else {
+                            room -= size;
+                            t.insert(&message, delta).map_err(io)
+                        };
+                        if let Err(CommitError::Io(e)) = &r {
+                            failure = Some(CommitError::Io(e.clone()));
+                        }
+                        outcomes.push(Outcome::Commit(done, r));
+                    }
+                    Job::Change {
+                        id,
+                        change,
+                        insert,
+                        done,
+                    } => {
+                        let r = if failure.is_some() {
+                            Ok(None)
+                        } else {
+                            // Notices about a message are small and must not be
+                            // lost to the size limit: they bypass it.
+                            let mut r = Ok(());
+                            for message in &insert {
+                                r = r.and_then(|()| t.insert(message, delta));
+                            }
+                            r.and_then(|()| t.change(id, change, delta)).map_err(io)
+                        };
+                        if let Err(e) = &r {
+                            failure = Some(e.clone());
+                        }
+                        outcomes.push(Outcome::Change(done, r));
+                    }
+                }
+            }
+            if let Some(e) = failure {
+                // Dropping the transaction aborts it: nothing of the batch happened.
+                return Err(e);
+            }
+        }
+        txn.commit().map_err(|e| io(e.into()))
+    }
+}
+
+impl Tables<'_> {
+    fn insert(&mut self, message: &NewMessage, delta: &mut Delta) -> Result<(), redb::Error> {
+        let env = &message.envelope;
+        self.messages.insert(env.id.0, env.encode().as_slice())?;
+        self.bodies.insert(env.id.0, message.body.as_slice())?;
+        if let Some(at) = env.next_due_ms() {
+            self.due.insert((at, env.id.0), ())?;
+        }
+        delta.messages += 1;
+        delta.bytes += env.size as i64;
+        Ok(())
+    }
+
+    /// Reads a record from `messages` or `dead`; an undecodable one is moved to
+    /// quarantine and treated as absent.
+    fn load(&mut self, id: QueueId, dead: bool) -> Result<Option<Envelope>, redb::Error> {
+        let table = if dead { &self.dead } else { &self.messages };
+        let Some(raw) = table.get(id.0)?.map(|v| v.value().to_vec()) else {
+            return Ok(None);
+        };
+        match Envelope::decode(&raw) {
+            Ok(env) => Ok(Some(env)),
+            Err(e) => {
+                tracing::error!(queue_id = %id, error = %e, "undecodable spool record quarantined");
+                self.quarantine.insert(id.0, raw.as_slice())?;
+                if dead {
+                    self.dead.remove(id.0)?;
+                } else {
+                    self.messages.remove(id.0)?;
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    fn change(
+        &mut self,
+        id: QueueId,
+        change: Change,
+        delta: &mut Delta,
+    ) -> Result<Option<Envelope>, redb::Error> {
+        let dead = matches!(change, Change::Unbury { .. })
+            || (matches!(change, Change::Delete) && self.messages.get(id.0)?.is_none());
+        let Some(mut env) = self.load(id, dead)? else {
+            return Ok(None);
+        };
+        let held = self.held.get(id.0)?.is_some();
+        let old_due = env.next_due_ms();
+        if let Some(at) = old_due {
+            self.due.remove((at, id.0))?;
+        }
+        match change {
+            Change::Edit(edit) => {
+                edit(&mut env);
+                self.store(&env, held, delta)?;
+            }
+            Change::Hold => {
+                if !held {
+                    self.held.insert(id.0, ())?;
+                    delta.held += 1;
+                }
+                self.store(&env, true, delta)?;
+            }
+            Change::Release { now_ms } => {
+                if held {
+                    self.held.remove(id.0)?;
+                    delta.held -= 1;
+                }
+                for r in &mut env.recipients {
+                    if r.status == RcptStatus::Queued {
+                        r.next_attempt_ms = now_ms;
+                    }
+                }
+                self.store(&env, false, delta)?;
+            }
+            Change::Bury => {
+                self.messages.remove(id.0)?;
+                if held {
+                    self.held.remove(id.0)?;
+                    delta.held -= 1;
+                }
+                self.dead.insert(id.0, env.encode().as_slice())?;
+                delta.messages -= 1;
+                delta.dead += 1;
+            }
+            Change::Unbury { now_ms } => {
+                self.dead.remove(id.0)?;
+                delta.dead -= 1;
+                for r in &mut env.recipients {
+                    if r.status != RcptStatus::Delivered {
+                        r.status = RcptStatus::Queued;
+                        r.attempts = 0;
+                        r.next_attempt_ms = now_ms;
+                        r.unreachable = false;
+                    }
+                }
+                delta.messages += 1;
+                self.store(&env, false, delta)?;
+            }
+            Change::Delete => {
+                if dead {
+                    self.dead.remove(id.0)?;
+                    delta.dead -= 1;
+                } else {
+                    self.messages.remove(id.0)?;
+                    delta.messages -= 1;
+                }
+                if held {
+                    self.held.remove(id.0)?;
+                    delta.held -= 1;
+                }
+                self.bodies.remove(id.0)?;
+                delta.bytes -= env.size as i64;
+            }
+        }
+        Ok(Some(env))
+    }
+
+    /// Writes a queued message back; one with nothing left to do is removed.
+    fn store(&mut self, env: &Envelope, held: bool, delta: &mut Delta) -> Result<(), redb::Error> {
+        let id = env.id.0;
+        match env.next_due_ms() {
+            None => {
+                self.messages.remove(id)?;
+                self.bodies.remove(id)?;
+                if held {
+                    self.held.remove(id)?;
+                    delta.held -= 1;
+                }
+                delta.messages -= 1;
+                delta.bytes -= env.size as i64;
+            }
+            Some(at) => {
+                self.messages.insert(id, env.encode().as_slice())?;
+                if !held {
+                    self.due.insert((at, id), ())?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
