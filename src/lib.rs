@@ -75,8 +75,6 @@ impl Server {
             spool,
             policy,
             Limits {
-                command_timeout: config.server.command_timeout,
-                data_timeout: config.server.data_timeout,
                 max_connections: config.server.max_connections,
                 max_connections_per_ip: config.server.max_connections_per_ip,
             },

@@ -196,7 +196,10 @@ where
     let mut session = Session::new(peer.ip());
     Session::greeting(&inbound.policy()).write_to(&mut io.output);
     loop {
-        let input = match io.next_line(inbound.command_timeout, shutdown).await {
+        let input = match io
+            .next_line(inbound.policy().command_timeout, shutdown)
+            .await
+        {
             Ok(input) => input,
             Err(stop) => return stop,
         };
@@ -231,7 +234,7 @@ where
             Step::Data(reply) => {
                 reply.write_to(&mut io.output);
                 let data = match io
-                    .read_data(policy.max_message_size, inbound.data_timeout, shutdown)
+                    .read_data(policy.max_message_size, policy.data_timeout, shutdown)
                     .await
                 {
                     Ok(data) => data,

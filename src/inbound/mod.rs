@@ -35,8 +35,6 @@ pub struct Inbound {
     pub spool: Spool,
     /// Replaced whole on reload; sessions take a snapshot per command.
     policy: RwLock<Arc<Policy>>,
-    pub command_timeout: Duration,
-    pub data_timeout: Duration,
     /// Caps sessions server-wide (`max_connections`).
     slots: Arc<Semaphore>,
     /// Sessions per client address (`max_connections_per_ip`).
@@ -48,9 +46,8 @@ pub struct Inbound {
     queued: Arc<Notify>,
 }
 
+/// Connection caps, fixed at startup (a change needs a restart).
 pub struct Limits {
-    pub command_timeout: Duration,
-    pub data_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
 }
@@ -66,8 +63,6 @@ impl Inbound {
         Inbound {
             spool,
             policy: RwLock::new(Arc::new(policy)),
-            command_timeout: limits.command_timeout,
-            data_timeout: limits.data_timeout,
             slots: Arc::new(Semaphore::new(limits.max_connections)),
             per_ip: Mutex::new(HashMap::new()),
             max_per_ip: limits.max_connections_per_ip,

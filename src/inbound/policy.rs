@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use ipnet::IpNet;
 
@@ -17,6 +18,8 @@ pub struct Policy {
     pub max_message_size: u64,
     pub max_recipients: usize,
     pub max_received_headers: usize,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
     /// Where mail for the bare `<postmaster>` goes (RFC 5321 §4.5.1 requires us to
     /// take it).
     pub postmaster: String,
@@ -61,6 +64,8 @@ impl Policy {
             max_message_size: config.server.max_message_size,
             max_recipients: config.server.max_recipients,
             max_received_headers: config.server.max_received_headers,
+            command_timeout: config.server.command_timeout,
+            data_timeout: config.server.data_timeout,
             postmaster: config.delivery.postmaster.clone(),
             domains,
             allow: config.server.allow.clone(),
@@ -114,7 +119,8 @@ impl Policy {
             return Err(Refusal::Relay);
         }
         let address = format!("{local}@{domain}");
-        if !relay.recipients.is_empty() {
+        // RFC 5321 §4.5.1: postmaster at a domain we take mail for is always valid.
+        if !relay.recipients.is_empty() && !local.eq_ignore_ascii_case("postmaster") {
             let lower = address.to_lowercase();
             let local_lower = local.to_lowercase();
             if !relay.recipients.contains(&lower) && !relay.recipients.contains(&local_lower) {
@@ -138,6 +144,8 @@ pub(crate) fn sample() -> Policy {
         max_message_size: 1000,
         max_recipients: 10,
         max_received_headers: 5,
+        command_timeout: Duration::from_secs(300),
+        data_timeout: Duration::from_secs(600),
         postmaster: "postmaster@example.net".into(),
         domains: vec![
             RelayDomain {
@@ -194,6 +202,7 @@ mod tests {
             ("bob@sub.example.org", Err(UnknownUser)),
             ("carol@example.org", Err(UnknownUser)),
             ("carol@badexample.org", Err(Relay)),
+            ("PostMaster@example.org", Ok("PostMaster@example.org")),
         ];
         for (input, want) in cases {
             let got = p.check_recipient(input);

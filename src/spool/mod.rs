@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 
 pub use id::{IdGen, ParseIdError, QueueId};
 pub use record::{BodyType, Client, DecodeError, Envelope, Notify, RcptStatus, Recipient, Ret};
-pub use writer::Change;
+pub use writer::{Change, Finished};
 use writer::{Job, Totals, Writer};
 
 const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
@@ -253,6 +253,64 @@ impl Spool {
             done,
         })?;
         result.await.unwrap_or(Err(CommitError::Closed))
+    }
+
+    /// Several changes at once: all are queued before any is awaited, so they
+    /// share transactions. Results come back in the same order.
+    pub async fn change_many(
+        &self,
+        changes: Vec<(QueueId, Change)>,
+    ) -> Vec<Result<Option<Envelope>, CommitError>> {
+        let mut pending = Vec::with_capacity(changes.len());
+        for (id, change) in changes {
+            let (done, result) = oneshot::channel();
+            pending.push(
+                self.send(Job::Change {
+                    id,
+                    change,
+                    insert: Vec::new(),
+                    done,
+                })
+                .map(|()| result),
+            );
+        }
+        let mut out = Vec::with_capacity(pending.len());
+        for p in pending {
+            out.push(match p {
+                Ok(result) => result.await.unwrap_or(Err(CommitError::Closed)),
+                Err(e) => Err(e),
+            });
+        }
+        out
+    }
+
+    /// Envelopes of the given messages (absent or undecodable ones skipped),
+    /// read from one snapshot.
+    pub fn envelopes_of(&self, ids: &[QueueId]) -> Result<Vec<Envelope>, ReadError> {
+        let txn = self.inner.db.begin_read().map_err(read_err)?;
+        let table = txn.open_table(MESSAGES).map_err(read_err)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(raw) = table.get(id.0).map_err(read_err)?
+                && let Ok(env) = Envelope::decode(raw.value())
+            {
+                out.push(env);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first due time strictly after `after_ms`, if any.
+    pub fn next_due_after(&self, after_ms: u64) -> Result<Option<u64>, ReadError> {
+        let txn = self.inner.db.begin_read().map_err(read_err)?;
+        let table = txn.open_table(DUE).map_err(read_err)?;
+        let first = table
+            .range((after_ms.saturating_add(1), 0)..)
+            .map_err(read_err)?
+            .next()
+            .transpose()
+            .map_err(read_err)?;
+        Ok(first.map(|(k, _)| k.value().0))
     }
 
     /// Stores the message durably. Returns once the transaction holding it has been
@@ -646,6 +704,7 @@ mod tests {
                     env.recipients[0].status = RcptStatus::Delivered;
                     env.recipients[1].attempts = 1;
                     env.recipients[1].next_attempt_ms = 5_000;
+                    Finished::Remove
                 })),
                 vec![],
             )
@@ -669,7 +728,8 @@ mod tests {
             .change(
                 QueueId(1),
                 Change::Edit(Box::new(|env| {
-                    env.recipients[1].status = RcptStatus::Failed
+                    env.recipients[1].status = RcptStatus::Failed;
+                    Finished::Remove
                 })),
                 vec![],
             )
@@ -685,7 +745,11 @@ mod tests {
 
         // Unknown IDs are not an error.
         let gone = spool
-            .change(QueueId(99), Change::Edit(Box::new(|_| {})), vec![])
+            .change(
+                QueueId(99),
+                Change::Edit(Box::new(|_| Finished::Remove)),
+                vec![],
+            )
             .await
             .unwrap();
         assert!(gone.is_none());
@@ -698,7 +762,8 @@ mod tests {
             .change(
                 QueueId(2),
                 Change::Edit(Box::new(|env| {
-                    env.recipients[0].status = RcptStatus::Failed
+                    env.recipients[0].status = RcptStatus::Failed;
+                    Finished::Remove
                 })),
                 vec![message(3, b"notice\r\n")],
             )
@@ -723,7 +788,10 @@ mod tests {
         spool
             .change(
                 QueueId(1),
-                Change::Edit(Box::new(|env| env.recipients[0].attempts = 3)),
+                Change::Edit(Box::new(|env| {
+                    env.recipients[0].attempts = 3;
+                    Finished::Remove
+                })),
                 vec![],
             )
             .await
@@ -812,5 +880,52 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_finished_edit_can_bury_and_many_changes_share_batches() {
+        let (_dir, spool) = two_messages().await;
+        spool
+            .change(
+                QueueId(2),
+                Change::Edit(Box::new(|env| {
+                    env.recipients[0].status = RcptStatus::Failed;
+                    Finished::Bury
+                })),
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(spool.dead_letters().unwrap()[0].id, QueueId(2));
+        assert_eq!(spool.stats().dead, 1);
+
+        // Bury only applies once nothing is left queued.
+        spool
+            .change(
+                QueueId(1),
+                Change::Edit(Box::new(|env| {
+                    env.recipients[0].status = RcptStatus::Failed;
+                    Finished::Bury
+                })),
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert!(spool.envelope(QueueId(1)).unwrap().is_some());
+
+        let results = spool
+            .change_many(vec![
+                (QueueId(1), Change::Release { now_ms: 9 }),
+                (QueueId(42), Change::Hold),
+            ])
+            .await;
+        assert!(results[0].as_ref().unwrap().is_some());
+        assert!(results[1].as_ref().unwrap().is_none());
+        assert_eq!(spool.next_due_after(0).unwrap(), Some(9));
+        assert_eq!(spool.next_due_after(9).unwrap(), None);
+        assert_eq!(
+            spool.envelopes_of(&[QueueId(1), QueueId(2)]).unwrap().len(),
+            1
+        );
     }
 }

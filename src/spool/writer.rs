@@ -25,8 +25,9 @@ pub(super) type Done<T> = oneshot::Sender<Result<T, CommitError>>;
 /// A change to one queued message, applied atomically with the rest of its batch.
 pub enum Change {
     /// Edit the envelope (outcomes, next attempt). A message with no queued
-    /// recipient left has nothing more to do and leaves the spool.
-    Edit(Box<dyn FnOnce(&mut Envelope) + Send>),
+    /// recipient left has nothing more to do: it leaves the spool, or goes to the
+    /// dead letters if the edit says so.
+    Edit(Box<dyn FnOnce(&mut Envelope) -> Finished + Send>),
     /// Take the message out of the due index until released.
     Hold,
     /// Back into the due index; queued recipients become due at `now_ms`.
@@ -37,6 +38,15 @@ pub enum Change {
     Unbury { now_ms: u64 },
     /// Remove the message (queued, held or dead) and its body.
     Delete,
+}
+
+/// What becomes of a message once no recipient is left queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finished {
+    /// Done with it: remove it and its body.
+    Remove,
+    /// Some recipient failed and nobody can be told: keep it as a dead letter.
+    Bury,
 }
 
 pub(super) enum Job {
@@ -287,8 +297,12 @@ impl Tables<'_> {
         }
         match change {
             Change::Edit(edit) => {
-                edit(&mut env);
-                self.store(&env, held, delta)?;
+                let finished = edit(&mut env);
+                if finished == Finished::Bury && env.next_due_ms().is_none() {
+                    self.bury(&env, held, delta)?;
+                } else {
+                    self.store(&env, held, delta)?;
+                }
             }
             Change::Hold => {
                 if !held {
@@ -309,16 +323,7 @@ impl Tables<'_> {
                 }
                 self.store(&env, false, delta)?;
             }
-            Change::Bury => {
-                self.messages.remove(id.0)?;
-                if held {
-                    self.held.remove(id.0)?;
-                    delta.held -= 1;
-                }
-                self.dead.insert(id.0, env.encode().as_slice())?;
-                delta.messages -= 1;
-                delta.dead += 1;
-            }
+            Change::Bury => self.bury(&env, held, delta)?,
             Change::Unbury { now_ms } => {
                 self.dead.remove(id.0)?;
                 delta.dead -= 1;
@@ -350,6 +355,18 @@ impl Tables<'_> {
             }
         }
         Ok(Some(env))
+    }
+
+    fn bury(&mut self, env: &Envelope, held: bool, delta: &mut Delta) -> Result<(), redb::Error> {
+        self.messages.remove(env.id.0)?;
+        if held {
+            self.held.remove(env.id.0)?;
+            delta.held -= 1;
+        }
+        self.dead.insert(env.id.0, env.encode().as_slice())?;
+        delta.messages -= 1;
+        delta.dead += 1;
+        Ok(())
     }
 
     /// Writes a queued message back; one with nothing left to do is removed.
