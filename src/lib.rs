@@ -8,6 +8,10 @@
 //! - [`inbound`]: (1) SMTP in. Sessions, relay policy, DATA handling; commits
 //!   finished messages to the spool and says 250 only after the fsync.
 //! - [`spool`]: (2) the durable queue on redb: envelopes, bodies, the due index.
+//! - [`outbound`]: (5) SMTP out: one connection to a next hop, one message at a
+//!   time, a result per recipient.
+//! - [`dsn`]: (6) delivery status notifications: a report about a message's
+//!   recipients in, the RFC 3464 notice's bytes out (pure).
 //! - [`shutdown`]: the signal every task watches.
 //!
 //! [`Server`] wires these together: the binary binds sockets, loads the config,
@@ -15,7 +19,9 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod dsn;
 pub mod inbound;
+pub mod outbound;
 pub mod shutdown;
 pub mod spool;
 

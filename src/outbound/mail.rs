@@ -1,0 +1,462 @@
+//! Planning one transaction, as a pure function of the envelope and what the
+//! next hop offers: which recipients are settled before a byte is sent (SIZE,
+//! SMTPUTF8, 8BITMIME rules, addresses that cannot be written as a path), and
+//! the exact `MAIL FROM` and `RCPT TO` lines for the rest.
+//!
+//! 8-bit content to a next hop without 8BITMIME fails with 5.6.3 rather than
+//! being converted to 7-bit MIME (RFC 6152 §3 allows either): conversion
+//! rewrites the body, which breaks DKIM signatures, and a primary without
+//! 8BITMIME is rare today. Sending the bytes raw is never an option.
+
+use super::Capabilities;
+use super::outcome::Outcome;
+use super::xtext;
+use crate::spool::{BodyType, Envelope, Notify, Ret};
+
+/// What to send for one message, and what is already decided.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Plan {
+    /// Recipients that get no `RCPT TO`: their outcome is known already.
+    pub settled: Vec<(usize, Outcome)>,
+    /// The `MAIL FROM` line, CRLF included; meaningless if `rcpts` is empty.
+    pub mail_from: String,
+    /// The recipients to send, by index into the envelope, with their `RCPT TO`
+    /// lines (CRLF included).
+    pub rcpts: Vec<(usize, String)>,
+}
+
+fn failed(status: &str, reply: String) -> Outcome {
+    Outcome::Failed {
+        status: status.into(),
+        reply,
+    }
+}
+
+/// Plans the delivery of `envelope` (a body of `body_len` bytes) to the listed
+/// recipients. Indexes outside the envelope are ignored.
+pub(crate) fn plan(
+    envelope: &Envelope,
+    body_len: u64,
+    caps: &Capabilities,
+    recipients: &[usize],
+) -> Plan {
+    let wanted = recipients
+        .iter()
+        .filter_map(|&i| envelope.recipients.get(i).map(|r| (i, r)));
+    let refusal = refusal(envelope, body_len, caps);
+    let sender = path(&envelope.sender, envelope.smtputf8);
+    let refusal = refusal.or_else(|| {
+        sender.is_none().then(|| {
+            failed(
+                "5.1.7",
+                "sender address cannot be written as an SMTP path".into(),
+            )
+        })
+    });
+    if let Some(outcome) = refusal {
+        return Plan {
+            settled: wanted.map(|(i, _)| (i, outcome.clone())).collect(),
+            mail_from: String::new(),
+            rcpts: Vec::new(),
+        };
+    }
+    let mut settled = Vec::new();
+    let mut rcpts = Vec::new();
+    for (i, rcpt) in wanted {
+        match path(&rcpt.address, envelope.smtputf8).filter(|p| !p.is_empty()) {
+            None => settled.push((
+                i,
+                failed(
+                    "5.1.3",
+                    format!(
+                        "recipient {:?} cannot be written as an SMTP path",
+                        rcpt.address
+                    ),
+                ),
+            )),
+            Some(p) => {
+                let mut line = format!("RCPT TO:<{p}>");
+                if caps.dsn {
+                    if let Some(notify) = notify(rcpt.notify) {
+                        line.push_str(" NOTIFY=");
+                        line.push_str(&notify);
+                    }
+                    if let Some(orcpt) = &rcpt.orcpt {
+                        let addr = strip_prefix_ignore_case(orcpt, "rfc822;");
+                        if !addr.is_empty() {
+                            line.push_str(" ORCPT=rfc822;");
+                            line.push_str(&xtext::encode(addr));
+                        }
+                    }
+                }
+                line.push_str("\r\n");
+                rcpts.push((i, line));
+            }
+        }
+    }
+    Plan {
+        settled,
+        mail_from: mail_from(envelope, sender.unwrap_or_default(), body_len, caps),
+        rcpts,
+    }
+}
+
+/// A reason the next hop must not get this message at all (RFC 1870, RFC 6531
+/// §3.2, RFC 6152 §3), checked in that order.
+fn refusal(envelope: &Envelope, body_len: u64, caps: &Capabilities) -> Option<Outcome> {
+    if let Some(limit) = caps.size.filter(|&limit| limit > 0 && body_len > limit) {
+        return Some(failed(
+            "5.3.4",
+            format!("message of {body_len} bytes exceeds the next hop's limit of {limit} bytes"),
+        ));
+    }
+    if envelope.smtputf8 && !caps.smtputf8 {
+        return Some(failed(
+            "5.6.7",
+            "message needs SMTPUTF8, which the next hop does not offer".into(),
+        ));
+    }
+    if envelope.has_8bit && !caps.eightbitmime {
+        return Some(failed(
+            "5.6.3",
+            "message has 8-bit content and the next hop does not offer 8BITMIME".into(),
+        ));
+    }
+    None
+}
+
+fn mail_from(envelope: &Envelope, sender: String, body_len: u64, caps: &Capabilities) -> String {
+    let mut line = format!("MAIL FROM:<{sender}>");
+    if caps.size.is_some() {
+        line.push_str(&format!(" SIZE={body_len}"));
+    }
+    if caps.eightbitmime {
+        // Content wins over a declaration that understated it (RFC 6152 §3).
+        if envelope.has_8bit || envelope.body_type == BodyType::EightBitMime {
+            line.push_str(" BODY=8BITMIME");
+        } else if envelope.body_type == BodyType::SevenBit {
+            line.push_str(" BODY=7BIT");
+        }
+    }
+    if envelope.smtputf8 {
+        line.push_str(" SMTPUTF8");
+    }
+    if caps.dsn {
+        match envelope.ret {
+            Ret::Full => line.push_str(" RET=FULL"),
+            Ret::Headers => line.push_str(" RET=HDRS"),
+            Ret::Unset => {}
+        }
+        if let Some(envid) = envelope.envid.as_deref().filter(|e| !e.is_empty()) {
+            line.push_str(" ENVID=");
+            line.push_str(&xtext::encode(envid));
+        }
+    }
+    line.push_str("\r\n");
+    line
+}
+
+/// The `NOTIFY=` value (RFC 3461 §4.1), or `None` when the sender gave none.
+fn notify(notify: Notify) -> Option<String> {
+    if notify.0 == 0 {
+        return None;
+    }
+    if notify.has(Notify::NEVER) {
+        return Some("NEVER".into());
+    }
+    let words: Vec<&str> = [
+        (Notify::SUCCESS, "SUCCESS"),
+        (Notify::FAILURE, "FAILURE"),
+        (Notify::DELAY, "DELAY"),
+    ]
+    .into_iter()
+    .filter(|&(flag, _)| notify.has(flag))
+    .map(|(_, word)| word)
+    .collect();
+    (!words.is_empty()).then(|| words.join(","))
+}
+
+fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> &'a str {
+    match text.get(..prefix.len()) {
+        Some(head) if head.eq_ignore_ascii_case(prefix) => &text[prefix.len()..],
+        _ => text,
+    }
+}
+
+/// `address` written as the inside of an RFC 5321 path, or `None` if it cannot
+/// be written as one. The inbound parser strips quotes (`"a b"@x` arrives as
+/// `a b@x`), so a local part that is not a dot-atom is quoted again here; an
+/// address with control characters, or non-ASCII ones without SMTPUTF8, is
+/// refused instead of being sent. The empty address stays empty (`<>`).
+pub(crate) fn path(address: &str, utf8: bool) -> Option<String> {
+    if address.is_empty() {
+        return Some(String::new());
+    }
+    if address
+        .chars()
+        .any(|c| c.is_control() || (!utf8 && !c.is_ascii()))
+    {
+        return None;
+    }
+    let Some((local, domain)) = address.rsplit_once('@') else {
+        // RFC 5321 §4.1.1.3: only Postmaster may come without a domain.
+        return address
+            .eq_ignore_ascii_case("postmaster")
+            .then(|| address.to_owned());
+    };
+    if local.is_empty() || !is_domain(domain) {
+        return None;
+    }
+    if is_dot_atom(local) {
+        return Some(address.to_owned());
+    }
+    let mut quoted = String::with_capacity(address.len() + 4);
+    quoted.push('"');
+    for c in local.chars() {
+        if c == '"' || c == '\\' {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push_str("\"@");
+    quoted.push_str(domain);
+    Some(quoted)
+}
+
+fn is_atext(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii()
+}
+
+fn is_dot_atom(text: &str) -> bool {
+    text.split('.')
+        .all(|atom| !atom.is_empty() && atom.chars().all(is_atext))
+}
+
+fn is_domain(domain: &str) -> bool {
+    if let Some(literal) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
+        return !literal.is_empty()
+            && literal
+                .chars()
+                .all(|c| c.is_ascii_graphic() && !matches!(c, '[' | ']' | '\\'));
+    }
+    !domain.is_empty()
+        && domain
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || !c.is_ascii())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::{Client, QueueId, RcptStatus, Recipient};
+
+    fn envelope(rcpts: &[&str]) -> Envelope {
+        Envelope {
+            id: QueueId(1),
+            sender: "sender@example.org".into(),
+            ret: Ret::Headers,
+            envid: Some("env 1".into()),
+            body_type: BodyType::Unset,
+            smtputf8: false,
+            has_8bit: false,
+            arrived_ms: 0,
+            size: 0,
+            client: Client {
+                ip: "192.0.2.7".parse().unwrap(),
+                helo: "client.example.org".into(),
+                tls: false,
+            },
+            recipients: rcpts
+                .iter()
+                .map(|a| Recipient {
+                    address: (*a).into(),
+                    orcpt: Some((*a).into()),
+                    notify: Notify(Notify::FAILURE | Notify::DELAY),
+                    status: RcptStatus::Queued,
+                    attempts: 0,
+                    next_attempt_ms: 0,
+                    last_reply: None,
+                    unreachable: false,
+                    delay_notified: false,
+                })
+                .collect(),
+        }
+    }
+
+    fn all() -> Capabilities {
+        Capabilities {
+            eightbitmime: true,
+            smtputf8: true,
+            dsn: true,
+            pipelining: true,
+            size: Some(1000),
+            starttls: false,
+            tls: false,
+        }
+    }
+
+    fn statuses(plan: &Plan) -> Vec<(usize, &str)> {
+        plan.settled
+            .iter()
+            .map(|(i, o)| match o {
+                Outcome::Failed { status, .. } => (*i, status.as_str()),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn passes_dsn_size_and_body_parameters_when_offered() {
+        let mut env = envelope(&["a@example.com", "b+x=y@example.com"]);
+        env.body_type = BodyType::EightBitMime;
+        env.has_8bit = true;
+        env.recipients[1].notify = Notify(Notify::SUCCESS | Notify::FAILURE);
+        env.recipients[1].orcpt = Some("rfc822;b+x=y@example.com".into());
+        let plan = plan(&env, 500, &all(), &[0, 1]);
+        assert!(plan.settled.is_empty());
+        assert_eq!(
+            plan.mail_from,
+            "MAIL FROM:<sender@example.org> SIZE=500 BODY=8BITMIME RET=HDRS ENVID=env+201\r\n"
+        );
+        assert_eq!(
+            plan.rcpts,
+            [
+                (
+                    0,
+                    "RCPT TO:<a@example.com> NOTIFY=FAILURE,DELAY ORCPT=rfc822;a@example.com\r\n"
+                        .to_string()
+                ),
+                (
+                    1,
+                    "RCPT TO:<b+x=y@example.com> NOTIFY=SUCCESS,FAILURE \
+                     ORCPT=rfc822;b+2Bx+3Dy@example.com\r\n"
+                        .to_string()
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn leaves_out_what_the_next_hop_does_not_offer() {
+        let mut env = envelope(&["a@example.com"]);
+        env.body_type = BodyType::SevenBit;
+        env.ret = Ret::Full;
+        let bare = Capabilities::default();
+        let plan = plan(&env, 500, &bare, &[0]);
+        assert_eq!(plan.mail_from, "MAIL FROM:<sender@example.org>\r\n");
+        assert_eq!(plan.rcpts, [(0, "RCPT TO:<a@example.com>\r\n".to_string())]);
+
+        let caps = Capabilities {
+            dsn: false,
+            ..all()
+        };
+        let plan = super::plan(&env, 500, &caps, &[0]);
+        assert_eq!(
+            plan.mail_from,
+            "MAIL FROM:<sender@example.org> SIZE=500 BODY=7BIT\r\n"
+        );
+        assert_eq!(plan.rcpts, [(0, "RCPT TO:<a@example.com>\r\n".to_string())]);
+    }
+
+    #[test]
+    fn eight_bit_content_is_declared_even_when_the_client_did_not() {
+        let mut env = envelope(&["a@example.com"]);
+        env.has_8bit = true;
+        env.body_type = BodyType::SevenBit;
+        let plan = plan(&env, 1, &all(), &[0]);
+        assert!(
+            plan.mail_from.contains(" BODY=8BITMIME"),
+            "{}",
+            plan.mail_from
+        );
+    }
+
+    #[test]
+    fn null_sender_utf8_and_notify_never() {
+        let mut env = envelope(&["j\u{f6}rg@example.com"]);
+        env.sender = String::new();
+        env.smtputf8 = true;
+        env.envid = None;
+        env.ret = Ret::Unset;
+        env.recipients[0].notify = Notify(Notify::NEVER);
+        env.recipients[0].orcpt = None;
+        let plan = plan(&env, 1, &all(), &[0]);
+        assert_eq!(plan.mail_from, "MAIL FROM:<> SIZE=1 SMTPUTF8\r\n");
+        assert_eq!(
+            plan.rcpts,
+            [(
+                0,
+                "RCPT TO:<j\u{f6}rg@example.com> NOTIFY=NEVER\r\n".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn refuses_before_sending_in_a_fixed_order() {
+        let mut env = envelope(&["a@example.com", "b@example.com"]);
+        // SIZE: larger than the limit fails; equal passes; 0 means no limit.
+        let p = plan(&env, 1001, &all(), &[0, 1]);
+        assert_eq!(statuses(&p), [(0, "5.3.4"), (1, "5.3.4")]);
+        assert!(p.rcpts.is_empty());
+        assert!(plan(&env, 1000, &all(), &[0]).settled.is_empty());
+        let unlimited = Capabilities {
+            size: Some(0),
+            ..all()
+        };
+        assert!(plan(&env, 1 << 40, &unlimited, &[0]).settled.is_empty());
+
+        env.smtputf8 = true;
+        env.has_8bit = true;
+        let neither = Capabilities {
+            smtputf8: false,
+            eightbitmime: false,
+            ..all()
+        };
+        assert_eq!(statuses(&plan(&env, 1001, &neither, &[1])), [(1, "5.3.4")]);
+        assert_eq!(statuses(&plan(&env, 10, &neither, &[1])), [(1, "5.6.7")]);
+        env.smtputf8 = false;
+        assert_eq!(statuses(&plan(&env, 10, &neither, &[0])), [(0, "5.6.3")]);
+        env.has_8bit = false;
+        assert!(plan(&env, 10, &neither, &[0]).settled.is_empty());
+    }
+
+    #[test]
+    fn unwritable_addresses_are_settled_not_sent() {
+        let mut env = envelope(&["ok@example.com", "bad\r\nRSET@example.com", ""]);
+        let p = plan(&env, 1, &all(), &[0, 1, 2, 7]);
+        assert_eq!(statuses(&p), [(1, "5.1.3"), (2, "5.1.3")]);
+        assert_eq!(p.rcpts.len(), 1);
+
+        env.sender = "evil>\r\nRCPT TO:<x@y".into();
+        let p = plan(&env, 1, &all(), &[0]);
+        assert_eq!(statuses(&p), [(0, "5.1.7")]);
+        assert!(p.rcpts.is_empty());
+    }
+
+    #[test]
+    fn writes_paths_quoting_local_parts_that_need_it() {
+        let cases: [(&str, bool, Option<&str>); 14] = [
+            ("", false, Some("")),
+            ("a@example.com", false, Some("a@example.com")),
+            (
+                "a.b+c@sub.example.com",
+                false,
+                Some("a.b+c@sub.example.com"),
+            ),
+            ("a b@example.com", false, Some("\"a b\"@example.com")),
+            ("a\"b\\c@x.test", false, Some("\"a\\\"b\\\\c\"@x.test")),
+            ("a..b@x.test", false, Some("\"a..b\"@x.test")),
+            ("Postmaster", false, Some("Postmaster")),
+            ("x@[192.0.2.1]", false, Some("x@[192.0.2.1]")),
+            ("j\u{f6}rg@x.test", true, Some("j\u{f6}rg@x.test")),
+            ("j\u{f6}rg@x.test", false, None),
+            ("alice", false, None),
+            ("@x.test", false, None),
+            ("a@", false, None),
+            ("a@x.test>\r\nDATA", false, None),
+        ];
+        for (address, utf8, path) in cases {
+            assert_eq!(super::path(address, utf8).as_deref(), path, "{address:?}");
+        }
+    }
+}
