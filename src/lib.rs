@@ -12,6 +12,9 @@
 //!   time, a result per recipient.
 //! - [`dsn`]: (6) delivery status notifications: a report about a message's
 //!   recipients in, the RFC 3464 notice's bytes out (pure).
+//! - [`scheduler`]: (3) when: the due index, per-destination queues and
+//!   workers, primary health and probes, backoff, notices.
+//! - [`route`]: (4) where: MX planning and the resolver.
 //! - [`shutdown`]: the signal every task watches.
 //!
 //! [`Server`] wires these together: the binary binds sockets, loads the config,
@@ -22,6 +25,8 @@ pub mod config;
 pub mod dsn;
 pub mod inbound;
 pub mod outbound;
+pub mod route;
+pub mod scheduler;
 pub mod shutdown;
 pub mod spool;
 
@@ -30,13 +35,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use config::{Config, ConfigError};
 use inbound::policy::Policy;
 use inbound::{Inbound, Limits};
+use scheduler::Scheduler;
 use spool::{OpenError, Spool};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +51,8 @@ pub enum StartError {
     Spool(#[from] OpenError),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("cannot set up delivery: {0}")]
+    Route(#[from] route::RouteError),
     #[error("cannot read the address of a listening socket: {0}")]
     Socket(std::io::Error),
 }
@@ -58,14 +66,25 @@ pub struct Server {
     /// Closes once every listener and session has finished.
     running: mpsc::Receiver<()>,
     listeners: Vec<JoinHandle<()>>,
-    /// Domains whose mail an ETRN asked to release.
-    flush_requests: mpsc::UnboundedReceiver<String>,
+    scheduler: JoinHandle<()>,
+    delivery: scheduler::Handle,
 }
 
 impl Server {
-    /// Opens the spool and starts serving SMTP on the given (already bound)
-    /// listeners.
+    /// Opens the spool, starts delivery, and serves SMTP on the given (already
+    /// bound) listeners.
     pub async fn start(config: Config, smtp: Vec<TcpListener>) -> Result<Server, StartError> {
+        let settings = outbound::Settings::new(config.server.hostname.clone(), config.delivery.tls);
+        Server::start_with(config, smtp, settings).await
+    }
+
+    /// [`Server::start`] with the outbound client's settings given (tests use
+    /// short timeouts and their own certificate authority).
+    pub async fn start_with(
+        config: Config,
+        smtp: Vec<TcpListener>,
+        outbound: outbound::Settings,
+    ) -> Result<Server, StartError> {
         let policy = Policy::from_config(&config)?;
         let path = config.spool.path.clone();
         let max_size = config.spool.max_size;
@@ -76,7 +95,10 @@ impl Server {
                 reason: e.to_string(),
             })??;
 
-        let (flush_tx, flush_requests) = mpsc::unbounded_channel();
+        let (trigger, shutdown) = shutdown::channel();
+        let (scheduler, delivery) =
+            Scheduler::new(&config, spool.clone(), outbound, shutdown.clone())?;
+        let scheduler = tokio::spawn(scheduler.run());
         let inbound = Arc::new(Inbound::new(
             spool,
             policy,
@@ -84,10 +106,8 @@ impl Server {
                 max_connections: config.server.max_connections,
                 max_connections_per_ip: config.server.max_connections_per_ip,
             },
-            flush_tx,
-            Arc::new(Notify::new()),
+            delivery.clone(),
         ));
-        let (trigger, shutdown) = shutdown::channel();
         let (running_tx, running) = mpsc::channel(1);
         let mut smtp_addrs = Vec::new();
         let mut listeners = Vec::new();
@@ -107,7 +127,8 @@ impl Server {
             trigger,
             running,
             listeners,
-            flush_requests,
+            scheduler,
+            delivery,
         })
     }
 
@@ -136,9 +157,9 @@ impl Server {
         Ok(())
     }
 
-    /// The next domain an ETRN asked to flush.
-    pub async fn next_flush_request(&mut self) -> Option<String> {
-        self.flush_requests.recv().await
+    /// Makes a domain's queued mail (or all of it) due now.
+    pub fn flush(&self, domain: Option<String>) {
+        self.delivery.flush(domain);
     }
 
     /// Stops accepting, tells sessions to finish (421 to idle ones; a commit in
@@ -155,6 +176,7 @@ impl Server {
         {
             warn!("sessions still open after the grace period; closing anyway");
         }
+        let _ = self.scheduler.await;
         let spool = self.inbound.spool.clone();
         let _ = tokio::task::spawn_blocking(move || spool.close()).await;
         info!("stopped");

@@ -118,9 +118,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                     tracing::error!("reload failed, keeping the running configuration: {e}");
                 }
             }
-            Some(domain) = server.next_flush_request() => {
-                tracing::info!(%domain, "flush requested; delivery starts with the scheduler");
-            }
         }
     }
     tracing::info!("shutting down");

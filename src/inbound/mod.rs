@@ -23,6 +23,8 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+
+use crate::scheduler;
 use tracing::{Instrument, info, warn};
 
 use crate::shutdown::Shutdown;
@@ -40,8 +42,8 @@ pub struct Inbound {
     /// Sessions per client address (`max_connections_per_ip`).
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     max_per_ip: usize,
-    /// ETRN requests (a relay domain's name) for the delivery side.
-    flush: mpsc::UnboundedSender<String>,
+    /// The delivery side: told about new mail, ETRN, and who connects.
+    delivery: scheduler::Handle,
     /// Wakes the delivery side when new mail is committed.
     queued: Arc<Notify>,
 }
@@ -57,16 +59,16 @@ impl Inbound {
         spool: Spool,
         policy: Policy,
         limits: Limits,
-        flush: mpsc::UnboundedSender<String>,
-        queued: Arc<Notify>,
+        delivery: scheduler::Handle,
     ) -> Inbound {
+        let queued = delivery.queued();
         Inbound {
             spool,
             policy: RwLock::new(Arc::new(policy)),
             slots: Arc::new(Semaphore::new(limits.max_connections)),
             per_ip: Mutex::new(HashMap::new()),
             max_per_ip: limits.max_connections_per_ip,
-            flush,
+            delivery,
             queued,
         }
     }
@@ -86,7 +88,7 @@ impl Inbound {
     }
 
     pub fn request_flush(&self, domain: String) {
-        let _ = self.flush.send(domain);
+        self.delivery.flush(Some(domain));
     }
 
     pub fn notify_queued(&self) {
@@ -168,6 +170,8 @@ pub async fn listen(
 async fn admit(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>, shutdown: Shutdown) {
     let _ = stream.set_nodelay(true);
     let ip = peer.ip().to_canonical();
+    // A primary that connects to us is up again (RFC 5321 §4.5.4.1).
+    inbound.delivery.hint(ip);
     let hostname = inbound.policy().hostname.clone();
     if !inbound.policy().admits(ip) {
         info!("connection refused by allow/deny");

@@ -1,0 +1,111 @@
+//! A thin wrapper over hickory's resolver that answers in plain types and
+//! tells "this name does not exist" (permanent) from "DNS is not answering"
+//! (temporary). Nothing here knows about MX preferences or about us.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+use hickory_resolver::net::NetError;
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::RData;
+use hickory_resolver::{Resolver, TokioResolver};
+
+use super::{Mx, MxAnswer, RouteError};
+
+/// How long one query may take, and how often it is tried.
+const TIMEOUT: Duration = Duration::from_secs(5);
+const ATTEMPTS: usize = 2;
+/// Negative answers are cached briefly: a DNS fix should be seen soon.
+const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+
+pub struct Dns {
+    resolver: TokioResolver,
+}
+
+impl Dns {
+    /// `nameservers` empty: the system's configuration (/etc/resolv.conf).
+    pub fn new(nameservers: &[SocketAddr]) -> Result<Dns, RouteError> {
+        let mut builder = if nameservers.is_empty() {
+            Resolver::builder_tokio()
+                .map_err(|e| RouteError::Dns(format!("resolver setup: {e}")))?
+        } else {
+            let servers = nameservers
+                .iter()
+                .map(|addr| {
+                    let mut server = NameServerConfig::udp_and_tcp(addr.ip());
+                    for connection in &mut server.connections {
+                        connection.port = addr.port();
+                    }
+                    server
+                })
+                .collect();
+            Resolver::builder_with_config(
+                ResolverConfig::from_name_servers(servers),
+                TokioRuntimeProvider::default(),
+            )
+        };
+        let options = builder.options_mut();
+        options.timeout = TIMEOUT;
+        options.attempts = ATTEMPTS;
+        options.negative_max_ttl = Some(NEGATIVE_TTL);
+        // Names are always absolute here: no search-list expansion.
+        options.ndots = 0;
+        let resolver = builder
+            .build()
+            .map_err(|e| RouteError::Dns(format!("resolver setup: {e}")))?;
+        Ok(Dns { resolver })
+    }
+
+    pub async fn mx(&self, domain: &str) -> Result<MxAnswer, RouteError> {
+        match self.resolver.mx_lookup(fqdn(domain)).await {
+            Ok(lookup) => {
+                let records: Vec<Mx> = lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|record| match &record.data {
+                        RData::MX(mx) => Some(Mx {
+                            preference: mx.preference,
+                            exchange: normalise(&mx.exchange.to_ascii()),
+                        }),
+                        _ => None,
+                    })
+                    .collect();
+                Ok(if records.is_empty() {
+                    MxAnswer::NoRecords
+                } else {
+                    MxAnswer::Records(records)
+                })
+            }
+            Err(e) if e.is_nx_domain() => Ok(MxAnswer::NoSuchDomain),
+            Err(e) if e.is_no_records_found() => Ok(MxAnswer::NoRecords),
+            Err(e) => Err(temporary(domain, "MX", &e)),
+        }
+    }
+
+    /// A and AAAA addresses of `name`; a name without any is an empty list.
+    pub async fn ips(&self, name: &str) -> Result<Vec<IpAddr>, RouteError> {
+        match self.resolver.lookup_ip(fqdn(name)).await {
+            Ok(lookup) => Ok(lookup.iter().collect()),
+            Err(e) if e.is_no_records_found() => Ok(Vec::new()),
+            Err(e) => Err(temporary(name, "A/AAAA", &e)),
+        }
+    }
+}
+
+fn temporary(name: &str, what: &str, e: &NetError) -> RouteError {
+    RouteError::Dns(format!("{what} lookup of {name} failed: {e}"))
+}
+
+fn fqdn(name: &str) -> String {
+    if name.ends_with('.') {
+        name.to_owned()
+    } else {
+        format!("{name}.")
+    }
+}
+
+/// Lower-case, without the trailing dot ("." itself becomes "").
+pub(super) fn normalise(name: &str) -> String {
+    name.trim_end_matches('.').to_lowercase()
+}

@@ -1,0 +1,766 @@
+//! (3) When: one task decides what is due and hands it to delivery workers.
+//!
+//! The spool's due index is the schedule. The scheduler sleeps until the next
+//! due time (or new mail, an ETRN/flush, a worker's report, a probe tick,
+//! shutdown), loads what is due into per-destination queues, and starts
+//! workers up to `connections_per_domain` per destination. Workers record
+//! outcomes themselves; the scheduler only tracks what is in flight and each
+//! destination's health.
+//!
+//! Health: a destination whose primary could not be reached is marked down.
+//! Mail that comes due for it meanwhile is deferred without a connection
+//! attempt, and the primary is probed every `probe_interval`; the first
+//! success (a probe, or an inbound connection from one of the primary's
+//! addresses prompting a probe) marks it up and releases at once all mail that
+//! waited because it was unreachable. Mail a live primary deferred keeps its
+//! own backoff.
+//!
+//! The scheduler never speaks SMTP and never decides what a reply means.
+
+pub mod backoff;
+pub mod notice;
+pub mod outcome;
+mod worker;
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::config::{Config, DomainConfig};
+use crate::outbound;
+use crate::route::{Identity, Router};
+use crate::shutdown::Shutdown;
+use crate::spool::{Change, Envelope, Finished, QueueId, RcptStatus, Spool};
+use backoff::Backoff;
+use outcome::{Result as RcptResult, Rules};
+use worker::{Ctx, Destination, Queue, now_ms};
+
+/// Most jobs held in memory at once; the rest wait on disk.
+const MAX_LOADED: usize = 10_000;
+/// After workers report, look for more due mail at most this often.
+const RESCAN_DELAY: Duration = Duration::from_millis(20);
+/// Longest sleep without looking at the due index (it is cheap to look).
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+/// How long shutdown waits for workers to finish the message in hand.
+const WORKER_GRACE: Duration = Duration::from_secs(10);
+
+/// A message's recipients at one destination, ready to be tried.
+#[derive(Debug)]
+pub struct Job {
+    pub id: QueueId,
+    pub domain: Arc<str>,
+    /// Indexes into the envelope's recipients.
+    pub rcpts: Vec<usize>,
+}
+
+/// What workers and helper tasks tell the scheduler.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// The job's outcome is recorded (or it needed none). `unreachable`: some
+    /// recipient now waits for the primary to come back.
+    Done {
+        id: QueueId,
+        domain: Arc<str>,
+        unreachable: bool,
+    },
+    WorkerExit {
+        domain: Arc<str>,
+    },
+    /// A connection to the destination got past the greeting.
+    Reachable {
+        domain: Arc<str>,
+    },
+    Unreachable {
+        domain: Arc<str>,
+        reason: String,
+    },
+    /// We are the best MX for the domain.
+    Loop {
+        domain: Arc<str>,
+    },
+    Probed {
+        domain: Arc<str>,
+        up: bool,
+    },
+    /// Mail was made due now (release after recovery, ETRN, flush).
+    Released,
+    /// The addresses of a down destination's hosts, to recognise it connecting.
+    PrimaryAddresses {
+        domain: Arc<str>,
+        ips: Vec<IpAddr>,
+    },
+}
+
+/// Requests from the rest of the server.
+#[derive(Clone)]
+pub struct Handle {
+    flush: mpsc::UnboundedSender<Option<String>>,
+    hints: mpsc::UnboundedSender<IpAddr>,
+    queued: Arc<Notify>,
+}
+
+impl Handle {
+    /// Make a destination's mail (or all mail, for `None`) due now (ETRN, the
+    /// admin API's flush).
+    pub fn flush(&self, domain: Option<String>) {
+        let _ = self.flush.send(domain);
+    }
+
+    /// A client connected from `ip`: if that is a down primary, it is back.
+    pub fn hint(&self, ip: IpAddr) {
+        let _ = self.hints.send(ip);
+    }
+
+    /// New mail was committed.
+    pub fn queued(&self) -> Arc<Notify> {
+        self.queued.clone()
+    }
+}
+
+#[derive(Default)]
+struct DomainState {
+    queue: Queue,
+    workers: usize,
+    /// Why the primary is considered down; `None` when up (or never tried).
+    down: Option<String>,
+    probing: bool,
+    /// Messages with recipients here that wait because it was unreachable.
+    waiting: HashSet<QueueId>,
+    /// The primary's addresses, while down.
+    primary_ips: Vec<IpAddr>,
+    /// The last routing attempt found us to be the best MX.
+    looping: bool,
+}
+
+pub struct Scheduler {
+    ctx: Arc<Ctx>,
+    domains: HashMap<Arc<str>, DomainState>,
+    /// Configured domains, for routes and TLS overrides.
+    configured: Vec<DomainConfig>,
+    /// Client settings for destinations without an override.
+    default_settings: outbound::Settings,
+    probe_interval: Duration,
+    connections_per_domain: usize,
+    in_flight: HashSet<(QueueId, Arc<str>)>,
+    events: mpsc::UnboundedReceiver<Event>,
+    flush: mpsc::UnboundedReceiver<Option<String>>,
+    hints: mpsc::UnboundedReceiver<IpAddr>,
+    queued: Arc<Notify>,
+    shutdown: Shutdown,
+    rescan_at: Option<Instant>,
+}
+
+impl Scheduler {
+    /// Builds the scheduler for `config`; `settings` carries the outbound
+    /// client's defaults (tests shorten timeouts and add roots).
+    pub fn new(
+        config: &Config,
+        spool: Spool,
+        settings: outbound::Settings,
+        shutdown: Shutdown,
+    ) -> Result<(Scheduler, Handle), crate::route::RouteError> {
+        let mut names = vec![config.server.hostname.clone()];
+        names.extend(config.server.also_known_as.iter().cloned());
+        let router = Router::new(
+            &config.delivery.nameservers,
+            Identity { names },
+            config.delivery.port,
+        )?;
+        let d = &config.delivery;
+        let rules = Rules {
+            backoff: Backoff {
+                initial: d.retry_initial,
+                factor: d.retry_factor,
+                max: d.retry_max,
+                jitter: d.retry_jitter,
+            },
+            lifetime: d.max_queue_lifetime,
+            delay_warning: d.delay_warning_after,
+        };
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (flush_tx, flush) = mpsc::unbounded_channel();
+        let (hints_tx, hints) = mpsc::unbounded_channel();
+        let queued = Arc::new(Notify::new());
+        let ctx = Arc::new(Ctx {
+            spool,
+            router,
+            rules,
+            bounce: d.bounce,
+            postmaster: d.postmaster.clone(),
+            hostname: config.server.hostname.clone(),
+            messages_per_connection: d.messages_per_connection,
+            events: events_tx,
+            queued: queued.clone(),
+            shutdown: shutdown.clone(),
+        });
+        let scheduler = Scheduler {
+            ctx,
+            domains: HashMap::new(),
+            configured: config.domains.clone(),
+            default_settings: outbound::Settings {
+                tls: d.tls,
+                ..settings
+            },
+            probe_interval: d.probe_interval,
+            connections_per_domain: d.connections_per_domain,
+            in_flight: HashSet::new(),
+            events,
+            flush,
+            hints,
+            queued: queued.clone(),
+            shutdown,
+            rescan_at: None,
+        };
+        let handle = Handle {
+            flush: flush_tx,
+            hints: hints_tx,
+            queued,
+        };
+        Ok((scheduler, handle))
+    }
+
+    /// The configured domain `domain` belongs to (exactly, or as a subdomain).
+    fn configured(&self, domain: &str) -> Option<&DomainConfig> {
+        self.configured.iter().find(|d| {
+            domain == d.name || (d.include_subdomains && domain.ends_with(&format!(".{}", d.name)))
+        })
+    }
+
+    fn destination(&self, domain: &str) -> Arc<Destination> {
+        let configured = self.configured(domain);
+        let mut settings = self.default_settings.clone();
+        if let Some(tls) = configured.and_then(|d| d.tls) {
+            settings.tls = tls;
+        }
+        Arc::new(Destination {
+            route: configured.and_then(|d| d.route.clone()),
+            settings,
+        })
+    }
+
+    fn domain(&mut self, name: &str) -> (Arc<str>, &mut DomainState) {
+        let key: Arc<str> = match self.domains.get_key_value(name) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(name),
+        };
+        let state = self.domains.entry(key.clone()).or_default();
+        (key, state)
+    }
+
+    /// Runs until shutdown.
+    pub async fn run(mut self) {
+        self.recover().await;
+        self.scan().await;
+        let mut probe_tick = tokio::time::interval(self.probe_interval);
+        probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let wake = self.next_wake();
+            tokio::select! {
+                () = self.shutdown.wait() => break,
+                Some(event) = self.events.recv() => self.handle(event),
+                Some(domain) = self.flush.recv() => self.flush_now(domain),
+                Some(ip) = self.hints.recv() => self.hint(ip),
+                () = self.queued.notified() => self.rescan_soon(Duration::ZERO),
+                _ = probe_tick.tick() => self.probe_down_domains(),
+                () = tokio::time::sleep_until(wake) => {
+                    self.rescan_at = None;
+                    self.scan().await;
+                }
+            }
+        }
+        self.wait_for_workers().await;
+    }
+
+    fn next_wake(&self) -> Instant {
+        let cap = Instant::now() + MAX_SLEEP;
+        self.rescan_at.map_or(cap, |at| at.min(cap))
+    }
+
+    fn rescan_soon(&mut self, delay: Duration) {
+        let at = Instant::now() + delay;
+        self.rescan_at = Some(self.rescan_at.map_or(at, |cur| cur.min(at)));
+    }
+
+    /// At startup: mail that last waited for an unreachable primary marks that
+    /// destination down, so it is probed and released the moment it answers.
+    async fn recover(&mut self) {
+        let spool = self.ctx.spool.clone();
+        let envelopes = tokio::task::spawn_blocking(move || spool.envelopes())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        for env in envelopes {
+            for r in &env.recipients {
+                if r.status == RcptStatus::Queued && r.unreachable {
+                    let (_, state) = self.domain(&domain_of(&r.address));
+                    state.waiting.insert(env.id);
+                    state
+                        .down
+                        .get_or_insert_with(|| "unreachable at the last attempt".into());
+                }
+            }
+        }
+        for (domain, state) in &self.domains {
+            if state.down.is_some() {
+                info!(%domain, waiting = state.waiting.len(), "primary was unreachable before restart; probing");
+            }
+        }
+    }
+
+    /// Loads due mail into destination queues and starts workers.
+    async fn scan(&mut self) {
+        let now = now_ms();
+        let spool = self.ctx.spool.clone();
+        let in_flight: HashSet<QueueId> = self.in_flight.iter().map(|(id, _)| *id).collect();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let due = spool.due_until(now, MAX_LOADED + in_flight.len())?;
+            let ids: Vec<QueueId> = due.iter().map(|(_, id)| *id).collect();
+            let envelopes = spool.envelopes_of(&ids)?;
+            let next = spool.next_due_after(now)?;
+            Ok::<_, crate::spool::ReadError>((envelopes, next))
+        })
+        .await;
+        let (envelopes, next) = match loaded {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot read the due index; retrying shortly");
+                self.rescan_soon(Duration::from_secs(1));
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "due index scan failed");
+                self.rescan_soon(Duration::from_secs(1));
+                return;
+            }
+        };
+        let mut suspended: Vec<Job> = Vec::new();
+        let mut touched: HashSet<Arc<str>> = HashSet::new();
+        for env in envelopes {
+            for (domain, rcpts) in due_recipients(&env, now) {
+                if self.in_flight.len() >= MAX_LOADED {
+                    break;
+                }
+                let (domain, _) = self.domain(&domain);
+                if !self.in_flight.insert((env.id, domain.clone())) {
+                    continue;
+                }
+                let job = Job {
+                    id: env.id,
+                    domain: domain.clone(),
+                    rcpts,
+                };
+                let state = self.domains.get_mut(&domain).expect("created above");
+                if state.down.is_some() {
+                    state.waiting.insert(env.id);
+                    suspended.push(job);
+                } else {
+                    state
+                        .queue
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push_back(job);
+                    touched.insert(domain);
+                }
+            }
+        }
+        for domain in touched {
+            self.dispatch(&domain);
+        }
+        if !suspended.is_empty() {
+            self.suspend(suspended);
+        }
+        if let Some(next) = next {
+            let wait = Duration::from_millis(next.saturating_sub(now_ms()));
+            self.rescan_soon(wait);
+        }
+    }
+
+    /// Starts workers for `domain` while it has queued jobs and free slots.
+    fn dispatch(&mut self, domain: &Arc<str>) {
+        let dest = self.destination(domain);
+        let limit = self.connections_per_domain;
+        let Some(state) = self.domains.get_mut(domain) else {
+            return;
+        };
+        let queued = state.queue.lock().unwrap_or_else(|p| p.into_inner()).len();
+        // One connection per batch of messages, up to the per-domain cap.
+        let batch = self.ctx.messages_per_connection.max(1);
+        let wanted = queued.div_ceil(batch).min(limit);
+        while state.workers < wanted && !self.ctx.shutdown.is_set() {
+            state.workers += 1;
+            tokio::spawn(worker::work(
+                self.ctx.clone(),
+                domain.clone(),
+                dest.clone(),
+                state.queue.clone(),
+            ));
+        }
+    }
+
+    /// Defers, without a connection attempt, mail for destinations that are down.
+    fn suspend(&mut self, jobs: Vec<Job>) {
+        let ctx = self.ctx.clone();
+        let reasons: HashMap<Arc<str>, String> = jobs
+            .iter()
+            .filter_map(|j| {
+                let down = self.domains.get(&j.domain)?.down.clone()?;
+                Some((j.domain.clone(), down))
+            })
+            .collect();
+        tokio::spawn(async move {
+            for job in jobs {
+                let reason = reasons
+                    .get(&job.domain)
+                    .cloned()
+                    .unwrap_or_else(|| "primary unreachable".into());
+                let result = RcptResult::Deferred {
+                    status: "4.4.1".into(),
+                    reply: format!("delivery temporarily suspended: {reason}"),
+                    remote: None,
+                    unreachable: true,
+                };
+                worker::finish(&ctx, &job, |_| result.clone()).await;
+            }
+        });
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Done {
+                id,
+                domain,
+                unreachable,
+            } => {
+                if unreachable && let Some(state) = self.domains.get_mut(&domain) {
+                    state.waiting.insert(id);
+                }
+                self.in_flight.remove(&(id, domain));
+                self.rescan_soon(RESCAN_DELAY);
+            }
+            Event::WorkerExit { domain } => {
+                if let Some(state) = self.domains.get_mut(&domain) {
+                    state.workers = state.workers.saturating_sub(1);
+                }
+                self.dispatch(&domain);
+            }
+            Event::Reachable { domain } => self.mark_up(&domain),
+            Event::Unreachable { domain, reason } => self.mark_down(&domain, reason),
+            Event::Loop { domain } => {
+                if let Some(state) = self.domains.get_mut(&domain) {
+                    state.looping = true;
+                }
+            }
+            Event::Probed { domain, up } => {
+                if let Some(state) = self.domains.get_mut(&domain) {
+                    state.probing = false;
+                }
+                if up {
+                    info!(%domain, "primary answers again");
+                    self.mark_up(&domain);
+                }
+            }
+            Event::Released => self.rescan_soon(Duration::ZERO),
+            Event::PrimaryAddresses { domain, ips } => {
+                if let Some(state) = self.domains.get_mut(&domain) {
+                    state.primary_ips = ips;
+                }
+            }
+        }
+    }
+
+    fn mark_down(&mut self, domain: &Arc<str>, reason: String) {
+        let Some(state) = self.domains.get_mut(domain) else {
+            return;
+        };
+        if state.down.is_none() {
+            warn!(%domain, %reason, "primary unreachable; probing every {:?}", self.probe_interval);
+            state.down = Some(reason);
+            // Learn its addresses so an inbound connection from it is recognised.
+            let ctx = self.ctx.clone();
+            let route = self.destination(domain).route.clone();
+            let domain = domain.clone();
+            tokio::spawn(async move {
+                if let Ok(ips) = ctx.router.addresses(&domain, route.as_ref()).await {
+                    let _ = ctx.events.send(Event::PrimaryAddresses { domain, ips });
+                }
+            });
+        }
+    }
+
+    /// The primary answered: release everything that waited for it.
+    fn mark_up(&mut self, domain: &Arc<str>) {
+        let Some(state) = self.domains.get_mut(domain) else {
+            return;
+        };
+        state.down = None;
+        state.looping = false;
+        state.primary_ips.clear();
+        let waiting: Vec<QueueId> = state.waiting.drain().collect();
+        if waiting.is_empty() {
+            return;
+        }
+        info!(%domain, messages = waiting.len(), "releasing mail that waited for the primary");
+        let domain = domain.clone();
+        self.release(waiting, move |r| {
+            r.unreachable && domain_of(&r.address) == *domain
+        });
+    }
+
+    /// Makes the matching queued recipients of `ids` due now, in the background.
+    fn release(
+        &self,
+        ids: Vec<QueueId>,
+        matches: impl Fn(&crate::spool::Recipient) -> bool + Send + Sync + 'static,
+    ) {
+        let ctx = self.ctx.clone();
+        let matches = Arc::new(matches);
+        tokio::spawn(async move {
+            let now = now_ms();
+            let changes = ids
+                .into_iter()
+                .map(|id| {
+                    let matches = matches.clone();
+                    let edit = move |env: &mut Envelope| {
+                        for r in &mut env.recipients {
+                            if r.status == RcptStatus::Queued && matches(r) {
+                                r.next_attempt_ms = now;
+                            }
+                        }
+                        Finished::Remove
+                    };
+                    (id, Change::Edit(Box::new(edit)))
+                })
+                .collect();
+            for result in ctx.spool.change_many(changes).await {
+                if let Err(e) = result {
+                    warn!(error = %e, "cannot release queued mail");
+                }
+            }
+            let _ = ctx.events.send(Event::Released);
+        });
+    }
+
+    /// ETRN or an operator's flush: everything for `domain` (or all) due now.
+    fn flush_now(&mut self, domain: Option<String>) {
+        if let Some(name) = &domain {
+            // The primary itself often asks (ETRN): try it rather than suspend.
+            let (key, state) = self.domain(name);
+            state.down = None;
+            let _ = key;
+        } else {
+            for state in self.domains.values_mut() {
+                state.down = None;
+            }
+        }
+        let ctx = self.ctx.clone();
+        let configured = self.configured.clone();
+        let this_domain = domain.clone();
+        tokio::spawn(async move {
+            let spool = ctx.spool.clone();
+            let envelopes = tokio::task::spawn_blocking(move || spool.envelopes())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            let belongs = move |address: &str| match &this_domain {
+                None => true,
+                Some(d) => {
+                    let rd = domain_of(address);
+                    rd == *d
+                        || configured.iter().any(|c| {
+                            c.name == *d && c.include_subdomains && rd.ends_with(&format!(".{d}"))
+                        })
+                }
+            };
+            let ids: Vec<QueueId> = envelopes
+                .iter()
+                .filter(|env| {
+                    env.recipients
+                        .iter()
+                        .any(|r| r.status == RcptStatus::Queued && belongs(&r.address))
+                })
+                .map(|env| env.id)
+                .collect();
+            let now = now_ms();
+            let belongs = Arc::new(belongs);
+            let changes = ids
+                .into_iter()
+                .map(|id| {
+                    let belongs = belongs.clone();
+                    let edit = move |env: &mut Envelope| {
+                        for r in &mut env.recipients {
+                            if r.status == RcptStatus::Queued && belongs(&r.address) {
+                                r.next_attempt_ms = now;
+                            }
+                        }
+                        Finished::Remove
+                    };
+                    (id, Change::Edit(Box::new(edit)))
+                })
+                .collect();
+            ctx.spool.change_many(changes).await;
+            let _ = ctx.events.send(Event::Released);
+        });
+        info!(
+            domain = domain.as_deref().unwrap_or("(all)"),
+            "flush requested"
+        );
+    }
+
+    fn hint(&mut self, ip: IpAddr) {
+        let ip = ip.to_canonical();
+        let matching: Vec<Arc<str>> = self
+            .domains
+            .iter()
+            .filter(|(_, s)| s.down.is_some() && s.primary_ips.contains(&ip))
+            .map(|(d, _)| d.clone())
+            .collect();
+        for domain in matching {
+            info!(%domain, %ip, "the primary connected to us; probing it now");
+            self.probe(&domain);
+        }
+    }
+
+    fn probe_down_domains(&mut self) {
+        let due: Vec<Arc<str>> = self
+            .domains
+            .iter()
+            .filter(|(_, s)| s.down.is_some() && !s.waiting.is_empty() && !s.probing)
+            .map(|(d, _)| d.clone())
+            .collect();
+        for domain in due {
+            self.probe(&domain);
+        }
+    }
+
+    fn probe(&mut self, domain: &Arc<str>) {
+        let dest = self.destination(domain);
+        let Some(state) = self.domains.get_mut(domain) else {
+            return;
+        };
+        if state.probing {
+            return;
+        }
+        state.probing = true;
+        let ctx = self.ctx.clone();
+        let domain = domain.clone();
+        tokio::spawn(async move {
+            let mut up = false;
+            if let Ok(hops) = ctx.router.hops(&domain, dest.route.as_ref()).await {
+                for hop in &hops {
+                    match outbound::probe(hop, &dest.settings).await {
+                        Ok(()) => {
+                            up = true;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::debug!(%domain, hop = %hop.name, error = %e, "probe failed")
+                        }
+                    }
+                }
+            }
+            let _ = ctx.events.send(Event::Probed { domain, up });
+        });
+    }
+
+    async fn wait_for_workers(&mut self) {
+        let deadline = Instant::now() + WORKER_GRACE;
+        while self.domains.values().any(|s| s.workers > 0) {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(event)) => {
+                    if let Event::WorkerExit { domain } = event
+                        && let Some(state) = self.domains.get_mut(&domain)
+                    {
+                        state.workers = state.workers.saturating_sub(1);
+                    }
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
+/// The recipient's domain, lower-cased: the unit of routing and health.
+pub fn domain_of(address: &str) -> String {
+    address
+        .rsplit_once('@')
+        .map(|(_, d)| d.trim_end_matches('.').to_lowercase())
+        .unwrap_or_default()
+}
+
+/// Queued recipients of `env` due at `now_ms`, grouped by destination.
+fn due_recipients(env: &Envelope, now_ms: u64) -> Vec<(String, Vec<usize>)> {
+    let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+    for (i, r) in env.recipients.iter().enumerate() {
+        if r.status != RcptStatus::Queued || r.next_attempt_ms > now_ms {
+            continue;
+        }
+        let domain = domain_of(&r.address);
+        match groups.iter_mut().find(|(d, _)| *d == domain) {
+            Some((_, v)) => v.push(i),
+            None => groups.push((domain, vec![i])),
+        }
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::{BodyType, Client, Notify, Recipient, Ret};
+
+    #[test]
+    fn groups_due_recipients_by_domain() {
+        let rcpt = |address: &str, next: u64, status| Recipient {
+            address: address.into(),
+            orcpt: None,
+            notify: Notify::default(),
+            status,
+            attempts: 0,
+            next_attempt_ms: next,
+            last_reply: None,
+            unreachable: false,
+            delay_notified: false,
+        };
+        let env = Envelope {
+            id: QueueId(1),
+            sender: String::new(),
+            ret: Ret::Unset,
+            envid: None,
+            body_type: BodyType::Unset,
+            smtputf8: false,
+            has_8bit: false,
+            arrived_ms: 0,
+            size: 0,
+            client: Client {
+                ip: "127.0.0.1".parse().unwrap(),
+                helo: String::new(),
+                tls: false,
+            },
+            recipients: vec![
+                rcpt("a@example.com", 10, RcptStatus::Queued),
+                rcpt("b@Example.COM.", 5, RcptStatus::Queued),
+                rcpt("c@example.org", 10, RcptStatus::Queued),
+                rcpt("d@example.com", 50, RcptStatus::Queued),
+                rcpt("e@example.org", 1, RcptStatus::Delivered),
+            ],
+        };
+        assert_eq!(
+            due_recipients(&env, 10),
+            vec![
+                ("example.com".to_string(), vec![0, 1]),
+                ("example.org".to_string(), vec![2])
+            ]
+        );
+        assert_eq!(
+            due_recipients(&env, 5),
+            vec![("example.com".to_string(), vec![1])]
+        );
+    }
+}

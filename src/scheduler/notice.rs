@@ -1,0 +1,299 @@
+//! Turning owed notices into DSN messages queued like any other mail, and
+//! deciding when a failure cannot be reported to anyone (then the message
+//! becomes a dead letter). Pure: the caller supplies IDs and the time.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use super::outcome::{Notice, NoticeKind};
+use crate::config::BouncePolicy;
+use crate::dsn::{self, Action, RecipientReport, Report};
+use crate::spool::{
+    BodyType, Client, Envelope, NewMessage, Notify, QueueId, RcptStatus, Recipient, Ret,
+};
+
+/// RET=FULL returns the whole message only up to this size (Postfix's
+/// `bounce_size_limit` is 50 000); beyond it, headers only.
+pub const MAX_RETURNED_BYTES: usize = 100_000;
+
+/// Who may hear about a message, and how.
+pub struct Policy<'a> {
+    pub bounce: BouncePolicy,
+    pub postmaster: &'a str,
+    pub hostname: &'a str,
+    /// `max_queue_lifetime`: delayed notices say until when we keep trying.
+    pub lifetime_ms: u64,
+}
+
+/// Some recipient failed, a notice was owed, and none can be sent (the sender
+/// is `<>`, and notices about notices are never sent): such a message is kept as
+/// a dead letter instead of vanishing. With `bounce = "drop"` the operator chose
+/// silence, so nothing is kept.
+pub fn unreportable(env: &Envelope, bounce: BouncePolicy) -> bool {
+    bounce != BouncePolicy::Drop
+        && env.sender.is_empty()
+        && env
+            .recipients
+            .iter()
+            .any(|r| r.status == RcptStatus::Failed && dsn::wants(r.notify, Action::Failed))
+}
+
+/// Builds one DSN per kind of notice (failed, delayed, relayed) that NOTIFY=
+/// asks for. `env` must already carry the new recipient states; `next_id`
+/// hands out queue IDs for the notices.
+pub fn plan(
+    env: &Envelope,
+    original: &[u8],
+    notices: &[Notice],
+    policy: &Policy<'_>,
+    now_ms: u64,
+    next_id: &mut dyn FnMut() -> QueueId,
+) -> Vec<NewMessage> {
+    let mut planned = Vec::new();
+    for (kind, action) in [
+        (NoticeKind::Failed, Action::Failed),
+        (NoticeKind::Delayed, Action::Delayed),
+        (NoticeKind::Relayed, Action::Relayed),
+    ] {
+        let owed: Vec<&Notice> = notices
+            .iter()
+            .filter(|n| n.kind == kind)
+            .filter(|n| {
+                env.recipients
+                    .get(n.index)
+                    .is_some_and(|r| dsn::wants(r.notify, action))
+            })
+            .collect();
+        if owed.is_empty() {
+            continue;
+        }
+        let to = match policy.bounce {
+            BouncePolicy::Drop => continue,
+            // Never a notice to the null sender: notices about notices loop.
+            _ if env.sender.is_empty() => continue,
+            BouncePolicy::Sender => env.sender.clone(),
+            BouncePolicy::Postmaster => policy.postmaster.to_owned(),
+        };
+        let id = next_id();
+        let message_id = format!("<{id}.dsn@{}>", policy.hostname);
+        let recipients = owed
+            .iter()
+            .filter_map(|n| {
+                let recipient = env.recipients.get(n.index)?;
+                Some(RecipientReport {
+                    recipient,
+                    action,
+                    status: &n.status,
+                    remote_mta: n.remote.as_deref(),
+                    diagnostic: n.diagnostic.as_deref(),
+                    last_attempt_ms: Some(now_ms),
+                    will_retry_until_ms: (action == Action::Delayed)
+                        .then(|| env.arrived_ms.saturating_add(policy.lifetime_ms)),
+                })
+            })
+            .collect();
+        let body = dsn::build(&Report {
+            reporting_mta: policy.hostname,
+            envelope: env,
+            original,
+            recipients,
+            now_ms,
+            message_id: &message_id,
+            max_full_bytes: MAX_RETURNED_BYTES,
+        });
+        planned.push(notice_message(
+            id,
+            to,
+            body,
+            env.smtputf8,
+            now_ms,
+            policy.hostname,
+        ));
+    }
+    planned
+}
+
+/// A notice as a queued message: from `<>`, to one recipient, due now.
+fn notice_message(
+    id: QueueId,
+    to: String,
+    body: Vec<u8>,
+    smtputf8: bool,
+    now_ms: u64,
+    hostname: &str,
+) -> NewMessage {
+    let has_8bit = body.iter().any(|&b| b >= 0x80);
+    NewMessage {
+        envelope: Envelope {
+            id,
+            sender: String::new(),
+            ret: Ret::Unset,
+            envid: None,
+            body_type: if has_8bit {
+                BodyType::EightBitMime
+            } else {
+                BodyType::SevenBit
+            },
+            smtputf8: smtputf8 && !to.is_ascii(),
+            has_8bit,
+            arrived_ms: now_ms,
+            size: body.len() as u64,
+            client: Client {
+                ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                helo: hostname.to_owned(),
+                tls: false,
+            },
+            recipients: vec![Recipient {
+                address: to,
+                orcpt: None,
+                // A notice about a notice is never wanted.
+                notify: Notify(Notify::NEVER),
+                status: RcptStatus::Queued,
+                attempts: 0,
+                next_attempt_ms: now_ms,
+                last_reply: None,
+                unreachable: false,
+                delay_notified: false,
+            }],
+        },
+        body,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(sender: &str, notify: u8) -> Envelope {
+        let mut env = Envelope {
+            id: QueueId(7),
+            sender: sender.into(),
+            ret: Ret::Unset,
+            envid: None,
+            body_type: BodyType::Unset,
+            smtputf8: false,
+            has_8bit: false,
+            arrived_ms: 0,
+            size: 20,
+            client: Client {
+                ip: "192.0.2.1".parse().unwrap(),
+                helo: "c".into(),
+                tls: false,
+            },
+            recipients: Vec::new(),
+        };
+        for i in 0..2 {
+            env.recipients.push(Recipient {
+                address: format!("r{i}@example.com"),
+                orcpt: None,
+                notify: Notify(notify),
+                status: RcptStatus::Failed,
+                attempts: 1,
+                next_attempt_ms: 0,
+                last_reply: Some("550 5.1.1 unknown".into()),
+                unreachable: false,
+                delay_notified: false,
+            });
+        }
+        env
+    }
+
+    fn failed(index: usize) -> Notice {
+        Notice {
+            index,
+            kind: NoticeKind::Failed,
+            status: "5.1.1".into(),
+            remote: Some("mx1.example.com".into()),
+            diagnostic: Some("550 5.1.1 unknown".into()),
+        }
+    }
+
+    fn run(env: &Envelope, notices: &[Notice], bounce: BouncePolicy) -> Vec<NewMessage> {
+        let mut n = 100;
+        plan(
+            env,
+            b"Subject: x\r\n\r\nbody\r\n",
+            notices,
+            &Policy {
+                bounce,
+                postmaster: "pm@example.net",
+                hostname: "mx2.example.net",
+                lifetime_ms: 86_400_000,
+            },
+            5_000,
+            &mut || {
+                n += 1;
+                QueueId(n)
+            },
+        )
+    }
+
+    #[test]
+    fn one_failure_notice_to_the_sender_for_all_failed_recipients() {
+        let env = envelope("s@example.org", 0);
+        let p = run(&env, &[failed(0), failed(1)], BouncePolicy::Sender);
+        assert!(!unreportable(&env, BouncePolicy::Sender));
+        assert_eq!(p.len(), 1);
+        let m = &p[0];
+        assert_eq!(m.envelope.sender, "");
+        assert_eq!(m.envelope.recipients[0].address, "s@example.org");
+        assert_eq!(m.envelope.recipients[0].notify, Notify(Notify::NEVER));
+        assert_eq!(m.envelope.id, QueueId(101));
+        assert_eq!(m.envelope.size, m.body.len() as u64);
+        let text = String::from_utf8_lossy(&m.body);
+        assert!(text.contains("r0@example.com") && text.contains("r1@example.com"));
+        assert!(
+            text.contains("<0000000000035.dsn@mx2.example.net>"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn bounce_policies() {
+        let env = envelope("s@example.org", 0);
+        let p = run(&env, &[failed(0)], BouncePolicy::Postmaster);
+        assert_eq!(p[0].envelope.recipients[0].address, "pm@example.net");
+        let p = run(&env, &[failed(0)], BouncePolicy::Drop);
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn never_to_the_null_sender() {
+        let env = envelope("", 0);
+        assert!(run(&env, &[failed(0)], BouncePolicy::Sender).is_empty());
+        assert!(unreportable(&env, BouncePolicy::Sender));
+        assert!(unreportable(&env, BouncePolicy::Postmaster));
+        assert!(!unreportable(&env, BouncePolicy::Drop));
+    }
+
+    #[test]
+    fn notify_never_means_no_notice_and_nothing_to_bury() {
+        let env = envelope("", Notify::NEVER);
+        assert!(run(&env, &[failed(0)], BouncePolicy::Sender).is_empty());
+        assert!(!unreportable(&env, BouncePolicy::Sender));
+        let env = envelope("s@example.org", Notify::NEVER);
+        assert!(run(&env, &[failed(0)], BouncePolicy::Sender).is_empty());
+    }
+
+    #[test]
+    fn delays_and_relays_only_when_asked() {
+        let env = envelope("s@example.org", Notify::FAILURE);
+        let delayed = Notice {
+            kind: NoticeKind::Delayed,
+            status: "4.4.1".into(),
+            ..failed(0)
+        };
+        assert!(run(&env, std::slice::from_ref(&delayed), BouncePolicy::Sender).is_empty());
+        let env = envelope("s@example.org", 0);
+        let p = run(&env, &[delayed], BouncePolicy::Sender);
+        assert_eq!(p.len(), 1);
+        assert!(String::from_utf8_lossy(&p[0].body).contains("Will-Retry-Until:"));
+        let relayed = Notice {
+            kind: NoticeKind::Relayed,
+            status: "2.0.0".into(),
+            ..failed(1)
+        };
+        assert!(run(&env, std::slice::from_ref(&relayed), BouncePolicy::Sender).is_empty());
+        let env = envelope("s@example.org", Notify::SUCCESS);
+        assert_eq!(run(&env, &[relayed], BouncePolicy::Sender).len(), 1);
+    }
+}

@@ -1,0 +1,345 @@
+//! What an attempt means for each recipient: the pure bookkeeping between "the
+//! next hop answered" and "the spool records it". Decides the new state, the next
+//! attempt (backoff), expiry, and which notices (DSNs) are owed. Takes `now` and
+//! the random sample as arguments; touches neither the clock nor the spool.
+
+use std::time::Duration;
+
+use super::backoff::{Backoff, expired};
+use crate::spool::{Envelope, Notify, RcptStatus, Recipient};
+
+/// The result of one attempt for one recipient.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Result {
+    /// The next hop took responsibility (2xx after the final dot).
+    Delivered {
+        reply: String,
+        /// The next hop lacks DSN and the sender asked for success notices:
+        /// we owe a "relayed" notice (RFC 3461 §5.2.3).
+        relayed: bool,
+        remote: String,
+    },
+    /// Permanently refused (5xx, or a permanent routing failure).
+    Failed {
+        status: String,
+        reply: String,
+        remote: Option<String>,
+    },
+    /// Try again later (4xx, timeout, connection failure, DNS trouble).
+    Deferred {
+        status: String,
+        reply: String,
+        remote: Option<String>,
+        /// The primary could not be reached at all: release this recipient as
+        /// soon as it answers again.
+        unreachable: bool,
+    },
+}
+
+/// `delivery.*` settings that decide what happens after an attempt.
+#[derive(Clone, Copy, Debug)]
+pub struct Rules {
+    pub backoff: Backoff,
+    pub lifetime: Duration,
+    pub delay_warning: Option<Duration>,
+}
+
+/// A notice owed to the sender about one recipient.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notice {
+    pub index: usize,
+    pub kind: NoticeKind,
+    pub status: String,
+    pub remote: Option<String>,
+    pub diagnostic: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoticeKind {
+    Failed,
+    Delayed,
+    Relayed,
+}
+
+/// New recipient states and the notices they call for.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub recipients: Vec<(usize, Recipient)>,
+    pub notices: Vec<Notice>,
+}
+
+/// Applies `results` (recipient index, result) to a copy of the recipients of
+/// `env` as of `now_ms`. `sample` is uniform in [0, 1) and staggers retries.
+pub fn apply(
+    env: &Envelope,
+    results: &[(usize, Result)],
+    now_ms: u64,
+    rules: &Rules,
+    sample: f64,
+) -> Applied {
+    let mut applied = Applied::default();
+    for (index, result) in results {
+        let Some(current) = env.recipients.get(*index) else {
+            continue;
+        };
+        if current.status != RcptStatus::Queued {
+            continue;
+        }
+        let mut r = current.clone();
+        r.attempts = r.attempts.saturating_add(1);
+        let notice = |kind, status: &str, remote: &Option<String>, reply: &str| Notice {
+            index: *index,
+            kind,
+            status: status.to_owned(),
+            remote: remote.clone(),
+            diagnostic: Some(reply.to_owned()),
+        };
+        match result {
+            Result::Delivered {
+                reply,
+                relayed,
+                remote,
+            } => {
+                r.status = RcptStatus::Delivered;
+                r.last_reply = Some(reply.clone());
+                r.unreachable = false;
+                if *relayed && r.notify.has(Notify::SUCCESS) {
+                    applied.notices.push(notice(
+                        NoticeKind::Relayed,
+                        "2.0.0",
+                        &Some(remote.clone()),
+                        reply,
+                    ));
+                }
+            }
+            Result::Failed {
+                status,
+                reply,
+                remote,
+            } => {
+                r.status = RcptStatus::Failed;
+                r.last_reply = Some(reply.clone());
+                r.unreachable = false;
+                applied
+                    .notices
+                    .push(notice(NoticeKind::Failed, status, remote, reply));
+            }
+            Result::Deferred {
+                status,
+                reply,
+                remote,
+                unreachable,
+            } => {
+                r.last_reply = Some(reply.clone());
+                if expired(env.arrived_ms, now_ms, rules.lifetime) {
+                    r.status = RcptStatus::Failed;
+                    r.unreachable = false;
+                    let why = format!("message expired in the queue; last reply: {reply}");
+                    r.last_reply = Some(why.clone());
+                    applied
+                        .notices
+                        .push(notice(NoticeKind::Failed, "4.4.7", remote, &why));
+                } else {
+                    let delay = rules.backoff.delay(r.attempts, sample);
+                    r.next_attempt_ms = now_ms.saturating_add(delay.as_millis() as u64);
+                    r.unreachable = *unreachable;
+                    let warn = rules.delay_warning.is_some_and(|after| {
+                        now_ms.saturating_sub(env.arrived_ms) >= after.as_millis() as u64
+                    });
+                    if warn && !r.delay_notified {
+                        r.delay_notified = true;
+                        applied
+                            .notices
+                            .push(notice(NoticeKind::Delayed, status, remote, reply));
+                    }
+                }
+            }
+        }
+        applied.recipients.push((*index, r));
+    }
+    applied
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::{BodyType, Client, QueueId, Ret};
+
+    const MIN: u64 = 60_000;
+
+    fn envelope(n: usize) -> Envelope {
+        Envelope {
+            id: QueueId(1),
+            sender: "s@example.org".into(),
+            ret: Ret::Unset,
+            envid: None,
+            body_type: BodyType::Unset,
+            smtputf8: false,
+            has_8bit: false,
+            arrived_ms: 0,
+            size: 10,
+            client: Client {
+                ip: "192.0.2.1".parse().unwrap(),
+                helo: "c".into(),
+                tls: false,
+            },
+            recipients: (0..n)
+                .map(|i| Recipient {
+                    address: format!("r{i}@example.com"),
+                    orcpt: None,
+                    notify: Notify::default(),
+                    status: RcptStatus::Queued,
+                    attempts: 0,
+                    next_attempt_ms: 0,
+                    last_reply: None,
+                    unreachable: false,
+                    delay_notified: false,
+                })
+                .collect(),
+        }
+    }
+
+    fn rules() -> Rules {
+        Rules {
+            backoff: Backoff {
+                initial: Duration::from_secs(300),
+                factor: 2.0,
+                max: Duration::from_secs(3600),
+                jitter: 0.0,
+            },
+            lifetime: Duration::from_secs(5 * 86_400),
+            delay_warning: Some(Duration::from_secs(4 * 3600)),
+        }
+    }
+
+    fn deferred(unreachable: bool) -> Result {
+        Result::Deferred {
+            status: "4.4.1".into(),
+            reply: "connection refused".into(),
+            remote: None,
+            unreachable,
+        }
+    }
+
+    #[test]
+    fn each_kind_of_result() {
+        let env = envelope(3);
+        let results = [
+            (
+                0,
+                Result::Delivered {
+                    reply: "250 ok".into(),
+                    relayed: false,
+                    remote: "mx1".into(),
+                },
+            ),
+            (
+                1,
+                Result::Failed {
+                    status: "5.1.1".into(),
+                    reply: "550 5.1.1 unknown".into(),
+                    remote: Some("mx1".into()),
+                },
+            ),
+            (2, deferred(true)),
+        ];
+        let a = apply(&env, &results, 10 * MIN, &rules(), 0.5);
+        let states: Vec<RcptStatus> = a.recipients.iter().map(|(_, r)| r.status).collect();
+        assert_eq!(
+            states,
+            [
+                RcptStatus::Delivered,
+                RcptStatus::Failed,
+                RcptStatus::Queued
+            ]
+        );
+        let third = &a.recipients[2].1;
+        assert_eq!(third.attempts, 1);
+        assert_eq!(third.next_attempt_ms, 15 * MIN);
+        assert!(third.unreachable);
+        assert_eq!(a.notices.len(), 1);
+        assert_eq!(a.notices[0].kind, NoticeKind::Failed);
+        assert_eq!(a.notices[0].index, 1);
+        assert_eq!(a.notices[0].status, "5.1.1");
+    }
+
+    #[test]
+    fn backoff_grows_with_attempts() {
+        let mut env = envelope(1);
+        env.recipients[0].attempts = 3;
+        let a = apply(&env, &[(0, deferred(false))], 0, &rules(), 0.0);
+        assert_eq!(a.recipients[0].1.next_attempt_ms, 40 * MIN);
+        assert!(!a.recipients[0].1.unreachable);
+    }
+
+    #[test]
+    fn expiry_fails_with_4_4_7() {
+        let env = envelope(1);
+        let a = apply(&env, &[(0, deferred(true))], 5 * 1440 * MIN, &rules(), 0.0);
+        assert_eq!(a.recipients[0].1.status, RcptStatus::Failed);
+        assert_eq!(a.notices[0].status, "4.4.7");
+        assert_eq!(a.notices[0].kind, NoticeKind::Failed);
+    }
+
+    #[test]
+    fn one_delay_warning_only() {
+        let env = envelope(1);
+        let early = apply(&env, &[(0, deferred(false))], 60 * MIN, &rules(), 0.0);
+        assert!(early.notices.is_empty());
+        let late = apply(&env, &[(0, deferred(false))], 241 * MIN, &rules(), 0.0);
+        assert_eq!(late.notices[0].kind, NoticeKind::Delayed);
+        assert!(late.recipients[0].1.delay_notified);
+
+        let mut again = envelope(1);
+        again.recipients[0] = late.recipients[0].1.clone();
+        let later = apply(&again, &[(0, deferred(false))], 300 * MIN, &rules(), 0.0);
+        assert!(later.notices.is_empty());
+
+        let off = Rules {
+            delay_warning: None,
+            ..rules()
+        };
+        assert!(
+            apply(&env, &[(0, deferred(false))], 600 * MIN, &off, 0.0)
+                .notices
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn relayed_notice_only_when_success_was_asked() {
+        let mut env = envelope(2);
+        env.recipients[0].notify = Notify(Notify::SUCCESS | Notify::FAILURE);
+        let relayed = |relayed| Result::Delivered {
+            reply: "250 ok".into(),
+            relayed,
+            remote: "mx1".into(),
+        };
+        let a = apply(
+            &env,
+            &[(0, relayed(true)), (1, relayed(true))],
+            0,
+            &rules(),
+            0.0,
+        );
+        assert_eq!(a.notices.len(), 1);
+        assert_eq!(a.notices[0].kind, NoticeKind::Relayed);
+        assert_eq!(a.notices[0].index, 0);
+        let b = apply(&env, &[(0, relayed(false))], 0, &rules(), 0.0);
+        assert!(b.notices.is_empty());
+    }
+
+    #[test]
+    fn finished_or_unknown_recipients_are_left_alone() {
+        let mut env = envelope(1);
+        env.recipients[0].status = RcptStatus::Delivered;
+        let a = apply(
+            &env,
+            &[(0, deferred(false)), (7, deferred(false))],
+            0,
+            &rules(),
+            0.0,
+        );
+        assert_eq!(a, Applied::default());
+    }
+}

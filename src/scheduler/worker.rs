@@ -1,0 +1,376 @@
+//! A delivery worker: one connection to one destination. It takes jobs from
+//! its destination's queue, delivers them over a reused connection, and
+//! records each outcome (with any notices it calls for) in the spool before
+//! telling the scheduler the job is done. Workers of different destinations
+//! share nothing, so a slow or hanging primary delays only its own mail.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::notice;
+use super::outcome::{self, Result as RcptResult, Rules};
+use crate::config::{BouncePolicy, Route};
+use crate::outbound::{self, Connection, Hop, Outcome, SessionError};
+use crate::route::{RouteError, Router};
+use crate::shutdown::Shutdown;
+use crate::spool::{Change, Envelope, Finished, RcptStatus, Spool};
+
+use super::{Event, Job};
+
+/// The queue of ready jobs for one destination, shared with its workers.
+pub(super) type Queue = Arc<Mutex<VecDeque<Job>>>;
+
+/// Everything workers share.
+pub(super) struct Ctx {
+    pub spool: Spool,
+    pub router: Router,
+    pub rules: Rules,
+    pub bounce: BouncePolicy,
+    pub postmaster: String,
+    pub hostname: String,
+    pub messages_per_connection: usize,
+    pub events: mpsc::UnboundedSender<Event>,
+    /// Wakes the scheduler when a notice was queued.
+    pub queued: Arc<tokio::sync::Notify>,
+    pub shutdown: Shutdown,
+}
+
+/// How to reach one destination: its static route, if any, and the client
+/// settings (the TLS policy may differ per domain).
+pub(super) struct Destination {
+    pub route: Option<Route>,
+    pub settings: outbound::Settings,
+}
+
+pub(super) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+fn pop(queue: &Queue) -> Option<Job> {
+    queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+}
+
+fn drain(queue: &Queue) -> Vec<Job> {
+    queue
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain(..)
+        .collect()
+}
+
+/// Runs one connection's worth of work for `domain`, then reports its exit.
+pub(super) async fn work(ctx: Arc<Ctx>, domain: Arc<str>, dest: Arc<Destination>, queue: Queue) {
+    run(&ctx, &domain, &dest, &queue).await;
+    let _ = ctx.events.send(Event::WorkerExit { domain });
+}
+
+async fn run(ctx: &Ctx, domain: &Arc<str>, dest: &Destination, queue: &Queue) {
+    let Some(first) = pop(queue) else {
+        return;
+    };
+    let hops = match ctx.router.hops(domain, dest.route.as_ref()).await {
+        Ok(hops) => hops,
+        Err(e) => {
+            if e == RouteError::Loop {
+                warn!(%domain, "mail loop: we are the best MX for this domain; deferring its mail");
+                let _ = ctx.events.send(Event::Loop {
+                    domain: domain.clone(),
+                });
+            }
+            // The same answer holds for everything queued for this destination.
+            let result = route_failure(&e, domain);
+            for job in std::iter::once(first).chain(drain(queue)) {
+                finish(ctx, &job, |_| result.clone()).await;
+            }
+            return;
+        }
+    };
+    let mut failure = None;
+    let mut connection = None;
+    for hop in &hops {
+        match outbound::connect(hop, &dest.settings).await {
+            Ok(c) => {
+                connection = Some(c);
+                break;
+            }
+            Err(e) => failure = Some((hop.clone(), e)),
+        }
+    }
+    let Some(mut connection) = connection else {
+        let (hop, error) = failure.expect("a route has at least one hop");
+        let unreachable = error.unreachable();
+        info!(%domain, hop = %hop.name, addr = %hop.addr, %error, "cannot deliver");
+        if unreachable {
+            let _ = ctx.events.send(Event::Unreachable {
+                domain: domain.clone(),
+                reason: error.to_string(),
+            });
+        }
+        let result = session_failure(&error, &hop);
+        for job in std::iter::once(first).chain(drain(queue)) {
+            finish(ctx, &job, |_| result.clone()).await;
+        }
+        return;
+    };
+    let _ = ctx.events.send(Event::Reachable {
+        domain: domain.clone(),
+    });
+    let mut next = Some(first);
+    let mut sent = 0;
+    while let Some(job) = next.take() {
+        if !deliver_one(ctx, &mut connection, &job).await {
+            break;
+        }
+        sent += 1;
+        if sent >= ctx.messages_per_connection || ctx.shutdown.is_set() {
+            break;
+        }
+        next = pop(queue);
+        if next.is_some()
+            && let Err(e) = connection.reset().await
+        {
+            info!(%domain, error = %e, "connection lost between messages");
+            // The job was not attempted: put it back for the next worker.
+            if let Some(job) = next.take() {
+                queue
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_front(job);
+            }
+            break;
+        }
+    }
+    connection.quit().await;
+}
+
+/// Delivers one job on an open connection; false if the connection is done for.
+async fn deliver_one(ctx: &Ctx, connection: &mut Connection, job: &Job) -> bool {
+    let Some((env, body)) = load(ctx, job).await else {
+        done(ctx, job, false);
+        return true;
+    };
+    let remote = connection.remote_name().to_owned();
+    match connection.deliver(&env, &body, &job.rcpts).await {
+        Ok(outcomes) => {
+            let results: Vec<(usize, RcptResult)> = outcomes
+                .into_iter()
+                .map(|(i, o)| (i, from_outcome(o, &remote)))
+                .collect();
+            record(ctx, job, &env, &body, results).await;
+            true
+        }
+        Err(e) => {
+            info!(queue_id = %env.id, domain = %job.domain, %remote, error = %e, "delivery attempt failed");
+            if e.unreachable() {
+                let _ = ctx.events.send(Event::Unreachable {
+                    domain: job.domain.clone(),
+                    reason: e.to_string(),
+                });
+            }
+            let result = RcptResult::Deferred {
+                status: session_status(&e),
+                reply: format!("{remote}: {e}"),
+                remote: Some(remote),
+                unreachable: e.unreachable(),
+            };
+            let results = job.rcpts.iter().map(|&i| (i, result.clone())).collect();
+            record(ctx, job, &env, &body, results).await;
+            connection.is_usable()
+        }
+    }
+}
+
+fn done(ctx: &Ctx, job: &Job, unreachable: bool) {
+    let _ = ctx.events.send(Event::Done {
+        id: job.id,
+        domain: job.domain.clone(),
+        unreachable,
+    });
+}
+
+/// Records the same result for every recipient of a job that could not be tried.
+pub(super) async fn finish(ctx: &Ctx, job: &Job, result: impl Fn(usize) -> RcptResult) {
+    match load(ctx, job).await {
+        Some((env, body)) => {
+            let results = job.rcpts.iter().map(|&i| (i, result(i))).collect();
+            record(ctx, job, &env, &body, results).await;
+        }
+        None => done(ctx, job, false),
+    }
+}
+
+/// The message's envelope and body, unless it left the queue or was put on hold.
+async fn load(ctx: &Ctx, job: &Job) -> Option<(Envelope, Vec<u8>)> {
+    let spool = ctx.spool.clone();
+    let id = job.id;
+    let loaded = tokio::task::spawn_blocking(move || {
+        if spool.is_held(id).unwrap_or(true) {
+            return None;
+        }
+        let env = spool.envelope(id).ok()??;
+        let body = spool.body(id).ok()??;
+        Some((env, body))
+    })
+    .await
+    .ok()
+    .flatten();
+    if loaded.is_none() {
+        tracing::debug!(queue_id = %id, "no longer queued, skipped");
+    }
+    loaded
+}
+
+/// Writes the attempt's results (and the notices they call for) to the spool,
+/// then tells the scheduler the job is done.
+pub(super) async fn record(
+    ctx: &Ctx,
+    job: &Job,
+    env: &Envelope,
+    body: &[u8],
+    results: Vec<(usize, RcptResult)>,
+) {
+    let now = now_ms();
+    let applied = outcome::apply(env, &results, now, &ctx.rules, fastrand::f64());
+    let mut after = env.clone();
+    for (i, r) in &applied.recipients {
+        after.recipients[*i] = r.clone();
+    }
+    let policy = notice::Policy {
+        bounce: ctx.bounce,
+        postmaster: &ctx.postmaster,
+        hostname: &ctx.hostname,
+        lifetime_ms: ctx.rules.lifetime.as_millis() as u64,
+    };
+    let spool = &ctx.spool;
+    let notices = notice::plan(&after, body, &applied.notices, &policy, now, &mut || {
+        spool.next_id(now.saturating_mul(1000))
+    });
+    for (i, r) in &applied.recipients {
+        let outcome = match r.status {
+            RcptStatus::Delivered => "delivered",
+            RcptStatus::Failed => "failed",
+            RcptStatus::Queued => "deferred",
+        };
+        info!(
+            queue_id = %env.id,
+            to = %r.address,
+            domain = %job.domain,
+            attempts = r.attempts,
+            reply = r.last_reply.as_deref().unwrap_or(""),
+            index = i,
+            "{outcome}"
+        );
+    }
+    for n in &notices {
+        info!(queue_id = %n.envelope.id, about = %env.id, to = %n.envelope.recipients[0].address, "notice queued");
+    }
+    let has_notices = !notices.is_empty();
+    let waits_for_primary = applied
+        .recipients
+        .iter()
+        .any(|(_, r)| r.status == RcptStatus::Queued && r.unreachable);
+    let bounce = ctx.bounce;
+    let patches = applied.recipients;
+    let change = Change::Edit(Box::new(move |env: &mut Envelope| {
+        for (i, r) in patches {
+            // Only recipients still waiting: an operator may have acted meanwhile.
+            if let Some(slot) = env.recipients.get_mut(i)
+                && slot.status == RcptStatus::Queued
+            {
+                *slot = r;
+            }
+        }
+        if notice::unreportable(env, bounce) {
+            Finished::Bury
+        } else {
+            Finished::Remove
+        }
+    }));
+    match ctx.spool.change(job.id, change, notices).await {
+        Ok(Some(env)) if env.next_due_ms().is_none() => {
+            tracing::debug!(queue_id = %env.id, "message finished");
+        }
+        Ok(_) => {}
+        Err(e) => {
+            // The attempt stays unrecorded: the message is tried again, so a
+            // recipient may get it twice, but none loses it.
+            warn!(queue_id = %job.id, error = %e, "cannot record delivery outcome");
+        }
+    }
+    if has_notices {
+        ctx.queued.notify_one();
+    }
+    done(ctx, job, waits_for_primary);
+}
+
+fn from_outcome(outcome: Outcome, remote: &str) -> RcptResult {
+    match outcome {
+        Outcome::Delivered { reply, relayed } => RcptResult::Delivered {
+            reply,
+            relayed,
+            remote: remote.to_owned(),
+        },
+        Outcome::Failed { status, reply } => RcptResult::Failed {
+            status,
+            reply,
+            remote: Some(remote.to_owned()),
+        },
+        Outcome::Deferred { status, reply } => RcptResult::Deferred {
+            status,
+            reply,
+            remote: Some(remote.to_owned()),
+            unreachable: false,
+        },
+    }
+}
+
+/// RFC 3463 status for a session that failed: the reply's own if it carried one.
+fn session_status(e: &SessionError) -> String {
+    match e.reply() {
+        Some(reply) => match outbound::classify(reply.code, reply.enhanced.as_deref()) {
+            outbound::Class::Transient { status }
+            | outbound::Class::Permanent { status }
+            | outbound::Class::Closing { status } => {
+                // The session as a whole failing is always temporary for the mail.
+                format!("4{}", &status[1..])
+            }
+            _ => "4.4.2".into(),
+        },
+        None if e.unreachable() => "4.4.1".into(),
+        None => "4.4.2".into(),
+    }
+}
+
+fn session_failure(e: &SessionError, hop: &Hop) -> RcptResult {
+    RcptResult::Deferred {
+        status: session_status(e),
+        reply: format!("{}[{}]: {e}", hop.name, hop.addr),
+        remote: Some(hop.name.clone()),
+        unreachable: e.unreachable(),
+    }
+}
+
+fn route_failure(e: &RouteError, domain: &str) -> RcptResult {
+    let reply = format!("{domain}: {e}");
+    if e.is_permanent() {
+        RcptResult::Failed {
+            status: e.status().to_owned(),
+            reply,
+            remote: None,
+        }
+    } else {
+        RcptResult::Deferred {
+            status: e.status().to_owned(),
+            reply,
+            remote: None,
+            unreachable: false,
+        }
+    }
+}
