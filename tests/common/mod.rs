@@ -83,6 +83,12 @@ impl TestConfig {
         self.set("server", key, value)
     }
 
+    /// Replaces the default domains with `toml` (`[[domain]]` tables).
+    pub fn domains(mut self, toml: &str) -> Self {
+        self.domains = toml.to_string();
+        self
+    }
+
     /// Appends TOML after the default domains (more `[[domain]]` tables).
     pub fn append(mut self, toml: &str) -> Self {
         self.domains.push_str(toml);
@@ -127,6 +133,16 @@ impl TestServer {
 
     /// Starts with files already placed in `dir` (recipient lists and the like).
     pub async fn start_in(dir: TempDir, config: TestConfig) -> TestServer {
+        TestServer::start_with(dir, config, None).await
+    }
+
+    /// Starts with the outbound client's settings given (short timeouts, a
+    /// test CA); `None` means the defaults.
+    pub async fn start_with(
+        dir: TempDir,
+        config: TestConfig,
+        outbound: Option<mxspool::outbound::Settings>,
+    ) -> TestServer {
         let config_path = dir.path().join("mxspool.toml");
         let text = config.render(dir.path());
         std::fs::write(&config_path, &text).expect("write config");
@@ -134,9 +150,11 @@ impl TestServer {
             .unwrap_or_else(|e| panic!("test config does not parse: {e}\n{text}"));
         let spool_path = config.spool.path.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let server = Server::start(config, vec![listener])
-            .await
-            .expect("server starts");
+        let server = match outbound {
+            Some(settings) => Server::start_with(config, vec![listener], settings).await,
+            None => Server::start(config, vec![listener]).await,
+        }
+        .expect("server starts");
         let addr = server.smtp_addrs()[0];
         TestServer {
             server,
