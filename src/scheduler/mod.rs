@@ -197,6 +197,12 @@ impl Scheduler {
             events: events_tx,
             queued: queued.clone(),
             shutdown: shutdown.clone(),
+            verified: config
+                .domains
+                .iter()
+                .filter(|d| d.verify_recipients)
+                .map(|d| (d.name.clone(), d.include_subdomains))
+                .collect(),
         });
         let scheduler = Scheduler {
             ctx,

@@ -37,6 +37,17 @@ pub(super) struct Ctx {
     /// Wakes the scheduler when a notice was queued.
     pub queued: Arc<tokio::sync::Notify>,
     pub shutdown: Shutdown,
+    /// Domains with `verify_recipients`: (name, include_subdomains).
+    pub verified: Vec<(String, bool)>,
+}
+
+impl Ctx {
+    /// Whether the primary's answers about `domain`'s recipients are kept.
+    fn learns(&self, domain: &str) -> bool {
+        self.verified.iter().any(|(name, subdomains)| {
+            domain == name || (*subdomains && domain.ends_with(&format!(".{name}")))
+        })
+    }
 }
 
 /// How to reach one destination: its static route, if any, and the client
@@ -270,6 +281,23 @@ pub(super) async fn record(
     }
     for n in &notices {
         info!(queue_id = %n.envelope.id, about = %env.id, to = %n.envelope.recipients[0].address, "notice queued");
+    }
+    if ctx.learns(&job.domain) {
+        // 250 means the mailbox exists; 5.1.1 means it does not (DESIGN.md).
+        let verdicts = results
+            .iter()
+            .filter_map(|(i, result)| {
+                let address = env.recipients.get(*i)?.address.clone();
+                match result {
+                    RcptResult::Delivered { .. } => Some((address, true)),
+                    RcptResult::Failed { status, .. } if status == "5.1.1" => {
+                        Some((address, false))
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        ctx.spool.learn(verdicts, now);
     }
     let has_notices = !notices.is_empty();
     let waits_for_primary = applied

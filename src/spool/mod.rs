@@ -39,6 +39,8 @@ const DUE: TableDefinition<(u64, u64), ()> = TableDefinition::new("due");
 const HELD: TableDefinition<u64, ()> = TableDefinition::new("held");
 const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead");
 const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
+/// What the primary said about recipients: lower-cased address -> (exists, unix ms).
+const LEARNED: TableDefinition<&str, (bool, u64)> = TableDefinition::new("learned");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Layout version of the tables above, stored in `meta` and checked at open.
@@ -253,6 +255,27 @@ impl Spool {
             done,
         })?;
         result.await.unwrap_or(Err(CommitError::Closed))
+    }
+
+    /// Remembers the primary's verdict on recipients (`true`: it accepted them;
+    /// `false`: it said they do not exist), as of `at_ms`. Written with the
+    /// next batch; not awaited, since losing a verdict only costs a lookup.
+    pub fn learn(&self, verdicts: Vec<(String, bool)>, at_ms: u64) {
+        if verdicts.is_empty() {
+            return;
+        }
+        let _ = self.send(Job::Learn { verdicts, at_ms });
+    }
+
+    /// The last verdict on `address` and when it was learned.
+    pub fn learned(&self, address: &str) -> Result<Option<(bool, u64)>, ReadError> {
+        let txn = self.inner.db.begin_read().map_err(read_err)?;
+        let table = txn.open_table(LEARNED).map_err(read_err)?;
+        let key = address.to_lowercase();
+        Ok(table
+            .get(key.as_str())
+            .map_err(read_err)?
+            .map(|v| v.value()))
     }
 
     /// Several changes at once: all are queued before any is awaited, so they
@@ -499,6 +522,7 @@ fn prepare(db: &Database) -> Result<Scan, PrepareError> {
         let held = txn.open_table(HELD)?;
         let dead = txn.open_table(DEAD)?;
         let mut quarantine = txn.open_table(QUARANTINE)?;
+        txn.open_table(LEARNED)?;
 
         let mut bad = Vec::new();
         for row in messages.iter()? {
@@ -927,5 +951,26 @@ mod tests {
             spool.envelopes_of(&[QueueId(1), QueueId(2)]).unwrap().len(),
             1
         );
+    }
+
+    #[tokio::test]
+    async fn learned_verdicts_are_kept_and_updated() {
+        let (_dir, spool) = two_messages().await;
+        spool.learn(
+            vec![
+                ("Alice@Example.com".into(), true),
+                ("bob@example.com".into(), false),
+            ],
+            10,
+        );
+        spool.learn(vec![("bob@example.com".into(), true)], 20);
+        // Learning is not awaited: a commit after it proves it was written.
+        spool.commit(message(3, b"x")).await.unwrap();
+        assert_eq!(
+            spool.learned("alice@example.com").unwrap(),
+            Some((true, 10))
+        );
+        assert_eq!(spool.learned("BOB@example.com").unwrap(), Some((true, 20)));
+        assert_eq!(spool.learned("carol@example.com").unwrap(), None);
     }
 }

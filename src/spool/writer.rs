@@ -11,8 +11,8 @@ use redb::{Database, ReadableTable, Table};
 use tokio::sync::oneshot;
 
 use super::{
-    BODIES, CommitError, DEAD, DUE, Envelope, HELD, MESSAGES, NewMessage, QUARANTINE, QueueId,
-    RcptStatus,
+    BODIES, CommitError, DEAD, DUE, Envelope, HELD, LEARNED, MESSAGES, NewMessage, QUARANTINE,
+    QueueId, RcptStatus,
 };
 
 /// Most jobs one transaction takes; bounds the memory a batch holds.
@@ -61,6 +61,11 @@ pub(super) enum Job {
         /// so an outcome and its notice are recorded together or not at all.
         insert: Vec<NewMessage>,
         done: Done<Option<Envelope>>,
+    },
+    /// Recipient verdicts from the primary (lower-cased on write).
+    Learn {
+        verdicts: Vec<(String, bool)>,
+        at_ms: u64,
     },
 }
 
@@ -126,6 +131,7 @@ struct Tables<'t> {
     held: Table<'t, u64, ()>,
     dead: Table<'t, u64, &'static [u8]>,
     quarantine: Table<'t, u64, &'static [u8]>,
+    learned: Table<'t, &'static str, (bool, u64)>,
 }
 
 impl Writer {
@@ -189,6 +195,7 @@ impl Writer {
                 held: txn.open_table(HELD).map_err(|e| io(e.into()))?,
                 dead: txn.open_table(DEAD).map_err(|e| io(e.into()))?,
                 quarantine: txn.open_table(QUARANTINE).map_err(|e| io(e.into()))?,
+                learned: txn.open_table(LEARNED).map_err(|e| io(e.into()))?,
             };
             let mut room = self
                 .max_size
@@ -232,6 +239,17 @@ impl Writer {
                             failure = Some(e.clone());
                         }
                         outcomes.push(Outcome::Change(done, r));
+                    }
+                    Job::Learn { verdicts, at_ms } => {
+                        if failure.is_none() {
+                            for (address, exists) in verdicts {
+                                let key = address.to_lowercase();
+                                if let Err(e) = t.learned.insert(key.as_str(), (exists, at_ms)) {
+                                    failure = Some(io(e.into()));
+                                    break;
+                                }
+                            }
+                        }
                     }
                 }
             }
