@@ -15,6 +15,7 @@
 //! - [`scheduler`]: (3) when: the due index, per-destination queues and
 //!   workers, primary health and probes, backoff, notices.
 //! - [`route`]: (4) where: MX planning and the resolver.
+//! - [`http`], [`metrics`]: (7) `/metrics`, health, and the admin API.
 //! - [`shutdown`]: the signal every task watches.
 //!
 //! [`Server`] wires these together: the binary binds sockets, loads the config,
@@ -23,7 +24,9 @@
 
 pub mod config;
 pub mod dsn;
+pub mod http;
 pub mod inbound;
+pub mod metrics;
 pub mod outbound;
 pub mod route;
 pub mod scheduler;
@@ -32,6 +35,7 @@ pub mod spool;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -42,6 +46,7 @@ use tracing::{info, warn};
 use config::{Config, ConfigError};
 use inbound::policy::Policy;
 use inbound::{Inbound, Limits};
+use metrics::Metrics;
 use scheduler::Scheduler;
 use spool::{OpenError, Spool};
 
@@ -53,6 +58,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("cannot set up delivery: {0}")]
     Route(#[from] route::RouteError),
+    #[error("cannot listen for HTTP on {0} (http.listen): {1}")]
+    Http(SocketAddr, std::io::Error),
     #[error("cannot read the address of a listening socket: {0}")]
     Socket(std::io::Error),
 }
@@ -68,6 +75,10 @@ pub struct Server {
     listeners: Vec<JoinHandle<()>>,
     scheduler: JoinHandle<()>,
     delivery: scheduler::Handle,
+    http: JoinHandle<()>,
+    http_addr: SocketAddr,
+    ready: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
 }
 
 impl Server {
@@ -86,9 +97,36 @@ impl Server {
         outbound: outbound::Settings,
     ) -> Result<Server, StartError> {
         let policy = Policy::from_config(&config)?;
+        let token = match &config.http.admin_token_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
+                    file: config.source.clone(),
+                    key: "http.admin_token_file".into(),
+                    reason: format!("cannot read {}: {e}", path.display()),
+                })?;
+                Some(http::Token::new(&text).ok_or_else(|| ConfigError::Invalid {
+                    file: config.source.clone(),
+                    key: "http.admin_token_file".into(),
+                    reason: format!("{} is empty", path.display()),
+                })?)
+            }
+        };
+        let http_listener = TcpListener::bind(config.http.listen)
+            .await
+            .map_err(|e| StartError::Http(config.http.listen, e))?;
+        let http_addr = http_listener.local_addr().map_err(StartError::Socket)?;
+        let metrics = Metrics::new(&config);
+        let options = spool::Options {
+            max_size: config.spool.max_size,
+            labeler: metrics.labeler(),
+            on_commit: Some({
+                let metrics = metrics.clone();
+                Arc::new(move |elapsed| metrics.observe_commit(elapsed))
+            }),
+        };
         let path = config.spool.path.clone();
-        let max_size = config.spool.max_size;
-        let spool = tokio::task::spawn_blocking(move || Spool::open(&path, max_size))
+        let spool = tokio::task::spawn_blocking(move || Spool::open_with(&path, options))
             .await
             .map_err(|e| OpenError::Io {
                 path: config.spool.path.clone(),
@@ -96,8 +134,13 @@ impl Server {
             })??;
 
         let (trigger, shutdown) = shutdown::channel();
-        let (scheduler, delivery) =
-            Scheduler::new(&config, spool.clone(), outbound, shutdown.clone())?;
+        let (scheduler, delivery) = Scheduler::new(
+            &config,
+            spool.clone(),
+            outbound,
+            metrics.clone(),
+            shutdown.clone(),
+        )?;
         let scheduler = tokio::spawn(scheduler.run());
         let inbound = Arc::new(Inbound::new(
             spool,
@@ -107,6 +150,7 @@ impl Server {
                 max_connections_per_ip: config.server.max_connections_per_ip,
             },
             delivery.clone(),
+            metrics.clone(),
         ));
         let (running_tx, running) = mpsc::channel(1);
         let mut smtp_addrs = Vec::new();
@@ -120,6 +164,19 @@ impl Server {
                 running_tx.clone(),
             )));
         }
+        let ready = Arc::new(AtomicBool::new(true));
+        let http = tokio::spawn(http::serve(
+            http_listener,
+            Arc::new(http::AppState {
+                spool: inbound.spool.clone(),
+                metrics: metrics.clone(),
+                delivery: delivery.clone(),
+                token,
+                ready: ready.clone(),
+            }),
+            shutdown.clone(),
+        ));
+        info!(%http_addr, "HTTP on /metrics /healthz /readyz /api");
         Ok(Server {
             config,
             inbound,
@@ -129,7 +186,20 @@ impl Server {
             listeners,
             scheduler,
             delivery,
+            http,
+            http_addr,
+            ready,
+            metrics,
         })
+    }
+
+    /// Where `/metrics`, `/healthz`, `/readyz` and `/api` are served.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn smtp_addrs(&self) -> &[SocketAddr] {
@@ -166,6 +236,7 @@ impl Server {
     /// progress completes and is acknowledged), waits up to `grace` for them,
     /// then closes the spool.
     pub async fn shutdown(mut self, grace: Duration) {
+        self.ready.store(false, Ordering::Relaxed);
         self.trigger.fire();
         for listener in self.listeners.drain(..) {
             let _ = listener.await;
@@ -177,6 +248,7 @@ impl Server {
             warn!("sessions still open after the grace period; closing anyway");
         }
         let _ = self.scheduler.await;
+        let _ = self.http.await;
         let spool = self.inbound.spool.clone();
         let _ = tokio::task::spawn_blocking(move || spool.close()).await;
         info!("stopped");

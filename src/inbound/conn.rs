@@ -174,6 +174,9 @@ where
         Stop::Eof | Stop::Io(_) => None,
     };
     if let Some(reply) = farewell {
+        if matches!(stop, Stop::Timeout) {
+            inbound.metrics.reject("timeout");
+        }
         reply.write_to(&mut io.output);
         let _ = tokio::time::timeout(Duration::from_secs(5), io.flush()).await;
     }
@@ -219,6 +222,7 @@ where
             Step::Reply(reply) => {
                 if reply.is_error() {
                     info!(reply = %reply, "rejected");
+                    inbound.metrics.reject(reply.reason());
                 }
                 reply.write_to(&mut io.output);
             }
@@ -228,6 +232,9 @@ where
                 reply.write_to(&mut io.output);
             }
             Step::Close(reply) => {
+                if reply.is_error() {
+                    inbound.metrics.reject(reply.reason());
+                }
                 reply.write_to(&mut io.output);
                 return io.flush().await.err().unwrap_or(Stop::Eof);
             }
@@ -243,6 +250,7 @@ where
                 let reply = match session.finish_data(&data, &policy) {
                     Err(reply) => {
                         info!(reply = %reply, size = data.size, "message refused");
+                        inbound.metrics.reject(reply.reason());
                         reply
                     }
                     Ok(transaction) => {
@@ -308,15 +316,18 @@ async fn commit(inbound: &Inbound, envelope: Envelope, body: Vec<u8>) -> Reply {
     match inbound.spool.commit(NewMessage { envelope, body }).await {
         Ok(()) => {
             info!(queue_id = %id, from = %sender, recipients, size, "queued");
+            inbound.metrics.accepted.inc();
             inbound.notify_queued();
             Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))
         }
         Err(CommitError::Full) => {
             warn!(queue_id = %id, size, "spool full, message refused");
+            inbound.metrics.reject("spool_full");
             Reply::new(452, "4.3.1", "Error: insufficient system storage")
         }
         Err(e) => {
             warn!(queue_id = %id, error = %e, "message not stored");
+            inbound.metrics.reject("spool_error");
             Reply::new(451, "4.3.0", "Error: queue file write error")
         }
     }

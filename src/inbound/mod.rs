@@ -24,6 +24,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 
+use crate::metrics::Metrics;
 use crate::scheduler;
 use tracing::{Instrument, info, warn};
 
@@ -44,6 +45,7 @@ pub struct Inbound {
     max_per_ip: usize,
     /// The delivery side: told about new mail, ETRN, and who connects.
     delivery: scheduler::Handle,
+    pub metrics: Arc<Metrics>,
     /// Wakes the delivery side when new mail is committed.
     queued: Arc<Notify>,
 }
@@ -60,6 +62,7 @@ impl Inbound {
         policy: Policy,
         limits: Limits,
         delivery: scheduler::Handle,
+        metrics: Arc<Metrics>,
     ) -> Inbound {
         let queued = delivery.queued();
         Inbound {
@@ -69,6 +72,7 @@ impl Inbound {
             per_ip: Mutex::new(HashMap::new()),
             max_per_ip: limits.max_connections_per_ip,
             delivery,
+            metrics,
             queued,
         }
     }
@@ -175,6 +179,7 @@ async fn admit(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>, shutd
     let hostname = inbound.policy().hostname.clone();
     if !inbound.policy().admits(ip) {
         info!("connection refused by allow/deny");
+        inbound.metrics.reject("access");
         refuse(
             stream,
             Reply::new(554, "5.7.1", format!("{hostname} Access denied")),
@@ -185,6 +190,7 @@ async fn admit(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>, shutd
     let Ok(_slot): Result<OwnedSemaphorePermit, _> = inbound.slots.clone().try_acquire_owned()
     else {
         warn!("too many connections");
+        inbound.metrics.reject("limits");
         refuse(
             stream,
             Reply::new(
@@ -198,6 +204,7 @@ async fn admit(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>, shutd
     };
     let Some(_ip_slot) = inbound.enter(ip) else {
         warn!("too many connections from this address");
+        inbound.metrics.reject("limits");
         refuse(
             stream,
             Reply::new(
@@ -209,7 +216,10 @@ async fn admit(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>, shutd
         .await;
         return;
     };
+    inbound.metrics.sessions.inc();
+    let metrics = inbound.metrics.clone();
     conn::serve(stream, peer, inbound, shutdown).await;
+    metrics.sessions.dec();
 }
 
 /// Says why we will not talk, without waiting long for a slow client to listen.

@@ -54,6 +54,26 @@ impl Reply {
     }
 }
 
+impl Reply {
+    /// Why this refusal happened, as counted in `mxspool_smtp_rejected_total`.
+    pub fn reason(&self) -> &'static str {
+        match (self.code, self.status) {
+            (_, "5.7.1") => "relay",
+            (_, "5.1.1") => "unknown_user",
+            (_, "5.3.4") | (_, "5.2.3") => "size",
+            (_, "4.5.3") => "too_many_recipients",
+            (_, "5.4.6") => "loop",
+            (_, "4.3.1") => "spool_full",
+            (_, "4.3.0") => "spool_error",
+            (421, "4.7.0") => "too_many_errors",
+            (_, "4.4.2") => "timeout",
+            (_, "5.6.7") => "smtputf8",
+            (500..=599, s) if s.starts_with("5.5.") || s == "5.1.3" || s == "5.1.7" => "syntax",
+            _ => "other",
+        }
+    }
+}
+
 impl fmt::Display for Reply {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut out = Vec::new();
@@ -65,6 +85,33 @@ impl fmt::Display for Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_have_a_counted_reason() {
+        for (code, status, reason) in [
+            (550, "5.7.1", "relay"),
+            (550, "5.1.1", "unknown_user"),
+            (552, "5.3.4", "size"),
+            (452, "4.5.3", "too_many_recipients"),
+            (554, "5.4.6", "loop"),
+            (452, "4.3.1", "spool_full"),
+            (451, "4.3.0", "spool_error"),
+            (421, "4.7.0", "too_many_errors"),
+            (421, "4.4.2", "timeout"),
+            (553, "5.6.7", "smtputf8"),
+            (500, "5.5.2", "syntax"),
+            (501, "5.1.3", "syntax"),
+            (503, "5.5.1", "syntax"),
+            (459, "4.7.1", "other"),
+        ] {
+            assert_eq!(
+                Reply::new(code, status, "x").reason(),
+                reason,
+                "{code} {status}"
+            );
+            assert!(crate::metrics::REJECT_REASONS.contains(&reason));
+        }
+    }
 
     #[test]
     fn renders_single_and_multi_line() {

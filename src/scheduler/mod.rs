@@ -32,13 +32,15 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::{Config, DomainConfig};
+use crate::metrics::Metrics;
 use crate::outbound;
 use crate::route::{Identity, Router};
 use crate::shutdown::Shutdown;
 use crate::spool::{Change, Envelope, Finished, QueueId, RcptStatus, Spool};
 use backoff::Backoff;
 use outcome::{Result as RcptResult, Rules};
-use worker::{Ctx, Destination, Queue, now_ms};
+pub use worker::now_ms;
+use worker::{Ctx, Destination, Queue};
 
 /// Most jobs held in memory at once; the rest wait on disk.
 const MAX_LOADED: usize = 10_000;
@@ -102,6 +104,7 @@ pub struct Handle {
     flush: mpsc::UnboundedSender<Option<String>>,
     hints: mpsc::UnboundedSender<IpAddr>,
     queued: Arc<Notify>,
+    ctx: Arc<Ctx>,
 }
 
 impl Handle {
@@ -119,6 +122,44 @@ impl Handle {
     /// New mail was committed.
     pub fn queued(&self) -> Arc<Notify> {
         self.queued.clone()
+    }
+
+    /// Fails every queued recipient of `id` now (the operator's "return to
+    /// sender") with the notices NOTIFY= asks for. Returns how many
+    /// recipients, or `None` if there is no such message.
+    pub async fn bounce(&self, id: QueueId) -> Result<Option<usize>, crate::spool::CommitError> {
+        let spool = self.ctx.spool.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let env = spool.envelope(id).ok().flatten()?;
+            let body = spool.body(id).ok().flatten()?;
+            Some((env, body))
+        })
+        .await
+        .ok()
+        .flatten();
+        let Some((env, body)) = loaded else {
+            return Ok(None);
+        };
+        let rcpts: Vec<usize> = env
+            .recipients
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.status == RcptStatus::Queued)
+            .map(|(i, _)| i)
+            .collect();
+        let result = RcptResult::Failed {
+            status: "5.0.0".into(),
+            reply: "returned to the sender by the operator".into(),
+            remote: None,
+        };
+        let results = rcpts.iter().map(|&i| (i, result.clone())).collect();
+        let job = Job {
+            id,
+            domain: Arc::from(crate::metrics::OTHER),
+            rcpts: rcpts.clone(),
+        };
+        worker::record(&self.ctx, &job, &env, &body, results, false).await;
+        Ok(Some(rcpts.len()))
     }
 }
 
@@ -162,6 +203,7 @@ impl Scheduler {
         config: &Config,
         spool: Spool,
         settings: outbound::Settings,
+        metrics: Arc<Metrics>,
         shutdown: Shutdown,
     ) -> Result<(Scheduler, Handle), crate::route::RouteError> {
         let mut names = vec![config.server.hostname.clone()];
@@ -203,6 +245,7 @@ impl Scheduler {
                 .filter(|d| d.verify_recipients)
                 .map(|d| (d.name.clone(), d.include_subdomains))
                 .collect(),
+            metrics,
         });
         let scheduler = Scheduler {
             ctx,
@@ -226,6 +269,7 @@ impl Scheduler {
             flush: flush_tx,
             hints: hints_tx,
             queued,
+            ctx: scheduler.ctx.clone(),
         };
         Ok((scheduler, handle))
     }
@@ -309,6 +353,7 @@ impl Scheduler {
                     state
                         .down
                         .get_or_insert_with(|| "unreachable at the last attempt".into());
+                    self.ctx.set_primary_up(&domain_of(&r.address), false);
                 }
             }
         }
@@ -431,7 +476,7 @@ impl Scheduler {
                     remote: None,
                     unreachable: true,
                 };
-                worker::finish(&ctx, &job, |_| result.clone()).await;
+                worker::finish(&ctx, &job, false, |_| result.clone()).await;
             }
         });
     }
@@ -486,6 +531,7 @@ impl Scheduler {
         };
         if state.down.is_none() {
             warn!(%domain, %reason, "primary unreachable; probing every {:?}", self.probe_interval);
+            self.ctx.set_primary_up(domain, false);
             state.down = Some(reason);
             // Learn its addresses so an inbound connection from it is recognised.
             let ctx = self.ctx.clone();
@@ -504,6 +550,9 @@ impl Scheduler {
         let Some(state) = self.domains.get_mut(domain) else {
             return;
         };
+        if state.down.is_some() {
+            self.ctx.set_primary_up(domain, true);
+        }
         state.down = None;
         state.looping = false;
         state.primary_ips.clear();

@@ -47,7 +47,7 @@ pub fn plan(
     policy: &Policy<'_>,
     now_ms: u64,
     next_id: &mut dyn FnMut() -> QueueId,
-) -> Vec<NewMessage> {
+) -> Vec<(NoticeKind, NewMessage)> {
     let mut planned = Vec::new();
     for (kind, action) in [
         (NoticeKind::Failed, Action::Failed),
@@ -100,13 +100,9 @@ pub fn plan(
             message_id: &message_id,
             max_full_bytes: MAX_RETURNED_BYTES,
         });
-        planned.push(notice_message(
-            id,
-            to,
-            body,
-            env.smtputf8,
-            now_ms,
-            policy.hostname,
+        planned.push((
+            kind,
+            notice_message(id, to, body, env.smtputf8, now_ms, policy.hostname),
         ));
     }
     planned
@@ -209,7 +205,7 @@ mod tests {
 
     fn run(env: &Envelope, notices: &[Notice], bounce: BouncePolicy) -> Vec<NewMessage> {
         let mut n = 100;
-        plan(
+        let planned: Vec<(NoticeKind, NewMessage)> = plan(
             env,
             b"Subject: x\r\n\r\nbody\r\n",
             notices,
@@ -224,7 +220,8 @@ mod tests {
                 n += 1;
                 QueueId(n)
             },
-        )
+        );
+        planned.into_iter().map(|(_, m)| m).collect()
     }
 
     #[test]

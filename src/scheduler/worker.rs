@@ -12,12 +12,13 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::notice;
-use super::outcome::{self, Result as RcptResult, Rules};
+use super::outcome::{self, NoticeKind, Result as RcptResult, Rules};
 use crate::config::{BouncePolicy, Route};
+use crate::metrics::Metrics;
 use crate::outbound::{self, Connection, Hop, Outcome, SessionError};
 use crate::route::{RouteError, Router};
 use crate::shutdown::Shutdown;
-use crate::spool::{Change, Envelope, Finished, RcptStatus, Spool};
+use crate::spool::{Change, Envelope, Finished, RcptStatus, Recipient, Spool};
 
 use super::{Event, Job};
 
@@ -39,9 +40,21 @@ pub(super) struct Ctx {
     pub shutdown: Shutdown,
     /// Domains with `verify_recipients`: (name, include_subdomains).
     pub verified: Vec<(String, bool)>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Ctx {
+    /// `mxspool_primary_up` for the configured domain `domain` belongs to.
+    pub fn set_primary_up(&self, domain: &str, up: bool) {
+        let label = self.metrics.label(domain);
+        if label != crate::metrics::OTHER {
+            self.metrics
+                .primary_up
+                .with_label_values(&[label])
+                .set(i64::from(up));
+        }
+    }
+
     /// Whether the primary's answers about `domain`'s recipients are kept.
     fn learns(&self, domain: &str) -> bool {
         self.verified.iter().any(|(name, subdomains)| {
@@ -57,7 +70,8 @@ pub(super) struct Destination {
     pub settings: outbound::Settings,
 }
 
-pub(super) fn now_ms() -> u64 {
+/// The wall clock in Unix milliseconds (what the spool stores).
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -91,6 +105,10 @@ async fn run(ctx: &Ctx, domain: &Arc<str>, dest: &Destination, queue: &Queue) {
         Err(e) => {
             if e == RouteError::Loop {
                 warn!(%domain, "mail loop: we are the best MX for this domain; deferring its mail");
+                ctx.metrics
+                    .loops
+                    .with_label_values(&[ctx.metrics.label(domain)])
+                    .inc();
                 let _ = ctx.events.send(Event::Loop {
                     domain: domain.clone(),
                 });
@@ -98,7 +116,7 @@ async fn run(ctx: &Ctx, domain: &Arc<str>, dest: &Destination, queue: &Queue) {
             // The same answer holds for everything queued for this destination.
             let result = route_failure(&e, domain);
             for job in std::iter::once(first).chain(drain(queue)) {
-                finish(ctx, &job, |_| result.clone()).await;
+                finish(ctx, &job, true, |_| result.clone()).await;
             }
             return;
         }
@@ -126,7 +144,7 @@ async fn run(ctx: &Ctx, domain: &Arc<str>, dest: &Destination, queue: &Queue) {
         }
         let result = session_failure(&error, &hop);
         for job in std::iter::once(first).chain(drain(queue)) {
-            finish(ctx, &job, |_| result.clone()).await;
+            finish(ctx, &job, true, |_| result.clone()).await;
         }
         return;
     };
@@ -168,13 +186,18 @@ async fn deliver_one(ctx: &Ctx, connection: &mut Connection, job: &Job) -> bool 
         return true;
     };
     let remote = connection.remote_name().to_owned();
-    match connection.deliver(&env, &body, &job.rcpts).await {
+    let started = std::time::Instant::now();
+    let delivered = connection.deliver(&env, &body, &job.rcpts).await;
+    ctx.metrics
+        .delivery_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match delivered {
         Ok(outcomes) => {
             let results: Vec<(usize, RcptResult)> = outcomes
                 .into_iter()
                 .map(|(i, o)| (i, from_outcome(o, &remote)))
                 .collect();
-            record(ctx, job, &env, &body, results).await;
+            record(ctx, job, &env, &body, results, true).await;
             true
         }
         Err(e) => {
@@ -192,7 +215,7 @@ async fn deliver_one(ctx: &Ctx, connection: &mut Connection, job: &Job) -> bool 
                 unreachable: e.unreachable(),
             };
             let results = job.rcpts.iter().map(|&i| (i, result.clone())).collect();
-            record(ctx, job, &env, &body, results).await;
+            record(ctx, job, &env, &body, results, true).await;
             connection.is_usable()
         }
     }
@@ -206,12 +229,18 @@ fn done(ctx: &Ctx, job: &Job, unreachable: bool) {
     });
 }
 
-/// Records the same result for every recipient of a job that could not be tried.
-pub(super) async fn finish(ctx: &Ctx, job: &Job, result: impl Fn(usize) -> RcptResult) {
+/// Records the same result for every recipient of a job. `tried`: a
+/// connection was attempted (false when the destination was known to be down).
+pub(super) async fn finish(
+    ctx: &Ctx,
+    job: &Job,
+    tried: bool,
+    result: impl Fn(usize) -> RcptResult,
+) {
     match load(ctx, job).await {
         Some((env, body)) => {
             let results = job.rcpts.iter().map(|&i| (i, result(i))).collect();
-            record(ctx, job, &env, &body, results).await;
+            record(ctx, job, &env, &body, results, tried).await;
         }
         None => done(ctx, job, false),
     }
@@ -246,6 +275,7 @@ pub(super) async fn record(
     env: &Envelope,
     body: &[u8],
     results: Vec<(usize, RcptResult)>,
+    tried: bool,
 ) {
     let now = now_ms();
     let applied = outcome::apply(env, &results, now, &ctx.rules, fastrand::f64());
@@ -279,9 +309,20 @@ pub(super) async fn record(
             "{outcome}"
         );
     }
-    for n in &notices {
-        info!(queue_id = %n.envelope.id, about = %env.id, to = %n.envelope.recipients[0].address, "notice queued");
-    }
+    count(ctx, &job.domain, &applied.recipients, tried);
+    let notices: Vec<_> = notices
+        .into_iter()
+        .map(|(kind, n)| {
+            let kind = match kind {
+                NoticeKind::Failed => "failed",
+                NoticeKind::Delayed => "delayed",
+                NoticeKind::Relayed => "relayed",
+            };
+            info!(queue_id = %n.envelope.id, about = %env.id, to = %n.envelope.recipients[0].address, kind, "notice queued");
+            ctx.metrics.dsn_sent.with_label_values(&[kind]).inc();
+            n
+        })
+        .collect();
     if ctx.learns(&job.domain) {
         // 250 means the mailbox exists; 5.1.1 means it does not (DESIGN.md).
         let verdicts = results
@@ -336,6 +377,58 @@ pub(super) async fn record(
         ctx.queued.notify_one();
     }
     done(ctx, job, waits_for_primary);
+}
+
+/// Bumps the delivery counters for one recorded attempt.
+fn count(ctx: &Ctx, domain: &str, recipients: &[(usize, Recipient)], tried: bool) {
+    let m = &ctx.metrics;
+    let label = m.label(domain);
+    let result = if !tried {
+        "suspended"
+    } else if recipients
+        .iter()
+        .any(|(_, r)| r.status == RcptStatus::Queued)
+    {
+        "deferred"
+    } else if recipients
+        .iter()
+        .any(|(_, r)| r.status == RcptStatus::Failed)
+    {
+        "failed"
+    } else {
+        "delivered"
+    };
+    m.attempts.with_label_values(&[label, result]).inc();
+    for (_, r) in recipients {
+        match r.status {
+            RcptStatus::Delivered => m.delivered.with_label_values(&[label]).inc(),
+            RcptStatus::Failed => {
+                let status = r.last_reply.as_deref().unwrap_or("");
+                let reason = failure_reason(r, status);
+                m.failed.with_label_values(&[label, reason]).inc();
+            }
+            RcptStatus::Queued => {}
+        }
+    }
+}
+
+/// Why a recipient failed, as counted: expired in the queue, a routing
+/// failure (no such domain, null MX), our own rules (size, 8-bit, SMTPUTF8),
+/// or the next hop's refusal.
+fn failure_reason(r: &Recipient, reply: &str) -> &'static str {
+    if reply.starts_with("message expired") {
+        "expired"
+    } else if reply.contains("(NXDOMAIN)") || reply.contains("(null MX)") {
+        "routing"
+    } else if r
+        .last_reply
+        .as_deref()
+        .is_some_and(|t| t.starts_with("5.6.") || t.contains(" 5.6.") || t.contains(" 5.3.4"))
+    {
+        "policy"
+    } else {
+        "rejected"
+    }
 }
 
 fn from_outcome(outcome: Outcome, remote: &str) -> RcptResult {

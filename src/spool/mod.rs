@@ -17,6 +17,7 @@ mod id;
 mod record;
 mod writer;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -30,8 +31,8 @@ use tokio::sync::oneshot;
 
 pub use id::{IdGen, ParseIdError, QueueId};
 pub use record::{BodyType, Client, DecodeError, Envelope, Notify, RcptStatus, Recipient, Ret};
-pub use writer::{Change, Finished};
-use writer::{Job, Totals, Writer};
+pub use writer::{Change, CommitObserver, Finished, Labeler};
+use writer::{Job, LabelTotals, Totals, Writer, labels_of};
 
 const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
 const BODIES: TableDefinition<u64, &[u8]> = TableDefinition::new("bodies");
@@ -97,12 +98,34 @@ fn read_err(e: impl std::fmt::Display) -> ReadError {
 pub struct Stats {
     /// Messages in the queue, held ones included.
     pub messages: u64,
+    /// Body bytes of those messages.
+    pub queued_bytes: u64,
     /// Body bytes on disk, queued and dead (what `spool.max_size` limits).
     pub bytes: u64,
     pub held: u64,
     pub dead: u64,
     /// Records that did not decode and were moved aside.
     pub quarantined: u64,
+}
+
+/// How to open a spool.
+pub struct Options {
+    /// `spool.max_size`: bytes on disk beyond which commits are refused.
+    pub max_size: u64,
+    /// Groups queue totals (see [`Spool::queue_by_label`]); default: by domain.
+    pub labeler: Labeler,
+    /// Told how long each transaction took, fsync included.
+    pub on_commit: Option<CommitObserver>,
+}
+
+impl Options {
+    pub fn new(max_size: u64) -> Options {
+        Options {
+            max_size,
+            labeler: Arc::new(|domain: &str| domain.to_owned()),
+            on_commit: None,
+        }
+    }
 }
 
 /// Cheap to clone: every clone talks to the same file and writer.
@@ -125,8 +148,30 @@ struct Inner {
 
 impl Spool {
     /// Opens (creating if needed) the spool at `path`, quarantines undecodable
-    /// records, and starts the writer thread. Blocking: call from `spawn_blocking`.
+    /// records, and starts the writer thread. Queue totals are grouped by
+    /// recipient domain. Blocking: call from `spawn_blocking`.
     pub fn open(path: &Path, max_size: u64) -> Result<Spool, OpenError> {
+        Spool::open_with(path, Options::new(max_size))
+    }
+
+    /// [`Spool::open`] with queue totals grouped by `labeler`'s names.
+    pub fn open_labelled(path: &Path, max_size: u64, labeler: Labeler) -> Result<Spool, OpenError> {
+        Spool::open_with(
+            path,
+            Options {
+                labeler,
+                ..Options::new(max_size)
+            },
+        )
+    }
+
+    /// [`Spool::open`] with every option given.
+    pub fn open_with(path: &Path, options: Options) -> Result<Spool, OpenError> {
+        let Options {
+            max_size,
+            labeler,
+            on_commit,
+        } = options;
         let io = |reason: String| OpenError::Io {
             path: path.to_owned(),
             reason,
@@ -158,7 +203,7 @@ impl Spool {
             Err(_) => return Err(corrupt("the storage engine failed while reading it".into())),
         };
 
-        let scan = prepare(&db).map_err(|e| match e {
+        let scan = prepare(&db, &labeler).map_err(|e| match e {
             PrepareError::Schema(found) => OpenError::Schema {
                 path: path.to_owned(),
                 found,
@@ -169,16 +214,20 @@ impl Spool {
         let db = Arc::new(db);
         let totals = Arc::new(Totals {
             messages: AtomicU64::new(scan.messages),
+            queued_bytes: AtomicU64::new(scan.queued_bytes),
             bytes: AtomicU64::new(scan.bytes),
             dead: AtomicU64::new(scan.dead),
             held: AtomicU64::new(scan.held),
             quarantined: AtomicU64::new(scan.quarantined),
+            labels: Mutex::new(scan.labels),
         });
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
             db: db.clone(),
             max_size,
             totals: totals.clone(),
+            labeler,
+            on_commit,
         };
         let handle = std::thread::Builder::new()
             .name("spool-writer".into())
@@ -223,11 +272,30 @@ impl Spool {
         let t = &self.inner.totals;
         Stats {
             messages: t.messages.load(Ordering::Relaxed),
+            queued_bytes: t.queued_bytes.load(Ordering::Relaxed),
             bytes: t.bytes.load(Ordering::Relaxed),
             held: t.held.load(Ordering::Relaxed),
             dead: t.dead.load(Ordering::Relaxed),
             quarantined: t.quarantined.load(Ordering::Relaxed),
         }
+    }
+
+    /// Per label (see [`Spool::open_labelled`]): queued messages with a
+    /// recipient waiting there, and the arrival time (unix ms) of the oldest.
+    /// Exact, and cheap: kept by the writer, no table scan.
+    pub fn queue_by_label(&self) -> Vec<(String, u64, Option<u64>)> {
+        let labels = self
+            .inner
+            .totals
+            .labels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<(String, u64, Option<u64>)> = labels
+            .iter()
+            .map(|(label, t)| (label.clone(), t.messages, t.arrivals.keys().next().copied()))
+            .collect();
+        out.sort();
+        out
     }
 
     fn send(&self, job: Job) -> Result<(), CommitError> {
@@ -470,6 +538,8 @@ impl Spool {
 
 struct Scan {
     messages: u64,
+    queued_bytes: u64,
+    labels: HashMap<String, LabelTotals>,
     bytes: u64,
     held: u64,
     dead: u64,
@@ -494,10 +564,12 @@ where
 
 /// Creates missing tables, checks the layout version, moves undecodable message
 /// records to quarantine and totals what is queued.
-fn prepare(db: &Database) -> Result<Scan, PrepareError> {
+fn prepare(db: &Database, labeler: &Labeler) -> Result<Scan, PrepareError> {
     let txn = db.begin_write()?;
     let mut scan = Scan {
         messages: 0,
+        queued_bytes: 0,
+        labels: HashMap::new(),
         bytes: 0,
         held: 0,
         dead: 0,
@@ -531,7 +603,13 @@ fn prepare(db: &Database) -> Result<Scan, PrepareError> {
             match Envelope::decode(raw.value()) {
                 Ok(env) => {
                     scan.messages += 1;
+                    scan.queued_bytes += env.size;
                     scan.bytes += env.size;
+                    for label in labels_of(&env, labeler) {
+                        let entry = scan.labels.entry(label).or_default();
+                        entry.messages += 1;
+                        *entry.arrivals.entry(env.arrived_ms).or_default() += 1;
+                    }
                 }
                 Err(_) => bad.push((id, raw.value().to_vec())),
             }
@@ -603,6 +681,7 @@ mod tests {
             spool.stats(),
             Stats {
                 messages: 2,
+                queued_bytes: 14,
                 bytes: 14,
                 ..Stats::default()
             }
@@ -897,6 +976,7 @@ mod tests {
                 before,
                 Stats {
                     messages: 2,
+                    queued_bytes: 4,
                     bytes: 9,
                     held: 1,
                     dead: 1,
@@ -972,5 +1052,107 @@ mod tests {
         );
         assert_eq!(spool.learned("BOB@example.com").unwrap(), Some((true, 20)));
         assert_eq!(spool.learned("carol@example.com").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn per_label_totals_follow_every_change_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let labeler: Labeler = Arc::new(|d: &str| {
+            if d == "example.com" || d.ends_with(".example.com") {
+                "example.com".into()
+            } else {
+                "other".into()
+            }
+        });
+        let spool = Spool::open_labelled(&path, 1 << 20, labeler.clone()).unwrap();
+        let msg = |id: u64, arrived: u64, rcpts: &[&str]| {
+            let mut m = message(id, b"12345");
+            m.envelope = record::sample(id, rcpts);
+            m.envelope.arrived_ms = arrived;
+            m.envelope.size = 5;
+            m
+        };
+        spool
+            .commit(msg(
+                1,
+                100,
+                &["a@example.com", "b@sub.example.com", "c@x.org"],
+            ))
+            .await
+            .unwrap();
+        spool.commit(msg(2, 200, &["d@example.com"])).await.unwrap();
+        spool.commit(msg(3, 50, &["e@y.org"])).await.unwrap();
+        assert_eq!(
+            spool.queue_by_label(),
+            vec![
+                ("example.com".into(), 2, Some(100)),
+                ("other".into(), 2, Some(50))
+            ]
+        );
+        assert_eq!(spool.stats().queued_bytes, 15);
+
+        // Message 1's example.com recipients are delivered: it leaves that label only.
+        spool
+            .change(
+                QueueId(1),
+                Change::Edit(Box::new(|env| {
+                    env.recipients[0].status = RcptStatus::Delivered;
+                    env.recipients[1].status = RcptStatus::Delivered;
+                    Finished::Remove
+                })),
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            spool.queue_by_label(),
+            vec![
+                ("example.com".into(), 1, Some(200)),
+                ("other".into(), 2, Some(50))
+            ]
+        );
+        // Held mail still counts; dead letters do not.
+        spool
+            .change(QueueId(2), Change::Hold, vec![])
+            .await
+            .unwrap();
+        spool
+            .change(QueueId(3), Change::Bury, vec![])
+            .await
+            .unwrap();
+        assert_eq!(
+            spool.queue_by_label(),
+            vec![
+                ("example.com".into(), 1, Some(200)),
+                ("other".into(), 1, Some(100))
+            ]
+        );
+        assert_eq!(spool.stats().queued_bytes, 10);
+        spool
+            .change(QueueId(3), Change::Unbury { now_ms: 1 }, vec![])
+            .await
+            .unwrap();
+        spool
+            .change(QueueId(1), Change::Delete, vec![])
+            .await
+            .unwrap();
+        let before = (spool.queue_by_label(), spool.stats());
+        assert_eq!(
+            before.0,
+            vec![
+                ("example.com".into(), 1, Some(200)),
+                ("other".into(), 1, Some(50))
+            ]
+        );
+        spool.close();
+        drop(spool);
+        let spool = Spool::open_labelled(&path, 1 << 20, labeler).unwrap();
+        // Labels that emptied may linger at zero in memory but not on reopen.
+        let nonzero = |v: Vec<(String, u64, Option<u64>)>| {
+            v.into_iter().filter(|(_, n, _)| *n > 0).collect::<Vec<_>>()
+        };
+        assert_eq!(nonzero(spool.queue_by_label()), nonzero(before.0));
+        assert_eq!(spool.stats(), before.1);
     }
 }

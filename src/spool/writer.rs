@@ -3,9 +3,9 @@
 //! fsync'd go into the next transaction together (group commit), and every job
 //! in a batch learns its own outcome once that transaction is durable.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 
 use redb::{Database, ReadableTable, Table};
 use tokio::sync::oneshot;
@@ -69,25 +69,87 @@ pub(super) enum Job {
     },
 }
 
+/// Names the group a recipient domain is counted under (the configured
+/// domain it belongs to, or "other"), so per-domain gauges stay exact and
+/// their labels bounded.
+pub type Labeler = Arc<dyn Fn(&str) -> String + Send + Sync>;
+
 /// Running totals the rest of the process reads without touching the file.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(super) struct Totals {
     /// Messages in the queue (held ones included, dead letters not).
     pub messages: AtomicU64,
+    /// Body bytes of queued messages.
+    pub queued_bytes: AtomicU64,
     /// Body bytes on disk, queued and dead alike (what `spool.max_size` limits).
     pub bytes: AtomicU64,
     pub dead: AtomicU64,
     pub held: AtomicU64,
     pub quarantined: AtomicU64,
+    /// Per label: queued messages with a recipient waiting there, and their
+    /// arrival times (a multiset, so the oldest is the first key).
+    pub labels: Mutex<HashMap<String, LabelTotals>>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub(super) struct LabelTotals {
+    pub messages: u64,
+    pub arrivals: BTreeMap<u64, u64>,
+}
+
+impl Totals {
+    pub fn count(&self, label: &str, arrived_ms: u64, by: i64) {
+        let mut labels = self.labels.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = labels.entry(label.to_owned()).or_default();
+        if by > 0 {
+            entry.messages += 1;
+            *entry.arrivals.entry(arrived_ms).or_default() += 1;
+        } else {
+            entry.messages = entry.messages.saturating_sub(1);
+            if let Some(n) = entry.arrivals.get_mut(&arrived_ms) {
+                *n -= 1;
+                if *n == 0 {
+                    entry.arrivals.remove(&arrived_ms);
+                }
+            }
+        }
+    }
+}
+
+/// The labels of `env`'s queued recipients, each once.
+pub(super) fn labels_of(env: &Envelope, labeler: &Labeler) -> BTreeSet<String> {
+    env.recipients
+        .iter()
+        .filter(|r| r.status == RcptStatus::Queued)
+        .map(|r| {
+            let domain = r.address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+            labeler(&domain.trim_end_matches('.').to_lowercase())
+        })
+        .collect()
 }
 
 /// Changes to [`Totals`] made by one batch, applied only once it is durable.
 #[derive(Default)]
 struct Delta {
     messages: i64,
+    queued_bytes: i64,
     bytes: i64,
     dead: i64,
     held: i64,
+    /// (label, arrival, +1 or -1)
+    labels: Vec<(String, u64, i64)>,
+}
+
+impl Delta {
+    /// Accounts for a message entering (`+1`) or leaving (`-1`) the queue as
+    /// `env` describes it.
+    fn queue(&mut self, env: &Envelope, labeler: &Labeler, by: i64) {
+        self.messages += by;
+        self.queued_bytes += by * env.size as i64;
+        for label in labels_of(env, labeler) {
+            self.labels.push((label, env.arrived_ms, by));
+        }
+    }
 }
 
 fn apply(total: &AtomicU64, delta: i64) {
@@ -118,13 +180,19 @@ impl Outcome {
     }
 }
 
+/// Told the duration of every committed transaction (for a histogram).
+pub type CommitObserver = Arc<dyn Fn(std::time::Duration) + Send + Sync>;
+
 pub(super) struct Writer {
     pub db: Arc<Database>,
     pub max_size: u64,
     pub totals: Arc<Totals>,
+    pub labeler: Labeler,
+    pub on_commit: Option<CommitObserver>,
 }
 
-struct Tables<'t> {
+struct Tables<'t, 'l> {
+    labeler: &'l Labeler,
     messages: Table<'t, u64, &'static [u8]>,
     bodies: Table<'t, u64, &'static [u8]>,
     due: Table<'t, (u64, u64), ()>,
@@ -163,10 +231,18 @@ impl Writer {
         match &result {
             Ok(()) => {
                 apply(&self.totals.messages, delta.messages);
+                apply(&self.totals.queued_bytes, delta.queued_bytes);
                 apply(&self.totals.bytes, delta.bytes);
+                for (label, arrived, by) in &delta.labels {
+                    self.totals.count(label, *arrived, *by);
+                }
                 apply(&self.totals.dead, delta.dead);
                 apply(&self.totals.held, delta.held);
-                tracing::trace!(jobs, elapsed = ?started.elapsed(), "spool commit");
+                let elapsed = started.elapsed();
+                if let Some(observe) = &self.on_commit {
+                    observe(elapsed);
+                }
+                tracing::trace!(jobs, ?elapsed, "spool commit");
             }
             Err(e) => tracing::error!(error = %e, jobs, "spool commit failed"),
         }
@@ -189,6 +265,7 @@ impl Writer {
         let txn = self.db.begin_write().map_err(|e| io(e.into()))?;
         {
             let mut t = Tables {
+                labeler: &self.labeler,
                 messages: txn.open_table(MESSAGES).map_err(|e| io(e.into()))?,
                 bodies: txn.open_table(BODIES).map_err(|e| io(e.into()))?,
                 due: txn.open_table(DUE).map_err(|e| io(e.into()))?,
@@ -262,7 +339,7 @@ impl Writer {
     }
 }
 
-impl Tables<'_> {
+impl Tables<'_, '_> {
     fn insert(&mut self, message: &NewMessage, delta: &mut Delta) -> Result<(), redb::Error> {
         let env = &message.envelope;
         self.messages.insert(env.id.0, env.encode().as_slice())?;
@@ -270,7 +347,7 @@ impl Tables<'_> {
         if let Some(at) = env.next_due_ms() {
             self.due.insert((at, env.id.0), ())?;
         }
-        delta.messages += 1;
+        delta.queue(env, self.labeler, 1);
         delta.bytes += env.size as i64;
         Ok(())
     }
@@ -313,6 +390,10 @@ impl Tables<'_> {
         if let Some(at) = old_due {
             self.due.remove((at, id.0))?;
         }
+        // Queue totals: out as it was, back in as it ends (if it stays queued).
+        if !dead {
+            delta.queue(&env, self.labeler, -1);
+        }
         match change {
             Change::Edit(edit) => {
                 let finished = edit(&mut env);
@@ -353,7 +434,6 @@ impl Tables<'_> {
                         r.unreachable = false;
                     }
                 }
-                delta.messages += 1;
                 self.store(&env, false, delta)?;
             }
             Change::Delete => {
@@ -362,7 +442,6 @@ impl Tables<'_> {
                     delta.dead -= 1;
                 } else {
                     self.messages.remove(id.0)?;
-                    delta.messages -= 1;
                 }
                 if held {
                     self.held.remove(id.0)?;
@@ -382,12 +461,12 @@ impl Tables<'_> {
             delta.held -= 1;
         }
         self.dead.insert(env.id.0, env.encode().as_slice())?;
-        delta.messages -= 1;
         delta.dead += 1;
         Ok(())
     }
 
-    /// Writes a queued message back; one with nothing left to do is removed.
+    /// Writes a queued message back (counting it in the queue again); one
+    /// with nothing left to do is removed.
     fn store(&mut self, env: &Envelope, held: bool, delta: &mut Delta) -> Result<(), redb::Error> {
         let id = env.id.0;
         match env.next_due_ms() {
@@ -398,7 +477,6 @@ impl Tables<'_> {
                     self.held.remove(id)?;
                     delta.held -= 1;
                 }
-                delta.messages -= 1;
                 delta.bytes -= env.size as i64;
             }
             Some(at) => {
@@ -406,6 +484,7 @@ impl Tables<'_> {
                 if !held {
                     self.due.insert((at, id), ())?;
                 }
+                delta.queue(env, self.labeler, 1);
             }
         }
         Ok(())

@@ -1,0 +1,391 @@
+//! The admin API's handlers (docs/api.md): authorise, call the spool or the
+//! scheduler, answer JSON. Spool reads run on the blocking pool.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::AppState;
+use crate::scheduler::{domain_of, now_ms};
+use crate::spool::{Change, CommitError, Envelope, Notify, QueueId, RcptStatus, Ret};
+
+/// An error answer: a status and one line of text.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+fn from_commit(e: CommitError) -> ApiError {
+    match e {
+        CommitError::Full => ApiError(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
+        _ => internal(e),
+    }
+}
+
+fn authorise(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = &state.token else {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "the admin API is disabled: set http.admin_token_file".into(),
+        ));
+    };
+    let offered = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if token.matches(offered.trim()) {
+        Ok(())
+    } else {
+        Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token".into(),
+        ))
+    }
+}
+
+fn parse_id(text: &str) -> Result<QueueId, ApiError> {
+    text.parse()
+        .map_err(|e: crate::spool::ParseIdError| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+fn no_such(id: QueueId) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, format!("no message {id}"))
+}
+
+/// Runs a blocking spool read.
+async fn read<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&crate::spool::Spool) -> Result<T, crate::spool::ReadError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let spool = state.spool.clone();
+    tokio::task::spawn_blocking(move || f(&spool))
+        .await
+        .map_err(internal)?
+        .map_err(internal)
+}
+
+#[derive(Serialize)]
+struct RecipientView {
+    address: String,
+    domain: String,
+    status: &'static str,
+    attempts: u32,
+    next_attempt_ms: Option<u64>,
+    last_reply: Option<String>,
+    waiting_for_primary: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    orcpt: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notify: Option<Vec<&'static str>>,
+}
+
+#[derive(Serialize)]
+struct MessageView {
+    id: String,
+    sender: String,
+    size: u64,
+    arrived_ms: u64,
+    age_seconds: u64,
+    held: bool,
+    recipients: Vec<RecipientView>,
+}
+
+fn view(env: &Envelope, held: bool, now: u64, detailed: bool) -> MessageView {
+    MessageView {
+        id: env.id.to_string(),
+        sender: env.sender.clone(),
+        size: env.size,
+        arrived_ms: env.arrived_ms,
+        age_seconds: now.saturating_sub(env.arrived_ms) / 1000,
+        held,
+        recipients: env
+            .recipients
+            .iter()
+            .map(|r| RecipientView {
+                address: r.address.clone(),
+                domain: domain_of(&r.address),
+                status: match r.status {
+                    RcptStatus::Queued => "queued",
+                    RcptStatus::Delivered => "delivered",
+                    RcptStatus::Failed => "failed",
+                },
+                attempts: r.attempts,
+                next_attempt_ms: (r.status == RcptStatus::Queued).then_some(r.next_attempt_ms),
+                last_reply: r.last_reply.clone(),
+                waiting_for_primary: r.status == RcptStatus::Queued && r.unreachable,
+                orcpt: if detailed { r.orcpt.clone() } else { None },
+                notify: detailed.then(|| {
+                    [
+                        (Notify::SUCCESS, "success"),
+                        (Notify::FAILURE, "failure"),
+                        (Notify::DELAY, "delay"),
+                        (Notify::NEVER, "never"),
+                    ]
+                    .into_iter()
+                    .filter(|(bit, _)| r.notify.has(*bit))
+                    .map(|(_, name)| name)
+                    .collect()
+                }),
+            })
+            .collect(),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    domain: Option<String>,
+    state: Option<String>,
+}
+
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> ApiResult {
+    authorise(&state, &headers)?;
+    let wanted = match q.state.as_deref() {
+        None | Some("") => None,
+        Some(s @ ("queued" | "held" | "deferred")) => Some(s.to_owned()),
+        Some(other) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("unknown state {other:?}: use queued, held or deferred"),
+            ));
+        }
+    };
+    let domain = q.domain.filter(|d| !d.is_empty()).map(|d| d.to_lowercase());
+    let metrics = state.metrics.clone();
+    let now = now_ms();
+    let messages = read(&state, move |spool| {
+        let mut out = Vec::new();
+        for env in spool.envelopes()? {
+            let held = spool.is_held(env.id)?;
+            let keep_state = match wanted.as_deref() {
+                None => true,
+                Some("held") => held,
+                Some("queued") => !held,
+                _ => !held && env.recipients.iter().any(|r| r.attempts > 0),
+            };
+            let keep_domain = domain.as_deref().is_none_or(|d| {
+                env.recipients.iter().any(|r| {
+                    let rd = domain_of(&r.address);
+                    r.status == RcptStatus::Queued && (rd == d || metrics.label(&rd) == d)
+                })
+            });
+            if keep_state && keep_domain {
+                out.push(view(&env, held, now, false));
+            }
+        }
+        Ok(out)
+    })
+    .await?;
+    let count = messages.len();
+    Ok(Json(json!({ "messages": messages, "count": count })).into_response())
+}
+
+pub async fn show(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    authorise(&state, &headers)?;
+    let id = parse_id(&id)?;
+    let found = read(&state, move |spool| {
+        let Some(env) = spool.envelope(id)? else {
+            return Ok(None);
+        };
+        let held = spool.is_held(id)?;
+        let body = spool.body(id)?.unwrap_or_default();
+        Ok(Some((env, held, body)))
+    })
+    .await?;
+    let (env, held, body) = found.ok_or_else(|| no_such(id))?;
+    let mut value = serde_json::to_value(view(&env, held, now_ms(), true)).map_err(internal)?;
+    let headers_end = body
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(body.len(), |p| p + 2);
+    if let Value::Object(map) = &mut value {
+        map.insert(
+            "headers".into(),
+            Value::String(String::from_utf8_lossy(&body[..headers_end]).into_owned()),
+        );
+        map.insert(
+            "ret".into(),
+            match env.ret {
+                Ret::Full => json!("full"),
+                Ret::Headers => json!("hdrs"),
+                Ret::Unset => Value::Null,
+            },
+        );
+        map.insert("envid".into(), json!(env.envid));
+    }
+    Ok(Json(value).into_response())
+}
+
+#[derive(Deserialize, Default)]
+pub struct FlushBody {
+    domain: Option<String>,
+}
+
+pub async fn flush(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Option<Json<FlushBody>>,
+) -> ApiResult {
+    authorise(&state, &headers)?;
+    let domain = body
+        .and_then(|Json(b)| b.domain)
+        .map(|d| d.trim().trim_end_matches('.').to_lowercase())
+        .filter(|d| !d.is_empty());
+    let flushed = domain.clone().unwrap_or_else(|| "all".into());
+    state.delivery.flush(domain);
+    Ok((StatusCode::ACCEPTED, Json(json!({ "flushed": flushed }))).into_response())
+}
+
+/// Applies a spool change and answers `{key: id}`, 404 if there is no such message.
+async fn apply(state: &AppState, id: QueueId, change: Change, key: &str) -> ApiResult {
+    match state.spool.change(id, change, Vec::new()).await {
+        Ok(Some(_)) => Ok(Json(json!({ key: id.to_string() })).into_response()),
+        Ok(None) => Err(no_such(id)),
+        Err(e) => Err(from_commit(e)),
+    }
+}
+
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    authorise(&state, &headers)?;
+    let id = parse_id(&id)?;
+    if read(&state, move |s| s.envelope(id)).await?.is_none() {
+        return Err(no_such(id));
+    }
+    apply(&state, id, Change::Delete, "deleted").await
+}
+
+pub async fn hold(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    authorise(&state, &headers)?;
+    let id = parse_id(&id)?;
+    let (exists, held) = read(&state, move |s| {
+        Ok((s.envelope(id)?.is_some(), s.is_held(id)?))
+    })
+    .await?;
+    if !exists {
+        return Err(no_such(id));
+    }
+    if held {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("{id} is already held"),
+        ));
+    }
+    apply(&state, id, Change::Hold, "held").await
+}
+
+pub async fn release(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    authorise(&state, &headers)?;
+    let id = parse_id(&id)?;
+    let (exists, held) = read(&state, move |s| {
+        Ok((s.envelope(id)?.is_some(), s.is_held(id)?))
+    })
+    .await?;
+    if !exists {
+        return Err(no_such(id));
+    }
+    if !held {
+        return Err(ApiError(StatusCode::CONFLICT, format!("{id} is not held")));
+    }
+    let answer = apply(&state, id, Change::Release { now_ms: now_ms() }, "released").await;
+    state.delivery.queued().notify_one();
+    answer
+}
+
+pub async fn bounce(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    authorise(&state, &headers)?;
+    let id = parse_id(&id)?;
+    match state.delivery.bounce(id).await {
+        Ok(Some(n)) => {
+            Ok(Json(json!({ "bounced": id.to_string(), "recipients": n })).into_response())
+        }
+        Ok(None) => Err(no_such(id)),
+        Err(e) => Err(from_commit(e)),
+    }
+}
+
+pub async fn dead_list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
+    authorise(&state, &headers)?;
+    let now = now_ms();
+    let dead = read(&state, |s| s.dead_letters()).await?;
+    let messages: Vec<MessageView> = dead
+        .iter()
+        .map(|env| view(env, false, now, false))
+        .collect();
+    let count = messages.len();
+    Ok(Json(json!({ "messages": messages, "count": count })).into_response())
+}
+
+async fn dead_exists(state: &AppState, id: QueueId) -> Result<bool, ApiError> {
+    let dead = read(state, |s| s.dead_letters()).await?;
+    Ok(dead.iter().any(|e| e.id == id))
+}
+
+pub async fn dead_requeue(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    authorise(&state, &headers)?;
+    let id = parse_id(&id)?;
+    if !dead_exists(&state, id).await? {
+        return Err(no_such(id));
+    }
+    let answer = apply(&state, id, Change::Unbury { now_ms: now_ms() }, "requeued").await;
+    state.delivery.queued().notify_one();
+    answer
+}
+
+pub async fn dead_delete(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    authorise(&state, &headers)?;
+    let id = parse_id(&id)?;
+    if !dead_exists(&state, id).await? {
+        return Err(no_such(id));
+    }
+    apply(&state, id, Change::Delete, "deleted").await
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "no such path".into())
+}

@@ -1,0 +1,301 @@
+//! (7) What Prometheus sees: the counters and histograms every part of the
+//! pipeline bumps, and the queue gauges, which are read from the spool's own
+//! running totals at scrape time (never from counters that could drift).
+//!
+//! Label values stay bounded: `domain` is a configured relay domain or
+//! "other" (our own notices to the world), and `reason`/`result`/`kind` come
+//! from fixed lists.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::config::Config;
+use crate::spool::{Labeler, Spool};
+
+/// The `domain` label of destinations that are not configured relay domains.
+pub const OTHER: &str = "other";
+
+pub struct Metrics {
+    registry: Registry,
+    /// Configured domains: (name, include_subdomains).
+    domains: Vec<(String, bool)>,
+    pub accepted: IntCounter,
+    pub rejected: IntCounterVec,
+    pub attempts: IntCounterVec,
+    pub delivered: IntCounterVec,
+    pub failed: IntCounterVec,
+    pub dsn_sent: IntCounterVec,
+    pub primary_up: IntGaugeVec,
+    pub sessions: IntGauge,
+    pub delivery_seconds: Histogram,
+    pub commit_seconds: Histogram,
+    pub loops: IntCounterVec,
+    queue_messages: IntGaugeVec,
+    queue_bytes: IntGauge,
+    oldest_age: GaugeVec,
+    dead_letters: IntGauge,
+    quarantined: IntGauge,
+}
+
+/// Why an SMTP client was refused, as counted.
+pub const REJECT_REASONS: &[&str] = &[
+    "relay",
+    "unknown_user",
+    "size",
+    "too_many_recipients",
+    "syntax",
+    "loop",
+    "spool_full",
+    "spool_error",
+    "access",
+    "limits",
+    "timeout",
+    "too_many_errors",
+    "smtputf8",
+    "other",
+];
+
+impl Metrics {
+    pub fn new(config: &Config) -> Arc<Metrics> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let oldest_age = GaugeVec::new(
+            Opts::new(
+                "mxspool_queue_oldest_age_seconds",
+                "Age of the oldest queued message with a recipient at the domain (0: none)",
+            ),
+            &["domain"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(oldest_age.clone()))
+            .expect("unique metric");
+
+        let metrics = Metrics {
+            domains: config
+                .domains
+                .iter()
+                .map(|d| (d.name.clone(), d.include_subdomains))
+                .collect(),
+            accepted: counter(
+                "mxspool_messages_accepted_total",
+                "Messages accepted and committed to the spool",
+            ),
+            rejected: counter_vec(
+                "mxspool_smtp_rejected_total",
+                "SMTP commands, messages and connections refused, by reason",
+                &["reason"],
+            ),
+            attempts: counter_vec(
+                "mxspool_delivery_attempts_total",
+                "Delivery attempts of a message to a domain, by result",
+                &["domain", "result"],
+            ),
+            delivered: counter_vec(
+                "mxspool_recipients_delivered_total",
+                "Recipients handed to the next hop",
+                &["domain"],
+            ),
+            failed: counter_vec(
+                "mxspool_recipients_failed_total",
+                "Recipients given up on, by reason",
+                &["domain", "reason"],
+            ),
+            dsn_sent: counter_vec(
+                "mxspool_dsn_sent_total",
+                "Delivery status notifications queued, by kind",
+                &["kind"],
+            ),
+            primary_up: gauge_vec(
+                "mxspool_primary_up",
+                "1 while the domain's primary is reachable (or not known to be down)",
+                &["domain"],
+            ),
+            sessions: gauge("mxspool_smtp_sessions_active", "SMTP sessions in progress"),
+            delivery_seconds: histogram(
+                "mxspool_delivery_duration_seconds",
+                "Time to deliver one message over an open connection",
+                vec![
+                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ],
+            ),
+            commit_seconds: histogram(
+                "mxspool_spool_commit_seconds",
+                "Time of one spool transaction including its fsync",
+                vec![
+                    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                ],
+            ),
+            loops: counter_vec(
+                "mxspool_routing_loops_total",
+                "Routing found us to be the best MX of the domain",
+                &["domain"],
+            ),
+            queue_messages: gauge_vec(
+                "mxspool_queue_messages",
+                "Queued messages with a recipient waiting at the domain",
+                &["domain"],
+            ),
+            queue_bytes: gauge("mxspool_queue_bytes", "Bytes of queued messages"),
+            oldest_age,
+            dead_letters: gauge(
+                "mxspool_dead_letters",
+                "Messages that could neither be delivered nor bounced",
+            ),
+            quarantined: gauge(
+                "mxspool_spool_quarantined",
+                "Spool records that could not be decoded and were set aside",
+            ),
+            registry,
+        };
+        // Every series a dashboard needs exists from the start, at zero.
+        for label in metrics.labels() {
+            metrics.queue_messages.with_label_values(&[label]).set(0);
+            metrics.oldest_age.with_label_values(&[label]).set(0.0);
+            metrics.delivered.with_label_values(&[label]);
+            metrics.loops.with_label_values(&[label]);
+            for result in ["delivered", "deferred", "failed", "suspended"] {
+                metrics.attempts.with_label_values(&[label, result]);
+            }
+            for reason in ["rejected", "expired", "routing", "policy"] {
+                metrics.failed.with_label_values(&[label, reason]);
+            }
+        }
+        for (name, _) in &metrics.domains {
+            metrics.primary_up.with_label_values(&[name]).set(1);
+        }
+        for reason in REJECT_REASONS {
+            metrics.rejected.with_label_values(&[reason]);
+        }
+        for kind in ["failed", "delayed", "relayed"] {
+            metrics.dsn_sent.with_label_values(&[kind]);
+        }
+        Arc::new(metrics)
+    }
+
+    /// Every `domain` label value: the configured domains, then "other".
+    pub fn labels(&self) -> impl Iterator<Item = &str> {
+        self.domains
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .chain(std::iter::once(OTHER))
+    }
+
+    /// The label of a recipient domain: its configured domain, or "other".
+    pub fn label(&self, domain: &str) -> &str {
+        label_of(&self.domains, domain)
+    }
+
+    /// The same mapping for the spool's per-label totals.
+    pub fn labeler(&self) -> Labeler {
+        let domains = self.domains.clone();
+        Arc::new(move |domain: &str| label_of(&domains, domain).to_owned())
+    }
+
+    /// Counts an SMTP refusal.
+    pub fn reject(&self, reason: &str) {
+        self.rejected.with_label_values(&[reason]).inc();
+    }
+
+    pub fn observe_commit(&self, elapsed: Duration) {
+        self.commit_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition, with the queue gauges read fresh from
+    /// the spool's totals.
+    pub fn render(&self, spool: &Spool, now_ms: u64) -> String {
+        let stats = spool.stats();
+        for label in self.labels() {
+            self.queue_messages.with_label_values(&[label]).set(0);
+            self.oldest_age.with_label_values(&[label]).set(0.0);
+        }
+        for (label, messages, oldest) in spool.queue_by_label() {
+            self.queue_messages
+                .with_label_values(&[&label])
+                .set(messages as i64);
+            let age = oldest.map_or(0.0, |arrived| {
+                now_ms.saturating_sub(arrived) as f64 / 1000.0
+            });
+            self.oldest_age.with_label_values(&[&label]).set(age);
+        }
+        self.queue_bytes.set(stats.queued_bytes as i64);
+        self.dead_letters.set(stats.dead as i64);
+        self.quarantined.set(stats.quarantined as i64);
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+fn label_of<'a>(domains: &'a [(String, bool)], domain: &str) -> &'a str {
+    let domain = domain.trim_end_matches('.');
+    domains
+        .iter()
+        .find(|(name, subdomains)| {
+            domain.eq_ignore_ascii_case(name)
+                || (*subdomains
+                    && domain.len() > name.len()
+                    && domain[domain.len() - name.len()..].eq_ignore_ascii_case(name)
+                    && domain.as_bytes()[domain.len() - name.len() - 1] == b'.')
+        })
+        .map_or(OTHER, |(name, _)| name.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_configured_domains_or_other() {
+        let domains = vec![
+            ("example.com".to_string(), false),
+            ("example.org".to_string(), true),
+        ];
+        assert_eq!(label_of(&domains, "example.com"), "example.com");
+        assert_eq!(label_of(&domains, "EXAMPLE.com."), "example.com");
+        assert_eq!(label_of(&domains, "sub.example.com"), OTHER);
+        assert_eq!(label_of(&domains, "a.b.example.org"), "example.org");
+        assert_eq!(label_of(&domains, "badexample.org"), OTHER);
+        assert_eq!(label_of(&domains, "gmail.com"), OTHER);
+    }
+}
