@@ -214,12 +214,16 @@ where
                 spool_has_room: &spool_has_room,
             };
             match input {
-                Input::Line(line) => session.command(&line, &env),
+                Input::Line(line) => {
+                    debug!(command = %String::from_utf8_lossy(&line).trim_end(), "client");
+                    session.command(&line, &env)
+                }
                 Input::TooLong => session.line_too_long(),
             }
         };
         match step {
             Step::Reply(reply) => {
+                debug!(%reply, "server");
                 if reply.is_error() {
                     info!(reply = %reply, "rejected");
                     inbound.metrics.reject(reply.reason());

@@ -44,6 +44,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         limit: Duration,
         stage: Stage,
     ) -> Result<(), SessionError> {
+        if stage != Stage::Body {
+            tracing::debug!(%stage, command = %String::from_utf8_lossy(bytes).trim_end(), "to next hop");
+        }
         let write = async {
             self.stream.write_all(bytes).await?;
             self.stream.flush().await
@@ -88,6 +91,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let reply =
             reply::parse(&raw).map_err(|reason| SessionError::Protocol { stage, reason })?;
+        tracing::debug!(%stage, %reply, "from next hop");
         match reply.class() {
             Class::Closing { .. } => Err(SessionError::Rejected { stage, reply }),
             Class::Malformed => Err(SessionError::Protocol {
