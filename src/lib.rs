@@ -97,6 +97,11 @@ impl Server {
         outbound: outbound::Settings,
     ) -> Result<Server, StartError> {
         let policy = Policy::from_config(&config)?;
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|t| inbound::tls::acceptor(t, &config.source))
+            .transpose()?;
         let token = match &config.http.admin_token_file {
             None => None,
             Some(path) => {
@@ -149,6 +154,7 @@ impl Server {
                 max_connections: config.server.max_connections,
                 max_connections_per_ip: config.server.max_connections_per_ip,
             },
+            tls,
             delivery.clone(),
             metrics.clone(),
         ));
@@ -216,12 +222,18 @@ impl Server {
     pub fn reload(&mut self) -> Result<(), ConfigError> {
         let fresh = Config::load(&self.config.source)?;
         let policy = Policy::from_config(&fresh)?;
+        let tls = fresh
+            .tls
+            .as_ref()
+            .map(|t| inbound::tls::acceptor(t, &fresh.source))
+            .transpose()?;
         if fresh.server.listen != self.config.server.listen
             || fresh.spool.path != self.config.spool.path
         {
             warn!("server.listen and spool.path changes take effect after a restart");
         }
         self.inbound.set_policy(policy);
+        self.inbound.set_tls(tls);
         self.config = fresh;
         info!("configuration reloaded");
         Ok(())

@@ -57,6 +57,7 @@ pub const REJECT_REASONS: &[&str] = &[
     "timeout",
     "too_many_errors",
     "smtputf8",
+    "pipelining",
     "other",
 ];
 

@@ -17,7 +17,7 @@ use super::Inbound;
 use super::data::{Data, DataReader};
 use super::received::Trace;
 use super::reply::Reply;
-use super::session::{Env, Session, Step};
+use super::session::{Env, Knowledge, Session, Step, Tls};
 use crate::shutdown::Shutdown;
 use crate::spool::{Client, CommitError, Envelope, NewMessage};
 
@@ -38,6 +38,8 @@ enum Stop {
     Timeout,
     Shutdown,
     Io(std::io::Error),
+    /// The client asked for TLS: the caller does the handshake.
+    StartTls,
 }
 
 /// The connection's bytes: what has been read but not used, and replies not yet sent.
@@ -50,6 +52,15 @@ struct Io<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
+    fn new(stream: S) -> Io<S> {
+        Io {
+            stream,
+            input: Vec::new(),
+            start: 0,
+            output: Vec::new(),
+        }
+    }
+
     fn pending(&self) -> &[u8] {
         &self.input[self.start..]
     }
@@ -149,13 +160,40 @@ pub async fn serve<S>(stream: S, peer: SocketAddr, inbound: Arc<Inbound>, mut sh
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut io = Io {
-        stream,
-        input: Vec::new(),
-        start: 0,
-        output: Vec::new(),
+    let mut io = Io::new(stream);
+    let acceptor = inbound.tls_acceptor();
+    let tls = if acceptor.is_some() {
+        Tls::Offered
+    } else {
+        Tls::Unavailable
     };
-    let stop = converse(&mut io, peer, &inbound, &mut shutdown).await;
+    Session::greeting(&inbound.policy()).write_to(&mut io.output);
+    let session = Session::with_tls(peer.ip(), tls);
+    let stop = converse(&mut io, session, peer, &inbound, &mut shutdown).await;
+    let (Stop::StartTls, Some(acceptor)) = (&stop, acceptor) else {
+        return finish(io, stop, &inbound).await;
+    };
+    // What the client sent before the handshake was already dropped; the
+    // conversation starts over inside TLS with a new EHLO (RFC 3207 §4.2).
+    let handshake =
+        tokio::time::timeout(inbound.policy().command_timeout, acceptor.accept(io.stream)).await;
+    let stream = match handshake {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return debug!(error = %e, "TLS handshake failed"),
+        Err(_) => return debug!("TLS handshake timed out"),
+    };
+    debug!("TLS established");
+    let mut io = Io::new(stream);
+    let session = Session::with_tls(peer.ip(), Tls::Active);
+    let stop = converse(&mut io, session, peer, &inbound, &mut shutdown).await;
+    finish(io, stop, &inbound).await;
+}
+
+/// Says goodbye where one is due (timeout, shutdown) and closes.
+async fn finish<S>(mut io: Io<S>, stop: Stop, inbound: &Inbound)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let policy = inbound.policy();
     let farewell = match &stop {
         Stop::Timeout => Some(Reply::new(
@@ -171,7 +209,7 @@ where
                 policy.hostname
             ),
         )),
-        Stop::Eof | Stop::Io(_) => None,
+        Stop::Eof | Stop::Io(_) | Stop::StartTls => None,
     };
     if let Some(reply) = farewell {
         if matches!(stop, Stop::Timeout) {
@@ -189,6 +227,7 @@ where
 
 async fn converse<S>(
     io: &mut Io<S>,
+    mut session: Session,
     peer: SocketAddr,
     inbound: &Inbound,
     shutdown: &mut Shutdown,
@@ -196,8 +235,6 @@ async fn converse<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut session = Session::new(peer.ip());
-    Session::greeting(&inbound.policy()).write_to(&mut io.output);
     loop {
         let input = match io
             .next_line(inbound.policy().command_timeout, shutdown)
@@ -209,14 +246,34 @@ where
         let policy = inbound.policy();
         let step = {
             let spool_has_room = |size| inbound.spool.has_room(size);
+            let now = crate::scheduler::now_ms();
+            let knowledge = |address: &str| knowledge(inbound, address, now);
+            let primary_down = |address: &str| {
+                inbound
+                    .delivery()
+                    .is_down(&crate::scheduler::domain_of(address))
+            };
             let env = Env {
                 policy: &policy,
                 spool_has_room: &spool_has_room,
+                knowledge: &knowledge,
+                primary_down: &primary_down,
             };
             match input {
+                // RFC 2920: only after our EHLO reply offered PIPELINING may a
+                // client send a command before the previous reply arrived.
+                // Spamware that talks without listening is refused, as with
+                // Postfix's smtpd_forbid_unauth_pipelining.
+                Input::Line(_) if !io.pending().is_empty() && !session.may_pipeline() => {
+                    Step::Close(out_of_sync())
+                }
                 Input::Line(line) => {
                     debug!(command = %String::from_utf8_lossy(&line).trim_end(), "client");
-                    session.command(&line, &env)
+                    match session.command(&line, &env) {
+                        // DATA ends a group: content before our 354 is out of turn.
+                        Step::Data(_) if !io.pending().is_empty() => Step::Close(out_of_sync()),
+                        step => step,
+                    }
                 }
                 Input::TooLong => session.line_too_long(),
             }
@@ -234,6 +291,23 @@ where
                 info!(%domain, "ETRN");
                 inbound.request_flush(domain);
                 reply.write_to(&mut io.output);
+            }
+            Step::StartTls(reply) => {
+                reply.write_to(&mut io.output);
+                if let Err(stop) = io.flush().await {
+                    return stop;
+                }
+                // Plaintext pipelined after STARTTLS must not be read as if it
+                // came inside TLS (CVE-2011-0411).
+                if !io.pending().is_empty() {
+                    info!(
+                        bytes = io.pending().len(),
+                        "discarding input sent before the TLS handshake"
+                    );
+                }
+                io.input.clear();
+                io.start = 0;
+                return Stop::StartTls;
             }
             Step::Close(reply) => {
                 if reply.is_error() {
@@ -267,7 +341,7 @@ where
                             ip: peer.ip(),
                             by: &policy.hostname,
                             esmtp: session.is_esmtp(),
-                            tls: false,
+                            tls: session.is_tls(),
                             smtputf8: transaction.smtputf8,
                             id,
                             only_recipient: match transaction.recipients.as_slice() {
@@ -298,7 +372,7 @@ where
                             client: Client {
                                 ip: peer.ip(),
                                 helo: session.helo_name().to_owned(),
-                                tls: false,
+                                tls: session.is_tls(),
                             },
                             recipients,
                         };
@@ -309,6 +383,27 @@ where
             }
         }
     }
+}
+
+/// A "no such user" from the primary is trusted this long: a mailbox created
+/// since is refused at most for a day.
+const FORGET_UNKNOWN_MS: u64 = 24 * 3600 * 1000;
+/// An accepted address is trusted this long without another answer.
+const FORGET_KNOWN_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// What the spool remembers of the primary's answer about `address`.
+fn knowledge(inbound: &Inbound, address: &str, now_ms: u64) -> Knowledge {
+    match inbound.spool.learned(address) {
+        Ok(Some((true, at))) if now_ms.saturating_sub(at) < FORGET_KNOWN_MS => Knowledge::Exists,
+        Ok(Some((false, at))) if now_ms.saturating_sub(at) < FORGET_UNKNOWN_MS => {
+            Knowledge::DoesNotExist
+        }
+        _ => Knowledge::Unseen,
+    }
+}
+
+fn out_of_sync() -> Reply {
+    Reply::new(554, "5.5.0", "Error: SMTP protocol synchronization")
 }
 
 /// Stores the message and says how it went; 250 only once it is on disk.

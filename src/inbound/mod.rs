@@ -14,6 +14,7 @@ pub mod policy;
 pub mod received;
 pub mod reply;
 pub mod session;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -23,6 +24,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
 
 use crate::metrics::Metrics;
 use crate::scheduler;
@@ -38,6 +40,8 @@ pub struct Inbound {
     pub spool: Spool,
     /// Replaced whole on reload; sessions take a snapshot per command.
     policy: RwLock<Arc<Policy>>,
+    /// STARTTLS, when `[tls]` is configured; replaced on reload.
+    tls: RwLock<Option<TlsAcceptor>>,
     /// Caps sessions server-wide (`max_connections`).
     slots: Arc<Semaphore>,
     /// Sessions per client address (`max_connections_per_ip`).
@@ -61,6 +65,7 @@ impl Inbound {
         spool: Spool,
         policy: Policy,
         limits: Limits,
+        tls: Option<TlsAcceptor>,
         delivery: scheduler::Handle,
         metrics: Arc<Metrics>,
     ) -> Inbound {
@@ -68,6 +73,7 @@ impl Inbound {
         Inbound {
             spool,
             policy: RwLock::new(Arc::new(policy)),
+            tls: RwLock::new(tls),
             slots: Arc::new(Semaphore::new(limits.max_connections)),
             per_ip: Mutex::new(HashMap::new()),
             max_per_ip: limits.max_connections_per_ip,
@@ -89,6 +95,24 @@ impl Inbound {
             Ok(mut p) => *p = Arc::new(policy),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(policy),
         }
+    }
+
+    pub fn tls_acceptor(&self) -> Option<TlsAcceptor> {
+        match self.tls.read() {
+            Ok(t) => t.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn set_tls(&self, tls: Option<TlsAcceptor>) {
+        match self.tls.write() {
+            Ok(mut t) => *t = tls,
+            Err(poisoned) => *poisoned.into_inner() = tls,
+        }
+    }
+
+    pub fn delivery(&self) -> &scheduler::Handle {
+        &self.delivery
     }
 
     pub fn request_flush(&self, domain: String) {

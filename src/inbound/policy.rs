@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, UnknownRecipients};
 
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -35,6 +35,9 @@ struct RelayDomain {
     include_subdomains: bool,
     /// Lower-cased local parts and addresses; empty means "anyone at the domain".
     recipients: HashSet<String>,
+    /// With `verify_recipients`: what to do with never-seen recipients while
+    /// the primary is down.
+    verify: Option<UnknownRecipients>,
 }
 
 /// Why a recipient is refused; the session turns it into a reply.
@@ -57,6 +60,7 @@ impl Policy {
                 name: d.name.clone(),
                 include_subdomains: d.include_subdomains,
                 recipients: d.load_recipients()?.into_iter().collect(),
+                verify: d.verify_recipients.then_some(d.unknown_recipients),
             });
         }
         Ok(Policy {
@@ -99,6 +103,13 @@ impl Policy {
                     && domain.ends_with(&d.name)
                     && domain.as_bytes()[domain.len() - d.name.len() - 1] == b'.')
         })
+    }
+
+    /// For an accepted address: whether its domain verifies recipients, and
+    /// what it does with unseen ones while the primary is down.
+    pub fn verification(&self, address: &str) -> Option<UnknownRecipients> {
+        let domain = address.rsplit_once('@').map(|(_, d)| d)?;
+        self.find(&normalise_domain(domain))?.verify
     }
 
     /// Judges a forward path as smtp-proto parsed it (quotes and source route
@@ -152,6 +163,7 @@ pub(crate) fn sample() -> Policy {
                 name: "example.com".into(),
                 include_subdomains: false,
                 recipients: HashSet::new(),
+                verify: None,
             },
             RelayDomain {
                 name: "example.org".into(),
@@ -159,12 +171,21 @@ pub(crate) fn sample() -> Policy {
                 recipients: ["alice".to_string(), "bob@example.org".to_string()]
                     .into_iter()
                     .collect(),
+                verify: None,
             },
         ],
         allow: vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
         deny: vec!["192.0.2.0/24".parse().unwrap()],
         etrn_allow: vec!["127.0.0.0/8".parse().unwrap()],
     }
+}
+
+/// [`sample`] with example.com verifying recipients (unseen: tempfail).
+#[cfg(test)]
+pub(crate) fn sample_verifying() -> Policy {
+    let mut p = sample();
+    p.domains[0].verify = Some(UnknownRecipients::Tempfail);
+    p
 }
 
 #[cfg(test)]

@@ -68,6 +68,7 @@ impl Reply {
             (421, "4.7.0") => "too_many_errors",
             (_, "4.4.2") => "timeout",
             (_, "5.6.7") => "smtputf8",
+            (_, "5.5.0") => "pipelining",
             (500..=599, s) if s.starts_with("5.5.") || s == "5.1.3" || s == "5.1.7" => "syntax",
             _ => "other",
         }
@@ -99,6 +100,7 @@ mod tests {
             (421, "4.7.0", "too_many_errors"),
             (421, "4.4.2", "timeout"),
             (553, "5.6.7", "smtputf8"),
+            (554, "5.5.0", "pipelining"),
             (500, "5.5.2", "syntax"),
             (501, "5.1.3", "syntax"),
             (503, "5.5.1", "syntax"),

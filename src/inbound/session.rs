@@ -14,6 +14,7 @@ use smtp_proto::{
 use super::data::{Data, count_received};
 use super::policy::{Policy, Refusal};
 use super::reply::Reply;
+use crate::config::UnknownRecipients;
 use crate::spool::{BodyType, Notify, RcptStatus, Recipient, Ret};
 
 /// Errors a client may make before we hang up (Postfix's `smtpd_hard_error_limit`).
@@ -36,6 +37,20 @@ pub enum Step {
     Etrn { domain: String, reply: Reply },
     /// Send the reply and close the connection.
     Close(Reply),
+    /// Send the reply (220), drop any input already buffered, and start the
+    /// TLS handshake; the conversation starts over inside TLS.
+    StartTls(Reply),
+}
+
+/// Where the session stands with TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tls {
+    /// No `[tls]` configured: STARTTLS is neither offered nor accepted.
+    Unavailable,
+    /// Offered in EHLO, not started.
+    Offered,
+    /// The session runs inside TLS.
+    Active,
 }
 
 /// What the caller needs besides the command line.
@@ -43,6 +58,22 @@ pub struct Env<'a> {
     pub policy: &'a Policy,
     /// Whether the spool can take this many more bytes (`spool.max_size`).
     pub spool_has_room: &'a dyn Fn(u64) -> bool,
+    /// For domains with `verify_recipients`: what the primary said about an
+    /// address, as remembered (and not yet aged out).
+    pub knowledge: &'a dyn Fn(&str) -> Knowledge,
+    /// Whether the primary of an address's domain is known to be down.
+    pub primary_down: &'a dyn Fn(&str) -> bool,
+}
+
+/// What the primary said about a recipient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Knowledge {
+    /// It accepted the address.
+    Exists,
+    /// It said 5.1.1: no such user.
+    DoesNotExist,
+    /// Never seen (or forgotten).
+    Unseen,
 }
 
 /// A mail transaction in progress: MAIL, then RCPTs.
@@ -60,6 +91,7 @@ pub struct Transaction {
 #[derive(Debug)]
 pub struct Session {
     ip: IpAddr,
+    tls: Tls,
     /// The name the client gave in EHLO/HELO, and whether it was EHLO.
     helo: Option<(String, bool)>,
     transaction: Option<Transaction>,
@@ -68,8 +100,13 @@ pub struct Session {
 
 impl Session {
     pub fn new(ip: IpAddr) -> Session {
+        Session::with_tls(ip, Tls::Unavailable)
+    }
+
+    pub fn with_tls(ip: IpAddr, tls: Tls) -> Session {
         Session {
             ip,
+            tls,
             helo: None,
             transaction: None,
             errors: 0,
@@ -83,6 +120,17 @@ impl Session {
     /// The client's EHLO/HELO name (empty before it gave one).
     pub fn helo_name(&self) -> &str {
         self.helo.as_ref().map(|(h, _)| h.as_str()).unwrap_or("")
+    }
+
+    /// Whether the client may pipeline: it greeted with EHLO, whose reply
+    /// offers PIPELINING.
+    pub fn may_pipeline(&self) -> bool {
+        self.is_esmtp()
+    }
+
+    /// Whether the session runs inside TLS (the `Received:` protocol says so).
+    pub fn is_tls(&self) -> bool {
+        self.tls == Tls::Active
     }
 
     /// Whether the client greeted with EHLO (the `Received:` protocol says so).
@@ -129,7 +177,7 @@ impl Session {
             Request::Ehlo { host } => {
                 self.helo = Some((host, true));
                 self.transaction = None;
-                return Step::Reply(ehlo_reply(policy));
+                return Step::Reply(ehlo_reply(policy, self.tls == Tls::Offered));
             }
             Request::Helo { host } => {
                 self.helo = Some((host, false));
@@ -137,7 +185,7 @@ impl Session {
                 Reply::new(250, "", policy.hostname.clone())
             }
             Request::Mail { from } => self.mail(from, env),
-            Request::Rcpt { to } => self.rcpt(to, line, policy),
+            Request::Rcpt { to } => self.rcpt(to, line, env),
             Request::Data => match &self.transaction {
                 _ if self.helo.is_none() => need_helo(),
                 None => Reply::new(503, "5.5.1", "Error: need MAIL command"),
@@ -175,7 +223,17 @@ impl Session {
                 ));
             }
             Request::Lhlo { .. } => Reply::new(500, "5.5.1", "Error: this is not an LMTP server"),
-            Request::StartTls => Reply::new(502, "5.5.1", "Error: STARTTLS not available"),
+            Request::StartTls => match self.tls {
+                Tls::Unavailable => Reply::new(502, "5.5.1", "Error: STARTTLS not available"),
+                Tls::Active => Reply::new(503, "5.5.1", "Error: TLS already active"),
+                Tls::Offered if self.helo.is_none() => need_helo(),
+                Tls::Offered if self.transaction.is_some() => {
+                    Reply::new(503, "5.5.1", "Error: MAIL transaction in progress")
+                }
+                Tls::Offered => {
+                    return Step::StartTls(Reply::new(220, "2.0.0", "Ready to start TLS"));
+                }
+            },
             Request::Auth { .. } => Reply::new(502, "5.5.1", "Error: authentication not enabled"),
             Request::Expn { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
                 Reply::new(502, "5.5.1", "Error: command not implemented")
@@ -249,7 +307,8 @@ impl Session {
         Reply::new(250, "2.1.0", "Ok")
     }
 
-    fn rcpt(&mut self, to: RcptTo<String>, line: &[u8], policy: &Policy) -> Reply {
+    fn rcpt(&mut self, to: RcptTo<String>, line: &[u8], env: &Env<'_>) -> Reply {
+        let policy = env.policy;
         let esmtp = self.is_esmtp();
         let Some(transaction) = &mut self.transaction else {
             return Reply::new(503, "5.5.1", "Error: need MAIL command");
@@ -302,6 +361,35 @@ impl Session {
                 }
             }
         };
+        // A backup MX without the primary's user list would accept mail it can
+        // only bounce later (backscatter): use what the primary told us.
+        let (local, _) = address.rsplit_once('@').unwrap_or(("", ""));
+        if let Some(unknown) = policy.verification(&address)
+            && !local.eq_ignore_ascii_case("postmaster")
+        {
+            match (env.knowledge)(&address) {
+                Knowledge::Exists => {}
+                Knowledge::DoesNotExist => {
+                    return Reply::new(
+                        550,
+                        "5.1.1",
+                        format!("<{}>: Recipient address rejected: User unknown", to.address),
+                    );
+                }
+                Knowledge::Unseen => {
+                    if unknown == UnknownRecipients::Tempfail && (env.primary_down)(&address) {
+                        return Reply::new(
+                            450,
+                            "4.1.1",
+                            format!(
+                                "<{}>: Recipient address rejected: unverified address, try again later",
+                                to.address
+                            ),
+                        );
+                    }
+                }
+            }
+        }
         let duplicate = transaction
             .recipients
             .iter()
@@ -390,20 +478,23 @@ fn need_helo() -> Reply {
     Reply::new(503, "5.5.1", "Error: send HELO/EHLO first")
 }
 
-fn ehlo_reply(policy: &Policy) -> Reply {
-    Reply::multiline(
-        250,
-        vec![
-            policy.hostname.clone(),
-            "PIPELINING".into(),
-            format!("SIZE {}", policy.max_message_size),
-            "ETRN".into(),
-            "ENHANCEDSTATUSCODES".into(),
-            "8BITMIME".into(),
-            "DSN".into(),
-            "SMTPUTF8".into(),
-        ],
-    )
+fn ehlo_reply(policy: &Policy, starttls: bool) -> Reply {
+    let mut lines = vec![
+        policy.hostname.clone(),
+        "PIPELINING".into(),
+        format!("SIZE {}", policy.max_message_size),
+        "ETRN".into(),
+    ];
+    if starttls {
+        lines.push("STARTTLS".into());
+    }
+    lines.extend([
+        "ENHANCEDSTATUSCODES".into(),
+        "8BITMIME".into(),
+        "DSN".into(),
+        "SMTPUTF8".into(),
+    ]);
+    Reply::multiline(250, lines)
 }
 
 fn parse_error(e: ParseError) -> Reply {
@@ -452,11 +543,13 @@ mod tests {
         let env = Env {
             policy,
             spool_has_room: &room,
+            knowledge: &|_| Knowledge::Unseen,
+            primary_down: &|_| false,
         };
         for (command, want) in script {
             let step = session.command(format!("{command}\r\n").as_bytes(), &env);
             let code = match &step {
-                Step::Reply(r) | Step::Data(r) | Step::Close(r) => r.code,
+                Step::Reply(r) | Step::Data(r) | Step::Close(r) | Step::StartTls(r) => r.code,
                 Step::Etrn { reply, .. } => reply.code,
             };
             assert_eq!(code, *want, "{command:?} -> {step:?}");
@@ -500,6 +593,8 @@ mod tests {
         let env = Env {
             policy: &p,
             spool_has_room: &room,
+            knowledge: &|_| Knowledge::Unseen,
+            primary_down: &|_| false,
         };
         let mut s = local();
         for command in [
@@ -627,6 +722,8 @@ mod tests {
         let env = Env {
             policy: &p,
             spool_has_room: &room,
+            knowledge: &|_| Knowledge::Unseen,
+            primary_down: &|_| false,
         };
         let mut s = local();
         for i in 1..=MAX_ERRORS {
@@ -646,12 +743,91 @@ mod tests {
     }
 
     #[test]
+    fn starttls_only_when_offered_and_only_once() {
+        let p = policy::sample();
+        let room = |_| true;
+        let env = Env {
+            policy: &p,
+            spool_has_room: &room,
+            knowledge: &|_| Knowledge::Unseen,
+            primary_down: &|_| false,
+        };
+        let ehlo_lines = |s: &mut Session| match s.command(b"EHLO c\r\n", &env) {
+            Step::Reply(r) => r.lines,
+            other => panic!("{other:?}"),
+        };
+        let mut plain = local();
+        assert!(!ehlo_lines(&mut plain).contains(&"STARTTLS".to_string()));
+        assert!(
+            matches!(plain.command(b"STARTTLS\r\n", &env), Step::Reply(ref r) if r.code == 502)
+        );
+
+        let mut offered = Session::with_tls("127.0.0.1".parse().unwrap(), Tls::Offered);
+        assert!(
+            matches!(offered.command(b"STARTTLS\r\n", &env), Step::Reply(ref r) if r.code == 503)
+        );
+        assert!(ehlo_lines(&mut offered).contains(&"STARTTLS".to_string()));
+        offered.command(b"MAIL FROM:<a@b.test>\r\n", &env);
+        assert!(
+            matches!(offered.command(b"STARTTLS\r\n", &env), Step::Reply(ref r) if r.code == 503)
+        );
+        offered.command(b"RSET\r\n", &env);
+        assert!(
+            matches!(offered.command(b"STARTTLS\r\n", &env), Step::StartTls(ref r) if r.code == 220)
+        );
+
+        let mut active = Session::with_tls("127.0.0.1".parse().unwrap(), Tls::Active);
+        assert!(!ehlo_lines(&mut active).contains(&"STARTTLS".to_string()));
+        assert!(active.is_tls());
+        assert!(
+            matches!(active.command(b"STARTTLS\r\n", &env), Step::Reply(ref r) if r.code == 503)
+        );
+    }
+
+    #[test]
+    fn learned_recipients_decide_while_the_primary_is_down() {
+        let p = policy::sample_verifying();
+        let room = |_| true;
+        let knowledge = |address: &str| match address {
+            "known@example.com" => Knowledge::Exists,
+            "gone@example.com" => Knowledge::DoesNotExist,
+            _ => Knowledge::Unseen,
+        };
+        for (down, unseen_code) in [(true, 450), (false, 250)] {
+            let primary_down = move |_: &str| down;
+            let env = Env {
+                policy: &p,
+                spool_has_room: &room,
+                knowledge: &knowledge,
+                primary_down: &primary_down,
+            };
+            let mut s = local();
+            s.command(b"EHLO c\r\n", &env);
+            s.command(b"MAIL FROM:<a@b.test>\r\n", &env);
+            let code = |s: &mut Session, rcpt: &str| match s
+                .command(format!("RCPT TO:<{rcpt}>\r\n").as_bytes(), &env)
+            {
+                Step::Reply(r) => (r.code, r.status),
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(code(&mut s, "known@example.com"), (250, "2.1.5"));
+            assert_eq!(code(&mut s, "gone@example.com"), (550, "5.1.1"));
+            assert_eq!(code(&mut s, "new@example.com").0, unseen_code);
+            assert_eq!(code(&mut s, "postmaster@example.com").0, 250);
+            // example.org does not verify: learned knowledge is not consulted.
+            assert_eq!(code(&mut s, "alice@example.org").0, 250);
+        }
+    }
+
+    #[test]
     fn etrn() {
         let p = policy::sample();
         let room = |_| true;
         let env = Env {
             policy: &p,
             spool_has_room: &room,
+            knowledge: &|_| Knowledge::Unseen,
+            primary_down: &|_| false,
         };
         let mut s = local();
         s.command(b"EHLO c\r\n", &env);
@@ -685,6 +861,8 @@ mod tests {
         let env = Env {
             policy: &p,
             spool_has_room: &full,
+            knowledge: &|_| Knowledge::Unseen,
+            primary_down: &|_| false,
         };
         let mut s = local();
         s.command(b"EHLO c\r\n", &env);
@@ -701,6 +879,8 @@ mod tests {
         let env = Env {
             policy: &p,
             spool_has_room: &room,
+            knowledge: &|_| Knowledge::Unseen,
+            primary_down: &|_| false,
         };
         let data = |body: &[u8], oversize| Data {
             body: body.to_vec(),

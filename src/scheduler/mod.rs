@@ -24,7 +24,7 @@ mod worker;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
@@ -105,6 +105,7 @@ pub struct Handle {
     hints: mpsc::UnboundedSender<IpAddr>,
     queued: Arc<Notify>,
     ctx: Arc<Ctx>,
+    down: Arc<RwLock<HashSet<String>>>,
 }
 
 impl Handle {
@@ -117,6 +118,14 @@ impl Handle {
     /// A client connected from `ip`: if that is a down primary, it is back.
     pub fn hint(&self, ip: IpAddr) {
         let _ = self.hints.send(ip);
+    }
+
+    /// Whether the primary of `domain` is marked down right now.
+    pub fn is_down(&self, domain: &str) -> bool {
+        self.down
+            .read()
+            .map(|d| d.contains(domain))
+            .unwrap_or(false)
     }
 
     /// New mail was committed.
@@ -194,6 +203,8 @@ pub struct Scheduler {
     queued: Arc<Notify>,
     shutdown: Shutdown,
     rescan_at: Option<Instant>,
+    /// Destinations marked down, for inbound recipient checks.
+    down: Arc<RwLock<HashSet<String>>>,
 }
 
 impl Scheduler {
@@ -264,12 +275,14 @@ impl Scheduler {
             queued: queued.clone(),
             shutdown,
             rescan_at: None,
+            down: Arc::new(RwLock::new(HashSet::new())),
         };
         let handle = Handle {
             flush: flush_tx,
             hints: hints_tx,
             queued,
             ctx: scheduler.ctx.clone(),
+            down: scheduler.down.clone(),
         };
         Ok((scheduler, handle))
     }
@@ -291,6 +304,18 @@ impl Scheduler {
             route: configured.and_then(|d| d.route.clone()),
             settings,
         })
+    }
+
+    /// Publishes a destination's health to inbound (and to the gauge).
+    fn publish(&self, domain: &str, up: bool) {
+        self.ctx.set_primary_up(domain, up);
+        if let Ok(mut down) = self.down.write() {
+            if up {
+                down.remove(domain);
+            } else {
+                down.insert(domain.to_owned());
+            }
+        }
     }
 
     fn domain(&mut self, name: &str) -> (Arc<str>, &mut DomainState) {
@@ -353,7 +378,8 @@ impl Scheduler {
                     state
                         .down
                         .get_or_insert_with(|| "unreachable at the last attempt".into());
-                    self.ctx.set_primary_up(&domain_of(&r.address), false);
+                    let domain = domain_of(&r.address);
+                    self.publish(&domain, false);
                 }
             }
         }
@@ -531,8 +557,8 @@ impl Scheduler {
         };
         if state.down.is_none() {
             warn!(%domain, %reason, "primary unreachable; probing every {:?}", self.probe_interval);
-            self.ctx.set_primary_up(domain, false);
             state.down = Some(reason);
+            self.publish(domain, false);
             // Learn its addresses so an inbound connection from it is recognised.
             let ctx = self.ctx.clone();
             let route = self.destination(domain).route.clone();
@@ -550,13 +576,13 @@ impl Scheduler {
         let Some(state) = self.domains.get_mut(domain) else {
             return;
         };
-        if state.down.is_some() {
-            self.ctx.set_primary_up(domain, true);
-        }
-        state.down = None;
+        let was_down = state.down.take().is_some();
         state.looping = false;
         state.primary_ips.clear();
         let waiting: Vec<QueueId> = state.waiting.drain().collect();
+        if was_down {
+            self.publish(domain, true);
+        }
         if waiting.is_empty() {
             return;
         }
