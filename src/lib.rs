@@ -17,11 +17,13 @@
 //! - [`route`]: (4) where: MX planning and the resolver.
 //! - [`http`], [`metrics`]: (7) `/metrics`, health, and the admin API.
 //! - [`shutdown`]: the signal every task watches.
+//! - [`cli`]: the operator's `queue`, `dead`, `health`: an admin API client.
 //!
 //! [`Server`] wires these together: the binary binds sockets, loads the config,
 //! and calls [`Server::start`]; tests do the same on `127.0.0.1:0`.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod config;
 pub mod dsn;
 pub mod http;

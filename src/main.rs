@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mxspool::Server;
+use mxspool::cli::{self, CliError};
 use mxspool::config::{Config, LogFormat};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -38,6 +39,14 @@ enum Command {
     Serve,
     /// Validate the configuration and print it with every default filled in.
     CheckConfig,
+    /// Inspect and operate on the queue of the running server (admin API).
+    #[command(subcommand)]
+    Queue(cli::QueueCommand),
+    /// Mail that could neither be delivered nor bounced (admin API).
+    #[command(subcommand)]
+    Dead(cli::DeadCommand),
+    /// Exit 0 iff the server's /healthz answers within 3 s (Docker HEALTHCHECK).
+    Health,
 }
 
 /// Exit status for a configuration that does not load.
@@ -51,10 +60,17 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(e) => {
             eprintln!("mxspool: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+            // Docker reserves a HEALTHCHECK's exit status 2: any failure is 1.
+            return ExitCode::from(match cli.command {
+                Command::Health => cli::EXIT_FAILURE,
+                _ => EXIT_CONFIG,
+            });
         }
     };
     match cli.command {
+        Command::Queue(command) => finish(cli::queue(&config, command, &mut std::io::stdout())),
+        Command::Dead(command) => finish(cli::dead(&config, command, &mut std::io::stdout())),
+        Command::Health => finish(cli::health(&config)),
         Command::CheckConfig => {
             print!("{}", config.to_toml());
             ExitCode::SUCCESS
@@ -76,6 +92,17 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// The exit of an operator command: a one-line reason on stderr on failure.
+fn finish(result: Result<(), CliError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mxspool: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }

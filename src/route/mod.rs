@@ -88,12 +88,14 @@ pub fn plan(
         MxAnswer::NoRecords => return Ok(vec![normalise(domain)]),
         MxAnswer::Records(records) => records,
     };
-    if records
-        .iter()
-        .any(|r| r.exchange.is_empty() || r.exchange == ".")
-    {
+    let is_root = |r: &Mx| r.exchange.is_empty() || r.exchange == ".";
+    // RFC 7505: a lone "." means no mail. Beside real hosts it is a mistake
+    // to step over, not a reason to refuse the domain.
+    if records.iter().all(is_root) {
         return Err(RouteError::NullMx);
     }
+    let records: Vec<Mx> = records.iter().filter(|r| !is_root(r)).cloned().collect();
+    let records = &records;
     let ours = |name: &str| me.names.iter().any(|n| normalise(n) == normalise(name));
     let own_preference = records
         .iter()
@@ -280,6 +282,10 @@ mod tests {
             ),
             // Null MX.
             (mx(&[(0, ".")]), Err(RouteError::NullMx)),
+            (
+                mx(&[(0, "."), (10, "a.example.com")]),
+                Ok(vec!["a.example.com"]),
+            ),
             (MxAnswer::NoRecords, Ok(vec!["example.com"])),
             (MxAnswer::NoSuchDomain, Err(RouteError::NoSuchDomain)),
         ];
