@@ -246,11 +246,21 @@ pub struct FlushBody {
 pub async fn flush(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Option<Json<FlushBody>>,
+    body: axum::body::Bytes,
 ) -> ApiResult {
     authorise(&state, &headers)?;
+    let body: FlushBody = if body.iter().all(u8::is_ascii_whitespace) {
+        FlushBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"domain\": \"...\"}} or nothing: {e}"),
+            )
+        })?
+    };
     let domain = body
-        .and_then(|Json(b)| b.domain)
+        .domain
         .map(|d| d.trim().trim_end_matches('.').to_lowercase())
         .filter(|d| !d.is_empty());
     let flushed = domain.clone().unwrap_or_else(|| "all".into());
@@ -384,6 +394,13 @@ pub async fn dead_delete(
         return Err(no_such(id));
     }
     apply(&state, id, Change::Delete, "deleted").await
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this path".into(),
+    )
 }
 
 pub async fn not_found() -> ApiError {

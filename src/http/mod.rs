@@ -74,6 +74,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/dead/{id}/requeue", post(api::dead_requeue))
         .route("/api/dead/{id}", delete(api::dead_delete))
         .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
         .with_state(state)
 }
 
