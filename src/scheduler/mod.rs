@@ -576,13 +576,13 @@ impl Scheduler {
         let Some(state) = self.domains.get_mut(domain) else {
             return;
         };
-        let was_down = state.down.take().is_some();
+        // Published even if nothing was marked down: an ETRN or flush may have
+        // cleared the mark to let a connection be tried.
+        state.down = None;
         state.looping = false;
         state.primary_ips.clear();
         let waiting: Vec<QueueId> = state.waiting.drain().collect();
-        if was_down {
-            self.publish(domain, true);
-        }
+        self.publish(domain, true);
         if waiting.is_empty() {
             return;
         }
