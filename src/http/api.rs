@@ -155,9 +155,12 @@ pub struct ListQuery {
 pub async fn list(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Query(q): Query<ListQuery>,
+    uri: axum::http::Uri,
 ) -> ApiResult {
     authorise(&state, &headers)?;
+    // Parsed after the token check, so strangers learn nothing from errors.
+    let Query(q) = Query::<ListQuery>::try_from_uri(&uri)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let wanted = match q.state.as_deref() {
         None | Some("") => None,
         Some(s @ ("queued" | "held" | "deferred")) => Some(s.to_owned()),
