@@ -46,8 +46,10 @@ fn authorise(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let offered = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        // RFC 7235: the scheme name is case-insensitive.
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token);
     if token.matches(offered.trim()) {
         Ok(())
     } else {
