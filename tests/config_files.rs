@@ -32,6 +32,15 @@ fn example_config_is_valid_and_runs_without_root() {
 }
 
 #[test]
+fn container_config_is_valid() {
+    let config = Config::load(Path::new("docker/config.toml")).unwrap();
+    assert_eq!(config.spool.path, Path::new("/var/lib/mxspool/spool.redb"));
+    // Reachable from other containers; SMTP above 1024 so no root is needed.
+    assert!(config.http.listen.ip().is_unspecified());
+    assert!(config.server.listen.iter().all(|a| a.port() == 2525));
+}
+
+#[test]
 fn valid_fixtures_parse() {
     let files = toml_files("tests/fixtures/config/valid");
     assert!(files.len() >= 3, "found only {files:?}");
