@@ -25,6 +25,11 @@ use crate::spool::{Client, CommitError, Envelope, NewMessage};
 /// are discarded up to their end and refused with 500 5.5.2.
 pub const MAX_LINE: usize = 2048;
 const READ_CHUNK: usize = 16 * 1024;
+/// Longest a whole session may last: slow-drip clients cannot hold a slot
+/// indefinitely by sending one byte per timeout period.
+pub const SESSION_LIMIT: Duration = Duration::from_secs(3600);
+/// Longest we wait for a client to take our replies off the socket.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(300);
 
 enum Input {
     Line(Vec<u8>),
@@ -45,6 +50,8 @@ enum Stop {
 /// The connection's bytes: what has been read but not used, and replies not yet sent.
 struct Io<S> {
     stream: S,
+    /// The whole session must end by then, however slowly the client trickles.
+    deadline: tokio::time::Instant,
     input: Vec<u8>,
     /// Start of unconsumed bytes in `input`.
     start: usize,
@@ -52,9 +59,10 @@ struct Io<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
-    fn new(stream: S) -> Io<S> {
+    fn new(stream: S, deadline: tokio::time::Instant) -> Io<S> {
         Io {
             stream,
+            deadline,
             input: Vec::new(),
             start: 0,
             output: Vec::new(),
@@ -73,13 +81,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
         }
     }
 
+    /// Time left for one read or write: `timeout`, but never past the deadline.
+    fn limit(&self, timeout: Duration) -> Duration {
+        timeout.min(
+            self.deadline
+                .saturating_duration_since(tokio::time::Instant::now()),
+        )
+    }
+
     async fn flush(&mut self) -> Result<(), Stop> {
         if !self.output.is_empty() {
-            self.stream
-                .write_all(&self.output)
-                .await
-                .map_err(Stop::Io)?;
-            self.stream.flush().await.map_err(Stop::Io)?;
+            // A client that never reads its replies must not hold us forever.
+            let limit = self.limit(WRITE_TIMEOUT);
+            let write = async {
+                self.stream.write_all(&self.output).await?;
+                self.stream.flush().await
+            };
+            match tokio::time::timeout(limit, write).await {
+                Err(_) => return Err(Stop::Timeout),
+                Ok(Err(e)) => return Err(Stop::Io(e)),
+                Ok(Ok(())) => {}
+            }
             self.output.clear();
         }
         Ok(())
@@ -94,8 +116,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
         }
         let len = self.input.len();
         self.input.resize(len + READ_CHUNK, 0);
+        let limit = self.limit(timeout);
         let read = tokio::select! {
-            r = tokio::time::timeout(timeout, self.stream.read(&mut self.input[len..])) => r,
+            r = tokio::time::timeout(limit, self.stream.read(&mut self.input[len..])) => r,
             () = shutdown.wait() => {
                 self.input.truncate(len);
                 return Err(Stop::Shutdown);
@@ -160,7 +183,8 @@ pub async fn serve<S>(stream: S, peer: SocketAddr, inbound: Arc<Inbound>, mut sh
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut io = Io::new(stream);
+    let deadline = tokio::time::Instant::now() + SESSION_LIMIT;
+    let mut io = Io::new(stream, deadline);
     let acceptor = inbound.tls_acceptor();
     let tls = if acceptor.is_some() {
         Tls::Offered
@@ -183,7 +207,7 @@ where
         Err(_) => return debug!("TLS handshake timed out"),
     };
     debug!("TLS established");
-    let mut io = Io::new(stream);
+    let mut io = Io::new(stream, deadline);
     let session = Session::with_tls(peer.ip(), Tls::Active);
     let stop = converse(&mut io, session, peer, &inbound, &mut shutdown).await;
     finish(io, stop, &inbound).await;
@@ -429,5 +453,48 @@ async fn commit(inbound: &Inbound, envelope: Envelope, body: Vec<u8>) -> Reply {
             inbound.metrics.reject("spool_error");
             Reply::new(451, "4.3.0", "Error: queue file write error")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client dripping one byte just inside every per-read timeout is still
+    /// cut off at the session deadline.
+    #[tokio::test(start_paused = true)]
+    async fn the_session_deadline_stops_slow_drip_clients() {
+        let (client, server) = tokio::io::duplex(64);
+        let started = tokio::time::Instant::now();
+        let mut io = Io::new(server, started + Duration::from_secs(10));
+        let (_trigger, mut shutdown) = crate::shutdown::channel();
+        let drip = tokio::spawn(async move {
+            let mut client = client;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if client.write_all(b"x").await.is_err() {
+                    return;
+                }
+            }
+        });
+        let result = io.next_line(Duration::from_secs(2), &mut shutdown).await;
+        assert!(matches!(result, Err(Stop::Timeout)), "{:?}", result.err());
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= Duration::from_secs(10) && elapsed < Duration::from_secs(12),
+            "{elapsed:?}"
+        );
+        drip.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_reads_cannot_block_replies_forever() {
+        let (_client, server) = tokio::io::duplex(16);
+        let mut io = Io::new(
+            server,
+            tokio::time::Instant::now() + Duration::from_secs(3600),
+        );
+        io.output = vec![b'x'; 1024];
+        assert!(matches!(io.flush().await, Err(Stop::Timeout)));
     }
 }
