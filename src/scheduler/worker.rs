@@ -371,6 +371,8 @@ pub(super) async fn record(
             // The attempt stays unrecorded: the message is tried again, so a
             // recipient may get it twice, but none loses it.
             warn!(queue_id = %job.id, error = %e, "cannot record delivery outcome");
+            // Typically a full disk: give it a moment rather than retrying hot.
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         }
     }
     if has_notices {

@@ -20,7 +20,7 @@ mod writer;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::thread::JoinHandle;
 
 use redb::{
@@ -135,7 +135,7 @@ pub struct Spool {
 }
 
 struct Inner {
-    db: Arc<Database>,
+    db: Arc<Store>,
     path: PathBuf,
     ids: IdGen,
     max_size: u64,
@@ -184,12 +184,7 @@ impl Spool {
             std::fs::create_dir_all(dir)
                 .map_err(|e| io(format!("cannot create {}: {e}", dir.display())))?;
         }
-        // redb documents that opening a file altered behind its back may panic;
-        // a damaged spool must be a clear startup error instead.
-        let opened = std::panic::catch_unwind(|| {
-            Database::builder().set_cache_size(CACHE_BYTES).create(path)
-        });
-        let db = match opened {
+        let db = match open_database(path) {
             Ok(Ok(db)) => db,
             Ok(Err(DatabaseError::DatabaseAlreadyOpen)) => {
                 return Err(OpenError::Locked {
@@ -211,7 +206,10 @@ impl Spool {
             PrepareError::Db(reason) => corrupt(reason),
         })?;
 
-        let db = Arc::new(db);
+        let db = Arc::new(Store {
+            path: path.to_owned(),
+            db: RwLock::new(Some(db)),
+        });
         let totals = Arc::new(Totals {
             messages: AtomicU64::new(scan.messages),
             queued_bytes: AtomicU64::new(scan.queued_bytes),
@@ -337,7 +335,7 @@ impl Spool {
 
     /// The last verdict on `address` and when it was learned.
     pub fn learned(&self, address: &str) -> Result<Option<(bool, u64)>, ReadError> {
-        let txn = self.inner.db.begin_read().map_err(read_err)?;
+        let txn = self.inner.db.begin_read()?;
         let table = txn.open_table(LEARNED).map_err(read_err)?;
         let key = address.to_lowercase();
         Ok(table
@@ -378,7 +376,7 @@ impl Spool {
     /// Envelopes of the given messages (absent or undecodable ones skipped),
     /// read from one snapshot.
     pub fn envelopes_of(&self, ids: &[QueueId]) -> Result<Vec<Envelope>, ReadError> {
-        let txn = self.inner.db.begin_read().map_err(read_err)?;
+        let txn = self.inner.db.begin_read()?;
         let table = txn.open_table(MESSAGES).map_err(read_err)?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
@@ -393,7 +391,7 @@ impl Spool {
 
     /// The first due time strictly after `after_ms`, if any.
     pub fn next_due_after(&self, after_ms: u64) -> Result<Option<u64>, ReadError> {
-        let txn = self.inner.db.begin_read().map_err(read_err)?;
+        let txn = self.inner.db.begin_read()?;
         let table = txn.open_table(DUE).map_err(read_err)?;
         let first = table
             .range((after_ms.saturating_add(1), 0)..)
@@ -429,7 +427,7 @@ impl Spool {
 
     /// The envelope of a queued message, if it exists and decodes.
     pub fn envelope(&self, id: QueueId) -> Result<Option<Envelope>, ReadError> {
-        let txn = self.inner.db.begin_read().map_err(read_err)?;
+        let txn = self.inner.db.begin_read()?;
         let table = txn.open_table(MESSAGES).map_err(read_err)?;
         let Some(raw) = table.get(id.0).map_err(read_err)? else {
             return Ok(None);
@@ -439,7 +437,7 @@ impl Spool {
 
     /// The stored body of a message.
     pub fn body(&self, id: QueueId) -> Result<Option<Vec<u8>>, ReadError> {
-        let txn = self.inner.db.begin_read().map_err(read_err)?;
+        let txn = self.inner.db.begin_read()?;
         let table = txn.open_table(BODIES).map_err(read_err)?;
         Ok(table
             .get(id.0)
@@ -450,7 +448,7 @@ impl Spool {
     /// Every queued envelope in ID (arrival) order; undecodable ones are skipped
     /// (they were quarantined at open and cannot appear later).
     pub fn envelopes(&self) -> Result<Vec<Envelope>, ReadError> {
-        let txn = self.inner.db.begin_read().map_err(read_err)?;
+        let txn = self.inner.db.begin_read()?;
         let table = txn.open_table(MESSAGES).map_err(read_err)?;
         let mut out = Vec::new();
         for row in table.iter().map_err(read_err)? {
@@ -469,7 +467,7 @@ impl Spool {
 
     /// Due entries at or before `until_ms`, earliest first, at most `limit`.
     pub fn due_until(&self, until_ms: u64, limit: usize) -> Result<Vec<(u64, QueueId)>, ReadError> {
-        let txn = self.inner.db.begin_read().map_err(read_err)?;
+        let txn = self.inner.db.begin_read()?;
         let table = txn.open_table(DUE).map_err(read_err)?;
         let mut out = Vec::new();
         for row in table
@@ -486,20 +484,20 @@ impl Spool {
 
     /// When the earliest message is due, if any is.
     pub fn next_due(&self) -> Result<Option<u64>, ReadError> {
-        let txn = self.inner.db.begin_read().map_err(read_err)?;
+        let txn = self.inner.db.begin_read()?;
         let table = txn.open_table(DUE).map_err(read_err)?;
         Ok(table.first().map_err(read_err)?.map(|(k, _)| k.value().0))
     }
 
     pub fn is_held(&self, id: QueueId) -> Result<bool, ReadError> {
-        let txn = self.inner.db.begin_read().map_err(read_err)?;
+        let txn = self.inner.db.begin_read()?;
         let table = txn.open_table(HELD).map_err(read_err)?;
         Ok(table.get(id.0).map_err(read_err)?.is_some())
     }
 
     /// Every dead letter, oldest first.
     pub fn dead_letters(&self) -> Result<Vec<Envelope>, ReadError> {
-        let txn = self.inner.db.begin_read().map_err(read_err)?;
+        let txn = self.inner.db.begin_read()?;
         let table = txn.open_table(DEAD).map_err(read_err)?;
         let mut out = Vec::new();
         for row in table.iter().map_err(read_err)? {
@@ -513,7 +511,7 @@ impl Spool {
 
     /// IDs of records moved to quarantine, with their raw bytes, for inspection.
     pub fn quarantined(&self) -> Result<Vec<(QueueId, Vec<u8>)>, ReadError> {
-        let txn = self.inner.db.begin_read().map_err(read_err)?;
+        let txn = self.inner.db.begin_read()?;
         let table = txn.open_table(QUARANTINE).map_err(read_err)?;
         let mut out = Vec::new();
         for row in table.iter().map_err(read_err)? {
@@ -533,6 +531,56 @@ impl Spool {
             .insert(id.0, raw)
             .map_err(read_err)?;
         txn.commit().map_err(read_err)
+    }
+}
+
+/// redb documents that opening a file altered behind its back may panic; a
+/// damaged spool must be a clear error instead (`Err` here).
+fn open_database(path: &Path) -> std::thread::Result<Result<Database, DatabaseError>> {
+    std::panic::catch_unwind(|| Database::builder().set_cache_size(CACHE_BYTES).create(path))
+}
+
+/// The database, reopenable: after a failed write (a full disk, say) redb
+/// refuses every later operation until the file is closed and opened again,
+/// which is how the spool recovers once the cause is gone.
+pub(super) struct Store {
+    path: PathBuf,
+    /// `None` while closed for reopening (or if reopening failed).
+    db: RwLock<Option<Database>>,
+}
+
+impl Store {
+    fn begin_read(&self) -> Result<redb::ReadTransaction, ReadError> {
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        let db = guard
+            .as_ref()
+            .ok_or_else(|| ReadError("the spool is being reopened after a write error".into()))?;
+        db.begin_read().map_err(read_err)
+    }
+
+    pub(super) fn begin_write(&self) -> Result<redb::WriteTransaction, redb::Error> {
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        let db = guard.as_ref().ok_or(redb::Error::PreviousIo)?;
+        db.begin_write().map_err(Into::into)
+    }
+
+    /// Closes and opens the file again; on failure the store stays closed and
+    /// the next write tries again.
+    pub(super) fn reopen(&self) {
+        let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
+        drop(guard.take());
+        match open_database(&self.path) {
+            Ok(Ok(db)) => {
+                tracing::warn!(path = %self.path.display(), "spool reopened after a write error");
+                *guard = Some(db);
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot reopen the spool yet"),
+            Err(_) => tracing::error!("the storage engine failed while reopening the spool"),
+        }
+    }
+
+    pub(super) fn is_open(&self) -> bool {
+        self.db.read().map(|g| g.is_some()).unwrap_or(false)
     }
 }
 

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
-use redb::{Database, ReadableTable, Table};
+use redb::{ReadableTable, Table};
 use tokio::sync::oneshot;
 
 use super::{
@@ -184,7 +184,7 @@ impl Outcome {
 pub type CommitObserver = Arc<dyn Fn(std::time::Duration) + Send + Sync>;
 
 pub(super) struct Writer {
-    pub db: Arc<Database>,
+    pub db: Arc<super::Store>,
     pub max_size: u64,
     pub totals: Arc<Totals>,
     pub labeler: Labeler,
@@ -244,7 +244,12 @@ impl Writer {
                 }
                 tracing::trace!(jobs, ?elapsed, "spool commit");
             }
-            Err(e) => tracing::error!(error = %e, jobs, "spool commit failed"),
+            Err(e) => {
+                tracing::error!(error = %e, jobs, "spool commit failed");
+                // redb refuses everything after a failed write until reopened;
+                // reopening now lets the next batch succeed once space is back.
+                self.db.reopen();
+            }
         }
         let error = result.err();
         for outcome in outcomes {
@@ -262,7 +267,10 @@ impl Writer {
     ) -> Result<(), CommitError> {
         let io = |e: redb::Error| CommitError::Io(e.to_string());
         // Durability::Immediate is redb's default: commit() returns after the fsync.
-        let txn = self.db.begin_write().map_err(|e| io(e.into()))?;
+        if !self.db.is_open() {
+            self.db.reopen();
+        }
+        let txn = self.db.begin_write().map_err(io)?;
         {
             let mut t = Tables {
                 labeler: &self.labeler,
