@@ -295,6 +295,15 @@ pub async fn delete(
     apply(&state, id, Change::Delete, "deleted").await
 }
 
+/// Whether queued message `id` is held; 404 if there is no such message.
+async fn held(state: &AppState, id: QueueId) -> Result<bool, ApiError> {
+    let (exists, held) = read(state, move |s| {
+        Ok((s.envelope(id)?.is_some(), s.is_held(id)?))
+    })
+    .await?;
+    if exists { Ok(held) } else { Err(no_such(id)) }
+}
+
 pub async fn hold(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -302,13 +311,7 @@ pub async fn hold(
 ) -> ApiResult {
     authorise(&state, &headers)?;
     let id = parse_id(&id)?;
-    let (exists, held) = read(&state, move |s| {
-        Ok((s.envelope(id)?.is_some(), s.is_held(id)?))
-    })
-    .await?;
-    if !exists {
-        return Err(no_such(id));
-    }
+    let held = held(&state, id).await?;
     if held {
         return Err(ApiError(
             StatusCode::CONFLICT,
@@ -325,13 +328,7 @@ pub async fn release(
 ) -> ApiResult {
     authorise(&state, &headers)?;
     let id = parse_id(&id)?;
-    let (exists, held) = read(&state, move |s| {
-        Ok((s.envelope(id)?.is_some(), s.is_held(id)?))
-    })
-    .await?;
-    if !exists {
-        return Err(no_such(id));
-    }
+    let held = held(&state, id).await?;
     if !held {
         return Err(ApiError(StatusCode::CONFLICT, format!("{id} is not held")));
     }

@@ -600,31 +600,7 @@ impl Scheduler {
         matches: impl Fn(&crate::spool::Recipient) -> bool + Send + Sync + 'static,
     ) {
         let ctx = self.ctx.clone();
-        let matches = Arc::new(matches);
-        tokio::spawn(async move {
-            let now = now_ms();
-            let changes = ids
-                .into_iter()
-                .map(|id| {
-                    let matches = matches.clone();
-                    let edit = move |env: &mut Envelope| {
-                        for r in &mut env.recipients {
-                            if r.status == RcptStatus::Queued && matches(r) {
-                                r.next_attempt_ms = now;
-                            }
-                        }
-                        Finished::Remove
-                    };
-                    (id, Change::Edit(Box::new(edit)))
-                })
-                .collect();
-            for result in ctx.spool.change_many(changes).await {
-                if let Err(e) = result {
-                    warn!(error = %e, "cannot release queued mail");
-                }
-            }
-            let _ = ctx.events.send(Event::Released);
-        });
+        tokio::spawn(async move { make_due(&ctx, ids, matches).await });
     }
 
     /// ETRN or an operator's flush: everything for `domain` (or all) due now.
@@ -668,25 +644,7 @@ impl Scheduler {
                 })
                 .map(|env| env.id)
                 .collect();
-            let now = now_ms();
-            let belongs = Arc::new(belongs);
-            let changes = ids
-                .into_iter()
-                .map(|id| {
-                    let belongs = belongs.clone();
-                    let edit = move |env: &mut Envelope| {
-                        for r in &mut env.recipients {
-                            if r.status == RcptStatus::Queued && belongs(&r.address) {
-                                r.next_attempt_ms = now;
-                            }
-                        }
-                        Finished::Remove
-                    };
-                    (id, Change::Edit(Box::new(edit)))
-                })
-                .collect();
-            ctx.spool.change_many(changes).await;
-            let _ = ctx.events.send(Event::Released);
+            make_due(&ctx, ids, move |r| belongs(&r.address)).await;
         });
         info!(
             domain = domain.as_deref().unwrap_or("(all)"),
@@ -765,6 +723,38 @@ impl Scheduler {
             }
         }
     }
+}
+
+/// Makes the matching queued recipients of `ids` due now, then has the
+/// scheduler look at the due index again.
+async fn make_due(
+    ctx: &Ctx,
+    ids: Vec<QueueId>,
+    matches: impl Fn(&crate::spool::Recipient) -> bool + Send + Sync + 'static,
+) {
+    let now = now_ms();
+    let matches = Arc::new(matches);
+    let changes = ids
+        .into_iter()
+        .map(|id| {
+            let matches = matches.clone();
+            let edit = move |env: &mut Envelope| {
+                for r in &mut env.recipients {
+                    if r.status == RcptStatus::Queued && matches(r) {
+                        r.next_attempt_ms = now;
+                    }
+                }
+                Finished::Remove
+            };
+            (id, Change::Edit(Box::new(edit)))
+        })
+        .collect();
+    for result in ctx.spool.change_many(changes).await {
+        if let Err(e) = result {
+            warn!(error = %e, "cannot make queued mail due");
+        }
+    }
+    let _ = ctx.events.send(Event::Released);
 }
 
 /// The recipient's domain, lower-cased: the unit of routing and health.
