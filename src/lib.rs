@@ -155,6 +155,7 @@ impl Server {
             Limits {
                 max_connections: config.server.max_connections,
                 max_connections_per_ip: config.server.max_connections_per_ip,
+                max_connection_rate_per_ip: config.server.max_connection_rate_per_ip,
             },
             tls,
             delivery.clone(),

@@ -692,6 +692,24 @@ async fn connections_per_address_are_limited() {
 }
 
 #[tokio::test]
+async fn connection_rate_per_address_is_limited() {
+    let t =
+        TestServer::start(TestConfig::default().server("max_connection_rate_per_ip", "3")).await;
+    // Sessions that end still count: the limit is on how often, not how many.
+    for _ in 0..3 {
+        t.connect().await.quit().await;
+    }
+    let mut fourth = Client::connect(t.addr).await;
+    fourth.expect(421).await.assert_status(421, "4.7.0");
+    fourth.expect_closed().await;
+    let metrics = t.server.metrics().render(t.spool(), 0);
+    assert!(
+        metrics.contains(r#"mxspool_smtp_rejected_total{reason="limits"} 1"#),
+        "the refusal is counted: {metrics}"
+    );
+}
+
+#[tokio::test]
 async fn connections_are_limited_server_wide() {
     let t = TestServer::start(TestConfig::default().server("max_connections", "1")).await;
     let first = t.connect().await;

@@ -19,7 +19,7 @@ pub mod tls;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -47,6 +47,8 @@ pub struct Inbound {
     /// Sessions per client address (`max_connections_per_ip`).
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     max_per_ip: usize,
+    /// New connections per client address in the current minute.
+    rate: Mutex<RateLimit>,
     /// The delivery side: told about new mail, ETRN, and who connects.
     delivery: scheduler::Handle,
     pub metrics: Arc<Metrics>,
@@ -58,6 +60,8 @@ pub struct Inbound {
 pub struct Limits {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    /// New connections per address per minute; 0 = no limit.
+    pub max_connection_rate_per_ip: u32,
 }
 
 impl Inbound {
@@ -77,6 +81,10 @@ impl Inbound {
             slots: Arc::new(Semaphore::new(limits.max_connections)),
             per_ip: Mutex::new(HashMap::new()),
             max_per_ip: limits.max_connections_per_ip,
+            rate: Mutex::new(RateLimit::new(
+                limits.max_connection_rate_per_ip,
+                RATE_WINDOW,
+            )),
             delivery,
             metrics,
             queued,
@@ -123,6 +131,12 @@ impl Inbound {
         self.queued.notify_one();
     }
 
+    /// Counts a new connection from `ip`; false if it is over its rate.
+    fn within_rate(&self, ip: IpAddr) -> bool {
+        let mut rate = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+        rate.admit(ip, Instant::now())
+    }
+
     /// Takes a per-address slot; `None` if the address already has its maximum.
     fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
         let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
@@ -135,6 +149,48 @@ impl Inbound {
             inbound: self.clone(),
             ip,
         })
+    }
+}
+
+/// The window of `max_connection_rate_per_ip` (Postfix's anvil counts per minute too).
+const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Connections per address in fixed windows: each address's window starts with
+/// its first connection and lasts `window`. Refused attempts count too, so a
+/// client hammering the port stays refused until it pauses for a window.
+struct RateLimit {
+    max: u32,
+    window: Duration,
+    seen: HashMap<IpAddr, (Instant, u32)>,
+}
+
+impl RateLimit {
+    /// Entries kept before expired ones are swept out.
+    const SWEEP_AT: usize = 4096;
+
+    fn new(max: u32, window: Duration) -> RateLimit {
+        RateLimit {
+            max,
+            window,
+            seen: HashMap::new(),
+        }
+    }
+
+    fn admit(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if self.max == 0 {
+            return true;
+        }
+        if self.seen.len() >= Self::SWEEP_AT {
+            let window = self.window;
+            self.seen
+                .retain(|_, (start, _)| now.saturating_duration_since(*start) < window);
+        }
+        let entry = self.seen.entry(ip).or_insert((now, 0));
+        if now.saturating_duration_since(entry.0) >= self.window {
+            *entry = (now, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+        entry.1 <= self.max
     }
 }
 
@@ -211,6 +267,22 @@ async fn admit(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>, shutd
         .await;
         return;
     }
+    if !inbound.within_rate(ip) {
+        warn!("connection rate limit exceeded");
+        inbound.metrics.reject("limits");
+        refuse(
+            stream,
+            Reply::new(
+                421,
+                "4.7.0",
+                format!(
+                    "{hostname} Error: too many connections from your address; try again later"
+                ),
+            ),
+        )
+        .await;
+        return;
+    }
     let Ok(_slot): Result<OwnedSemaphorePermit, _> = inbound.slots.clone().try_acquire_owned()
     else {
         warn!("too many connections");
@@ -255,4 +327,44 @@ async fn refuse(mut stream: TcpStream, reply: Reply) {
         let _ = stream.shutdown().await;
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_counts_per_address_per_window() {
+        let window = Duration::from_secs(60);
+        let mut rate = RateLimit::new(3, window);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "2001:db8::1".parse().unwrap();
+        let t0 = Instant::now();
+        assert!((0..3).all(|_| rate.admit(a, t0)));
+        assert!(!rate.admit(a, t0 + Duration::from_secs(59)));
+        assert!(rate.admit(b, t0), "another address has its own count");
+        assert!(rate.admit(a, t0 + window), "a new window starts afresh");
+    }
+
+    #[test]
+    fn zero_means_no_rate_limit() {
+        let mut rate = RateLimit::new(0, Duration::from_secs(60));
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let now = Instant::now();
+        assert!((0..10_000).all(|_| rate.admit(a, now)));
+        assert!(rate.seen.is_empty(), "nothing is tracked without a limit");
+    }
+
+    #[test]
+    fn expired_entries_are_swept() {
+        let window = Duration::from_secs(60);
+        let mut rate = RateLimit::new(5, window);
+        let t0 = Instant::now();
+        for i in 0..RateLimit::SWEEP_AT as u32 {
+            rate.admit(IpAddr::from(i.to_be_bytes()), t0);
+        }
+        let later = t0 + window;
+        rate.admit("192.0.2.1".parse().unwrap(), later);
+        assert_eq!(rate.seen.len(), 1, "old windows are forgotten");
+    }
 }
