@@ -35,6 +35,7 @@ pub struct Metrics {
     pub delivery_seconds: Histogram,
     pub commit_seconds: Histogram,
     pub loops: IntCounterVec,
+    pub callouts: IntCounterVec,
     queue_messages: IntGaugeVec,
     queue_bytes: IntGauge,
     oldest_age: GaugeVec,
@@ -172,6 +173,11 @@ impl Metrics {
                 "Routing found us to be the best MX of the domain",
                 &["domain"],
             ),
+            callouts: counter_vec(
+                "mxspool_recipient_callouts_total",
+                "Recipients checked with a live primary at RCPT time, by verdict",
+                &["result"],
+            ),
             queue_messages: gauge_vec(
                 "mxspool_queue_messages",
                 "Queued messages with a recipient waiting at the domain",
@@ -210,6 +216,9 @@ impl Metrics {
         }
         for kind in ["failed", "delayed", "relayed"] {
             metrics.dsn_sent.with_label_values(&[kind]);
+        }
+        for verdict in crate::scheduler::Verdict::ALL {
+            metrics.callouts.with_label_values(&[verdict.label()]);
         }
         Arc::new(metrics)
     }

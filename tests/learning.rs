@@ -1,5 +1,6 @@
-//! `verify_recipients`: the primary's RCPT answers seen while delivering are
-//! remembered in the spool.
+//! `verify_recipients`: the primary's RCPT answers seen while delivering, or
+//! asked for in a callout while a client waits, are remembered in the spool
+//! and decide at RCPT.
 
 mod common;
 mod primary;
@@ -23,6 +24,8 @@ async fn deliveries_teach_which_recipients_exist() {
             primary.addr.port()
         )
     };
+    // Accepted while the primary is down: no callout can answer then.
+    primary.set_mode(primary::Mode::Down);
     let t = TestServer::start(TestConfig::default().domains(&domains(true))).await;
     let mut c = t.ehlo().await;
     c.send_mail(
@@ -33,6 +36,8 @@ async fn deliveries_teach_which_recipients_exist() {
     .await
     .queue_id();
     c.quit().await;
+    primary.set_mode(primary::Mode::Up);
+    t.server.flush(None);
     assert!(primary.wait_for_messages(1, Duration::from_secs(5)).await);
 
     let spool = t.spool();
@@ -93,25 +98,19 @@ async fn while_the_primary_is_down_learned_answers_decide_at_rcpt() {
         primary.addr.port()
     )))
     .await;
-    // While the primary is up, deliveries teach us alice exists and bob does not.
+    // While the primary is up, callouts teach us alice exists and bob does not.
     let mut c = t.ehlo().await;
-    c.send_mail(
-        "a@origin.test",
-        &["alice@example.com", "bob@example.com"],
-        b"Subject: x\r\n\r\nx\r\n",
-    )
-    .await
-    .queue_id();
-    assert!(primary.wait_for_messages(1, Duration::from_secs(5)).await);
+    c.cmd("MAIL FROM:<a@origin.test>").await.assert(250);
+    c.cmd("RCPT TO:<alice@example.com>").await.assert(250);
+    c.cmd("RCPT TO:<bob@example.com>")
+        .await
+        .assert_status(550, "5.1.1");
+    c.cmd("RSET").await.assert(250);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while t.spool().learned("bob@example.com").unwrap().is_none() {
         assert!(tokio::time::Instant::now() < deadline, "nothing learned");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Never-seen recipients are accepted while the primary is up.
-    c.cmd("MAIL FROM:<a@origin.test>").await.assert(250);
-    c.cmd("RCPT TO:<carol@example.com>").await.assert(250);
-    c.cmd("RSET").await.assert(250);
 
     // The primary goes away; the next delivery attempt finds it down.
     primary.set_mode(primary::Mode::Down);
@@ -133,7 +132,7 @@ async fn while_the_primary_is_down_learned_answers_decide_at_rcpt() {
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "carol never tempfailed: {reply:?}"
+            "carol, never seen, never tempfailed: {reply:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -143,5 +142,102 @@ async fn while_the_primary_is_down_learned_answers_decide_at_rcpt() {
         .await
         .assert_status(550, "5.1.1");
     c.cmd("RCPT TO:<postmaster@example.com>").await.assert(250);
+    c.quit().await;
+}
+
+/// A domain with `verify_recipients` whose primary is at `primary`.
+fn verifying(primary: &Primary, unknown: &str) -> TestConfig {
+    TestConfig::default().domains(&format!(
+        "[[domain]]\nname = \"example.com\"\nroute = \"[127.0.0.1]:{}\"\n\
+         verify_recipients = true\nunknown_recipients = \"{unknown}\"\n",
+        primary.addr.port()
+    ))
+}
+
+#[tokio::test]
+async fn while_the_primary_is_up_unseen_recipients_are_asked_about_once() {
+    let primary = Primary::start().await;
+    primary.set_rcpt_reply(
+        "bob@example.com",
+        "550 5.1.1 <bob@example.com>: no such user",
+    );
+    primary.set_rcpt_reply("carol@example.com", "450 4.2.1 mailbox busy");
+    let t = TestServer::start(verifying(&primary, "tempfail")).await;
+    let mut c = t.ehlo().await;
+    c.cmd("MAIL FROM:<a@origin.test>").await.assert(250);
+    c.cmd("RCPT TO:<alice@example.com>").await.assert(250);
+    c.cmd("RCPT TO:<Bob@example.com>")
+        .await
+        .assert_status(550, "5.1.1");
+    // No answer either way: the primary is up, so the mail is taken.
+    c.cmd("RCPT TO:<carol@example.com>").await.assert(250);
+    c.cmd("RSET").await.assert(250);
+    let asked = primary.connections();
+    assert_eq!(asked, 3, "one callout per unseen recipient");
+    let commands = primary.commands();
+    for expected in [
+        "MAIL FROM:<>",
+        "RCPT TO:<alice@example.com>",
+        "RCPT TO:<Bob@example.com>",
+    ] {
+        assert!(
+            commands.iter().any(|c| c == expected),
+            "{expected} not in {commands:?}"
+        );
+    }
+    assert!(
+        !commands.iter().any(|c| c == "DATA"),
+        "a callout sends no message"
+    );
+
+    // The answers are remembered: no second callout.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while t.spool().learned("bob@example.com").unwrap().is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "nothing learned");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.cmd("MAIL FROM:<a@origin.test>").await.assert(250);
+    c.cmd("RCPT TO:<alice@example.com>").await.assert(250);
+    c.cmd("RCPT TO:<bob@example.com>")
+        .await
+        .assert_status(550, "5.1.1");
+    c.quit().await;
+    assert_eq!(primary.connections(), asked, "answers come from the spool");
+    assert!(primary.messages().is_empty(), "nothing was delivered");
+
+    let metrics = t.server.metrics().render(t.spool(), 0);
+    for line in [
+        r#"mxspool_recipient_callouts_total{result="exists"} 1"#,
+        r#"mxspool_recipient_callouts_total{result="unknown_user"} 1"#,
+        r#"mxspool_recipient_callouts_total{result="inconclusive"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing");
+    }
+}
+
+#[tokio::test]
+async fn a_primary_that_does_not_answer_callouts_delays_rcpt_briefly() {
+    let primary = Primary::start().await;
+    primary.set_mode(primary::Mode::Hang);
+    let t = TestServer::start(verifying(&primary, "tempfail")).await;
+    let mut c = t.ehlo().await;
+    c.cmd("MAIL FROM:<a@origin.test>").await.assert(250);
+    let started = tokio::time::Instant::now();
+    c.line("RCPT TO:<alice@example.com>").await;
+    let reply = c.try_reply(Duration::from_secs(15)).await.expect("a reply");
+    let waited = started.elapsed();
+    // Unverifiable while the primary does not answer: `tempfail` says 450.
+    reply.assert_status(450, "4.1.1");
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(8),
+        "the callout is bounded: {waited:?}"
+    );
+    // The silent primary is not asked again for a while: the next answer is quick.
+    let started = tokio::time::Instant::now();
+    c.cmd("RCPT TO:<bob@example.com>")
+        .await
+        .assert_status(450, "4.1.1");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(primary.connections(), 1);
     c.quit().await;
 }

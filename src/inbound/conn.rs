@@ -18,6 +18,7 @@ use super::data::{Data, DataReader};
 use super::received::Trace;
 use super::reply::Reply;
 use super::session::{Env, Knowledge, Session, Step, Tls};
+use crate::scheduler::Verdict;
 use crate::shutdown::Shutdown;
 use crate::spool::{Client, CommitError, Envelope, NewMessage};
 
@@ -268,38 +269,64 @@ where
             Err(stop) => return stop,
         };
         let policy = inbound.policy();
-        let step = {
-            let spool_has_room = |size| inbound.spool.has_room(size);
-            let now = crate::scheduler::now_ms();
-            let knowledge = |address: &str| knowledge(inbound, address, now);
-            let primary_down = |address: &str| {
-                inbound
-                    .delivery()
-                    .is_down(&crate::scheduler::domain_of(address))
-            };
-            let env = Env {
-                policy: &policy,
-                spool_has_room: &spool_has_room,
-                knowledge: &knowledge,
-                primary_down: &primary_down,
-            };
-            match input {
-                // RFC 2920: only after our EHLO reply offered PIPELINING may a
-                // client send a command before the previous reply arrived.
-                // Spamware that talks without listening is refused, as with
-                // Postfix's smtpd_forbid_unauth_pipelining.
-                Input::Line(_) if !io.pending().is_empty() && !session.may_pipeline() => {
-                    Step::Close(out_of_sync())
-                }
-                Input::Line(line) => {
-                    debug!(command = %String::from_utf8_lossy(&line).trim_end(), "client");
-                    match session.command(&line, &env) {
-                        // DATA ends a group: content before our 354 is out of turn.
-                        Step::Data(_) if !io.pending().is_empty() => Step::Close(out_of_sync()),
-                        step => step,
+        // At most one callout per command: the command is then given again
+        // with the primary's answer (or lack of one) known.
+        let mut asked: Option<(String, Verdict)> = None;
+        let step = loop {
+            let step = {
+                let spool_has_room = |size| inbound.spool.has_room(size);
+                let now = crate::scheduler::now_ms();
+                let answer = |address: &str| match &asked {
+                    Some((a, verdict)) if a == address => Some(*verdict),
+                    _ => None,
+                };
+                let knowledge = |address: &str| match answer(address) {
+                    Some(Verdict::Exists) => Knowledge::Exists,
+                    Some(Verdict::DoesNotExist) => Knowledge::DoesNotExist,
+                    _ => knowledge(inbound, address, now),
+                };
+                let primary_down = |address: &str| {
+                    answer(address) == Some(Verdict::Unreachable)
+                        || inbound
+                            .delivery()
+                            .is_down(&crate::scheduler::domain_of(address))
+                };
+                let may_call_out = |_: &str| asked.is_none();
+                let env = Env {
+                    policy: &policy,
+                    spool_has_room: &spool_has_room,
+                    knowledge: &knowledge,
+                    primary_down: &primary_down,
+                    may_call_out: &may_call_out,
+                };
+                match &input {
+                    // RFC 2920: only after our EHLO reply offered PIPELINING may a
+                    // client send a command before the previous reply arrived.
+                    // Spamware that talks without listening is refused, as with
+                    // Postfix's smtpd_forbid_unauth_pipelining.
+                    Input::Line(_) if !io.pending().is_empty() && !session.may_pipeline() => {
+                        Step::Close(out_of_sync())
                     }
+                    Input::Line(line) => {
+                        if asked.is_none() {
+                            debug!(command = %String::from_utf8_lossy(line).trim_end(), "client");
+                        }
+                        match session.command(line, &env) {
+                            // DATA ends a group: content before our 354 is out of turn.
+                            Step::Data(_) if !io.pending().is_empty() => Step::Close(out_of_sync()),
+                            step => step,
+                        }
+                    }
+                    Input::TooLong => session.line_too_long(),
                 }
-                Input::TooLong => session.line_too_long(),
+            };
+            match step {
+                Step::Verify(address) if asked.is_none() => {
+                    let verdict = inbound.delivery().verify(&address).await;
+                    debug!(%address, ?verdict, "callout");
+                    asked = Some((address, verdict));
+                }
+                step => break step,
             }
         };
         match step {
@@ -332,6 +359,11 @@ where
                 io.input.clear();
                 io.start = 0;
                 return Stop::StartTls;
+            }
+            Step::Verify(address) => {
+                // The session asks only once per command; never loop on it.
+                warn!(%address, "second callout request for one command");
+                Reply::new(451, "4.3.0", "Error: try again later").write_to(&mut io.output);
             }
             Step::Close(reply) => {
                 if reply.is_error() {

@@ -40,6 +40,10 @@ pub enum Step {
     /// Send the reply (220), drop any input already buffered, and start the
     /// TLS handshake; the conversation starts over inside TLS.
     StartTls(Reply),
+    /// Nothing changed: ask the primary about this never-seen recipient (a
+    /// callout), then give the same command again with the answer known and
+    /// no callout allowed.
+    Verify(String),
 }
 
 /// Where the session stands with TLS.
@@ -63,6 +67,8 @@ pub struct Env<'a> {
     pub knowledge: &'a dyn Fn(&str) -> Knowledge,
     /// Whether the primary of an address's domain is known to be down.
     pub primary_down: &'a dyn Fn(&str) -> bool,
+    /// Whether the primary may be asked about a never-seen recipient now.
+    pub may_call_out: &'a dyn Fn(&str) -> bool,
 }
 
 /// What the primary said about a recipient.
@@ -185,7 +191,10 @@ impl Session {
                 Reply::new(250, "", policy.hostname.clone())
             }
             Request::Mail { from } => self.mail(from, env),
-            Request::Rcpt { to } => self.rcpt(to, line, env),
+            Request::Rcpt { to } => match self.rcpt(to, line, env) {
+                Ok(reply) => reply,
+                Err(address) => return Step::Verify(address),
+            },
             Request::Data => match &self.transaction {
                 _ if self.helo.is_none() => need_helo(),
                 None => Reply::new(503, "5.5.1", "Error: need MAIL command"),
@@ -307,57 +316,71 @@ impl Session {
         Reply::new(250, "2.1.0", "Ok")
     }
 
-    fn rcpt(&mut self, to: RcptTo<String>, line: &[u8], env: &Env<'_>) -> Reply {
+    /// The reply to RCPT, or `Err(address)` when the primary should be asked
+    /// about `address` first (see [`Step::Verify`]).
+    fn rcpt(&mut self, to: RcptTo<String>, line: &[u8], env: &Env<'_>) -> Result<Reply, String> {
         let policy = env.policy;
         let esmtp = self.is_esmtp();
         let Some(transaction) = &mut self.transaction else {
-            return Reply::new(503, "5.5.1", "Error: need MAIL command");
+            return Ok(Reply::new(503, "5.5.1", "Error: need MAIL command"));
         };
         if (to.flags != 0 || to.orcpt.is_some()) && !esmtp {
-            return Reply::new(555, "5.5.4", "Error: RCPT parameters need EHLO");
+            return Ok(Reply::new(555, "5.5.4", "Error: RCPT parameters need EHLO"));
         }
         if to.flags & !RCPT_FLAGS_SUPPORTED != 0 || to.rrvs != 0 {
-            return Reply::new(555, "5.5.4", "Error: unsupported RCPT parameter");
+            return Ok(Reply::new(
+                555,
+                "5.5.4",
+                "Error: unsupported RCPT parameter",
+            ));
         }
         if !to.address.is_ascii() && !transaction.smtputf8 {
-            return Reply::new(
+            return Ok(Reply::new(
                 553,
                 "5.6.7",
                 "Error: must declare SMTPUTF8 to send unicode address",
-            );
+            ));
         }
         if transaction.recipients.len() >= policy.max_recipients {
-            return Reply::new(452, "4.5.3", "Error: too many recipients");
+            return Ok(Reply::new(452, "4.5.3", "Error: too many recipients"));
         }
         // smtp-proto parses both `<>` and `<postmaster>` to "": only the raw line
         // tells them apart. The bare postmaster must be accepted (RFC 5321 §4.5.1).
         let address = if to.address.is_empty() {
             if !is_bare_postmaster(line) {
-                return Reply::new(501, "5.1.3", "Error: bad recipient address syntax");
+                return Ok(Reply::new(
+                    501,
+                    "5.1.3",
+                    "Error: bad recipient address syntax",
+                ));
             }
             policy.postmaster.clone()
         } else {
             match policy.check_recipient(&to.address) {
                 Ok(address) => address,
                 Err(Refusal::Syntax) => {
-                    return Reply::new(501, "5.1.3", "Error: bad recipient address syntax");
+                    return Ok(Reply::new(
+                        501,
+                        "5.1.3",
+                        "Error: bad recipient address syntax",
+                    ));
                 }
                 Err(Refusal::Relay) => {
-                    return Reply::new(
+                    return Ok(Reply::new(
                         550,
                         "5.7.1",
                         format!("<{}>: Relay access denied", to.address),
-                    );
+                    ));
                 }
                 Err(Refusal::UnknownUser) => {
-                    return Reply::new(
+                    return Ok(Reply::new(
                         550,
                         "5.1.1",
                         format!(
                             "<{}>: Recipient address rejected: User unknown in relay recipient table",
                             to.address
                         ),
-                    );
+                    ));
                 }
             }
         };
@@ -370,22 +393,27 @@ impl Session {
             match (env.knowledge)(&address) {
                 Knowledge::Exists => {}
                 Knowledge::DoesNotExist => {
-                    return Reply::new(
+                    return Ok(Reply::new(
                         550,
                         "5.1.1",
                         format!("<{}>: Recipient address rejected: User unknown", to.address),
-                    );
+                    ));
+                }
+                Knowledge::Unseen if !(env.primary_down)(&address) => {
+                    if (env.may_call_out)(&address) {
+                        return Err(address);
+                    }
                 }
                 Knowledge::Unseen => {
-                    if unknown == UnknownRecipients::Tempfail && (env.primary_down)(&address) {
-                        return Reply::new(
+                    if unknown == UnknownRecipients::Tempfail {
+                        return Ok(Reply::new(
                             450,
                             "4.1.1",
                             format!(
                                 "<{}>: Recipient address rejected: unverified address, try again later",
                                 to.address
                             ),
-                        );
+                        ));
                     }
                 }
             }
@@ -418,7 +446,7 @@ impl Session {
                 delay_notified: false,
             });
         }
-        Reply::new(250, "2.1.5", "Ok")
+        Ok(Reply::new(250, "2.1.5", "Ok"))
     }
 
     fn etrn(&mut self, name: &str, policy: &Policy) -> Step {
@@ -545,12 +573,14 @@ mod tests {
             spool_has_room: &room,
             knowledge: &|_| Knowledge::Unseen,
             primary_down: &|_| false,
+            may_call_out: &|_| false,
         };
         for (command, want) in script {
             let step = session.command(format!("{command}\r\n").as_bytes(), &env);
             let code = match &step {
                 Step::Reply(r) | Step::Data(r) | Step::Close(r) | Step::StartTls(r) => r.code,
                 Step::Etrn { reply, .. } => reply.code,
+                Step::Verify(_) => panic!("{command:?}: no callout was allowed"),
             };
             assert_eq!(code, *want, "{command:?} -> {step:?}");
         }
@@ -595,6 +625,7 @@ mod tests {
             spool_has_room: &room,
             knowledge: &|_| Knowledge::Unseen,
             primary_down: &|_| false,
+            may_call_out: &|_| false,
         };
         let mut s = local();
         for command in [
@@ -724,6 +755,7 @@ mod tests {
             spool_has_room: &room,
             knowledge: &|_| Knowledge::Unseen,
             primary_down: &|_| false,
+            may_call_out: &|_| false,
         };
         let mut s = local();
         for i in 1..=MAX_ERRORS {
@@ -751,6 +783,7 @@ mod tests {
             spool_has_room: &room,
             knowledge: &|_| Knowledge::Unseen,
             primary_down: &|_| false,
+            may_call_out: &|_| false,
         };
         let ehlo_lines = |s: &mut Session| match s.command(b"EHLO c\r\n", &env) {
             Step::Reply(r) => r.lines,
@@ -800,6 +833,7 @@ mod tests {
                 spool_has_room: &room,
                 knowledge: &knowledge,
                 primary_down: &primary_down,
+                may_call_out: &|_| false,
             };
             let mut s = local();
             s.command(b"EHLO c\r\n", &env);
@@ -820,6 +854,55 @@ mod tests {
     }
 
     #[test]
+    fn unseen_recipients_are_checked_with_the_primary_while_it_is_up() {
+        let p = policy::sample_verifying();
+        let room = |_| true;
+        let knowledge = |address: &str| match address {
+            "known@example.com" => Knowledge::Exists,
+            _ => Knowledge::Unseen,
+        };
+        for down in [false, true] {
+            let primary_down = move |_: &str| down;
+            let env = Env {
+                policy: &p,
+                spool_has_room: &room,
+                knowledge: &knowledge,
+                primary_down: &primary_down,
+                may_call_out: &|_| true,
+            };
+            let mut s = local();
+            s.command(b"EHLO c\r\n", &env);
+            s.command(b"MAIL FROM:<a@b.test>\r\n", &env);
+            let step = s.command(b"RCPT TO:<New@example.com>\r\n", &env);
+            if down {
+                // A callout can only fail while the primary is down.
+                assert!(
+                    matches!(step, Step::Reply(ref r) if r.code == 450),
+                    "{step:?}"
+                );
+            } else {
+                assert_eq!(step, Step::Verify("New@example.com".into()));
+            }
+            // Known, non-verifying and postmaster recipients need no callout.
+            for rcpt in [
+                "known@example.com",
+                "alice@example.org",
+                "postmaster@example.com",
+            ] {
+                let step = s.command(format!("RCPT TO:<{rcpt}>\r\n").as_bytes(), &env);
+                assert!(
+                    matches!(step, Step::Reply(ref r) if r.code == 250),
+                    "{rcpt}: {step:?}"
+                );
+            }
+            let Some(t) = &s.transaction else {
+                panic!("the transaction was lost")
+            };
+            assert_eq!(t.recipients.len(), 3, "asking changed nothing");
+        }
+    }
+
+    #[test]
     fn etrn() {
         let p = policy::sample();
         let room = |_| true;
@@ -828,6 +911,7 @@ mod tests {
             spool_has_room: &room,
             knowledge: &|_| Knowledge::Unseen,
             primary_down: &|_| false,
+            may_call_out: &|_| false,
         };
         let mut s = local();
         s.command(b"EHLO c\r\n", &env);
@@ -863,6 +947,7 @@ mod tests {
             spool_has_room: &full,
             knowledge: &|_| Knowledge::Unseen,
             primary_down: &|_| false,
+            may_call_out: &|_| false,
         };
         let mut s = local();
         s.command(b"EHLO c\r\n", &env);
@@ -881,6 +966,7 @@ mod tests {
             spool_has_room: &room,
             knowledge: &|_| Knowledge::Unseen,
             primary_down: &|_| false,
+            may_call_out: &|_| false,
         };
         let data = |body: &[u8], oversize| Data {
             body: body.to_vec(),

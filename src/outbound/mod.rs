@@ -164,6 +164,20 @@ pub async fn probe(hop: &Hop, settings: &Settings) -> Result<(), SessionError> {
     Ok(())
 }
 
+/// Asks `hop` whether it has a mailbox for `address` (a callout): MAIL FROM:<>,
+/// RCPT TO, then QUIT, no message. `Some(true)`: accepted; `Some(false)`: "no
+/// such user" (5.1.1); `None`: any other answer, which proves nothing.
+pub async fn verify(
+    hop: &Hop,
+    settings: &Settings,
+    address: &str,
+) -> Result<Option<bool>, SessionError> {
+    let mut conn = connect(hop, settings).await?;
+    let verdict = conn.ask_rcpt(address).await;
+    conn.quit().await;
+    verdict
+}
+
 async fn open(hop: &Hop, settings: &Settings, starttls: bool) -> Result<Connection, SessionError> {
     let timeouts = settings.timeouts;
     let tcp = match tokio::time::timeout(timeouts.connect, TcpStream::connect(hop.addr)).await {
@@ -360,6 +374,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         };
         self.broken = result.is_err();
         result
+    }
+
+    /// The RCPT half of a transaction, for [`verify`].
+    async fn ask_rcpt(&mut self, address: &str) -> Result<Option<bool>, SessionError> {
+        let limit = self.timeouts.command;
+        let utf8 = !address.is_ascii();
+        if utf8 && !self.caps.smtputf8 {
+            return Ok(None);
+        }
+        let mail = if utf8 {
+            "MAIL FROM:<> SMTPUTF8\r\n"
+        } else {
+            "MAIL FROM:<>\r\n"
+        };
+        let reply = self.session.command(mail, limit, Stage::MailFrom).await;
+        self.broken = reply.is_err();
+        if reply?.class() != Class::Success {
+            return Ok(None);
+        }
+        let reply = self
+            .session
+            .command(&format!("RCPT TO:<{address}>\r\n"), limit, Stage::RcptTo)
+            .await;
+        self.broken = reply.is_err();
+        let reply = reply?;
+        Ok(match reply.class() {
+            Class::Success => Some(true),
+            Class::Permanent { status } if status == "5.1.1" => Some(false),
+            _ => None,
+        })
     }
 
     /// QUIT and close. Errors are ignored: the mail is settled either way.

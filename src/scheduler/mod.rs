@@ -18,6 +18,7 @@
 //! The scheduler never speaks SMTP and never decides what a reply means.
 
 pub mod backoff;
+mod callout;
 pub mod notice;
 pub mod outcome;
 mod worker;
@@ -31,16 +32,17 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::config::{Config, DomainConfig};
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::outbound;
 use crate::route::{Identity, Router};
 use crate::shutdown::Shutdown;
 use crate::spool::{Change, Envelope, Finished, QueueId, RcptStatus, Spool};
 use backoff::Backoff;
+pub use callout::Verdict;
 use outcome::{Result as RcptResult, Rules};
 pub use worker::now_ms;
-use worker::{Ctx, Destination, Queue};
+use worker::{Ctx, Destination, Destinations, Queue};
 
 /// Most jobs held in memory at once; the rest wait on disk.
 const MAX_LOADED: usize = 10_000;
@@ -106,9 +108,64 @@ pub struct Handle {
     queued: Arc<Notify>,
     ctx: Arc<Ctx>,
     down: Arc<RwLock<HashSet<String>>>,
+    dests: Arc<Destinations>,
+    callouts: Arc<callout::Gate>,
 }
 
 impl Handle {
+    /// Asks the primary of `address`'s domain whether it has that mailbox (a
+    /// callout; see `callout.rs`), and remembers a definite answer.
+    pub async fn verify(&self, address: &str) -> Verdict {
+        let domain = domain_of(address);
+        if self.is_down(&domain) {
+            return Verdict::Unreachable;
+        }
+        if let Err(verdict) = self.callouts.admit(&domain, Instant::now()) {
+            return verdict;
+        }
+        let dest = self.dests.get(&domain);
+        let ask = async {
+            let hops = self
+                .ctx
+                .router
+                .hops(&domain, dest.route.as_ref())
+                .await
+                .ok()?;
+            for hop in &hops {
+                match outbound::verify(hop, &dest.settings, address).await {
+                    Ok(answer) => return Some(answer),
+                    Err(e) => {
+                        tracing::debug!(%domain, hop = %hop.name, error = %e, "callout failed")
+                    }
+                }
+            }
+            None
+        };
+        let verdict = match tokio::time::timeout(callout::TIMEOUT, ask).await {
+            Ok(Some(Some(exists))) => {
+                self.ctx
+                    .spool
+                    .learn(vec![(address.to_owned(), exists)], now_ms());
+                if exists {
+                    Verdict::Exists
+                } else {
+                    Verdict::DoesNotExist
+                }
+            }
+            Ok(Some(None)) => Verdict::Unknown,
+            Ok(None) | Err(_) => {
+                self.callouts.silent(&domain, Instant::now());
+                Verdict::Unreachable
+            }
+        };
+        self.ctx
+            .metrics
+            .callouts
+            .with_label_values(&[verdict.label()])
+            .inc();
+        verdict
+    }
+
     /// Make a destination's mail (or all mail, for `None`) due now (ETRN, the
     /// admin API's flush).
     pub fn flush(&self, domain: Option<String>) {
@@ -190,10 +247,8 @@ struct DomainState {
 pub struct Scheduler {
     ctx: Arc<Ctx>,
     domains: HashMap<Arc<str>, DomainState>,
-    /// Configured domains, for routes and TLS overrides.
-    configured: Vec<DomainConfig>,
-    /// Client settings for destinations without an override.
-    default_settings: outbound::Settings,
+    /// Configured domains' routes and client settings.
+    dests: Arc<Destinations>,
     probe_interval: Duration,
     connections_per_domain: usize,
     in_flight: HashSet<(QueueId, Arc<str>)>,
@@ -261,11 +316,13 @@ impl Scheduler {
         let scheduler = Scheduler {
             ctx,
             domains: HashMap::new(),
-            configured: config.domains.clone(),
-            default_settings: outbound::Settings {
-                tls: d.tls,
-                ..settings
-            },
+            dests: Arc::new(Destinations::new(
+                config.domains.clone(),
+                outbound::Settings {
+                    tls: d.tls,
+                    ..settings
+                },
+            )),
             probe_interval: d.probe_interval,
             connections_per_domain: d.connections_per_domain,
             in_flight: HashSet::new(),
@@ -283,27 +340,14 @@ impl Scheduler {
             queued,
             ctx: scheduler.ctx.clone(),
             down: scheduler.down.clone(),
+            dests: scheduler.dests.clone(),
+            callouts: Arc::new(callout::Gate::new(Instant::now())),
         };
         Ok((scheduler, handle))
     }
 
-    /// The configured domain `domain` belongs to (exactly, or as a subdomain).
-    fn configured(&self, domain: &str) -> Option<&DomainConfig> {
-        self.configured.iter().find(|d| {
-            domain == d.name || (d.include_subdomains && domain.ends_with(&format!(".{}", d.name)))
-        })
-    }
-
     fn destination(&self, domain: &str) -> Arc<Destination> {
-        let configured = self.configured(domain);
-        let mut settings = self.default_settings.clone();
-        if let Some(tls) = configured.and_then(|d| d.tls) {
-            settings.tls = tls;
-        }
-        Arc::new(Destination {
-            route: configured.and_then(|d| d.route.clone()),
-            settings,
-        })
+        self.dests.get(domain)
     }
 
     /// Publishes a destination's health to inbound (and to the gauge).
@@ -616,7 +660,7 @@ impl Scheduler {
             }
         }
         let ctx = self.ctx.clone();
-        let configured = self.configured.clone();
+        let dests = self.dests.clone();
         let this_domain = domain.clone();
         tokio::spawn(async move {
             let spool = ctx.spool.clone();
@@ -630,7 +674,7 @@ impl Scheduler {
                 Some(d) => {
                     let rd = domain_of(address);
                     rd == *d
-                        || configured.iter().any(|c| {
+                        || dests.configured.iter().any(|c| {
                             c.name == *d && c.include_subdomains && rd.ends_with(&format!(".{d}"))
                         })
                 }

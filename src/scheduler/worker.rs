@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::notice;
 use super::outcome::{self, NoticeKind, Result as RcptResult, Rules};
-use crate::config::{BouncePolicy, Route};
+use crate::config::{BouncePolicy, DomainConfig, Route};
 use crate::metrics::Metrics;
 use crate::outbound::{self, Connection, Hop, Outcome, SessionError};
 use crate::route::{RouteError, Router};
@@ -68,6 +68,38 @@ impl Ctx {
 pub(super) struct Destination {
     pub route: Option<Route>,
     pub settings: outbound::Settings,
+}
+
+/// Every configured domain's route and client settings.
+pub(super) struct Destinations {
+    pub configured: Vec<DomainConfig>,
+    /// Client settings for destinations without an override.
+    pub default_settings: outbound::Settings,
+}
+
+impl Destinations {
+    pub fn new(configured: Vec<DomainConfig>, default_settings: outbound::Settings) -> Self {
+        Destinations {
+            configured,
+            default_settings,
+        }
+    }
+
+    /// How to reach `domain`: the route and TLS override of the configured
+    /// domain it belongs to (exactly, or as a subdomain), if any.
+    pub fn get(&self, domain: &str) -> Arc<Destination> {
+        let configured = self.configured.iter().find(|d| {
+            domain == d.name || (d.include_subdomains && domain.ends_with(&format!(".{}", d.name)))
+        });
+        let mut settings = self.default_settings.clone();
+        if let Some(tls) = configured.and_then(|d| d.tls) {
+            settings.tls = tls;
+        }
+        Arc::new(Destination {
+            route: configured.and_then(|d| d.route.clone()),
+            settings,
+        })
+    }
 }
 
 /// The wall clock in Unix milliseconds (what the spool stores).
