@@ -20,7 +20,7 @@ use super::reply::Reply;
 use super::session::{Env, Knowledge, Session, Step, Tls};
 use crate::scheduler::Verdict;
 use crate::shutdown::Shutdown;
-use crate::spool::{Client, CommitError, Envelope, NewMessage};
+use crate::spool::{Client, CommitError, Envelope, NewMessage, TRUST_EXISTS, TRUST_MISSING};
 
 /// Longest command line we read (Postfix's `line_length_limit`); longer lines
 /// are discarded up to their end and refused with 500 5.5.2.
@@ -441,17 +441,13 @@ where
     }
 }
 
-/// A "no such user" from the primary is trusted this long: a mailbox created
-/// since is refused at most for a day.
-const FORGET_UNKNOWN_MS: u64 = 24 * 3600 * 1000;
-/// An accepted address is trusted this long without another answer.
-const FORGET_KNOWN_MS: u64 = 30 * 24 * 3600 * 1000;
-
 /// What the spool remembers of the primary's answer about `address`.
 fn knowledge(inbound: &Inbound, address: &str, now_ms: u64) -> Knowledge {
     match inbound.spool.learned(address) {
-        Ok(Some((true, at))) if now_ms.saturating_sub(at) < FORGET_KNOWN_MS => Knowledge::Exists,
-        Ok(Some((false, at))) if now_ms.saturating_sub(at) < FORGET_UNKNOWN_MS => {
+        Ok(Some((true, at))) if now_ms.saturating_sub(at) < TRUST_EXISTS.as_millis() as u64 => {
+            Knowledge::Exists
+        }
+        Ok(Some((false, at))) if now_ms.saturating_sub(at) < TRUST_MISSING.as_millis() as u64 => {
             Knowledge::DoesNotExist
         }
         _ => Knowledge::Unseen,

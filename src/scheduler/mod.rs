@@ -377,6 +377,8 @@ impl Scheduler {
         self.scan().await;
         let mut probe_tick = tokio::time::interval(self.probe_interval);
         probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Learned recipient verdicts past their trust period go (now, then daily).
+        let mut forget_tick = tokio::time::interval(Duration::from_secs(24 * 3600));
         loop {
             let wake = self.next_wake();
             tokio::select! {
@@ -386,6 +388,7 @@ impl Scheduler {
                 Some(ip) = self.hints.recv() => self.hint(ip),
                 () = self.queued.notified() => self.rescan_soon(Duration::ZERO),
                 _ = probe_tick.tick() => self.probe_down_domains(),
+                _ = forget_tick.tick() => self.ctx.spool.forget_stale(now_ms()),
                 () = tokio::time::sleep_until(wake) => {
                     self.rescan_at = None;
                     self.scan().await;

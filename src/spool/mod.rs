@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use redb::{
     Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata,
@@ -41,6 +42,11 @@ const HELD: TableDefinition<u64, ()> = TableDefinition::new("held");
 const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead");
 const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
 /// What the primary said about recipients: lower-cased address -> (exists, unix ms).
+/// How long the primary's "this mailbox exists" is trusted without another answer.
+pub const TRUST_EXISTS: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How long its "no such user" is trusted: a mailbox created since is refused
+/// for a day at most.
+pub const TRUST_MISSING: Duration = Duration::from_secs(24 * 3600);
 const LEARNED: TableDefinition<&str, (bool, u64)> = TableDefinition::new("learned");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -331,6 +337,15 @@ impl Spool {
             return;
         }
         let _ = self.send(Job::Learn { verdicts, at_ms });
+    }
+
+    /// Drops learned verdicts older than their trust period ([`TRUST_EXISTS`],
+    /// [`TRUST_MISSING`]) as of `now_ms`. Not awaited, like [`Spool::learn`].
+    pub fn forget_stale(&self, now_ms: u64) {
+        let _ = self.send(Job::Forget {
+            exists_before: now_ms.saturating_sub(TRUST_EXISTS.as_millis() as u64),
+            missing_before: now_ms.saturating_sub(TRUST_MISSING.as_millis() as u64),
+        });
     }
 
     /// The last verdict on `address` and when it was learned.
@@ -1100,6 +1115,39 @@ mod tests {
         );
         assert_eq!(spool.learned("BOB@example.com").unwrap(), Some((true, 20)));
         assert_eq!(spool.learned("carol@example.com").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn stale_verdicts_are_forgotten() {
+        let (_dir, spool) = two_messages().await;
+        let day = 24 * 3600 * 1000;
+        let now = 100 * day;
+        spool.learn(
+            vec![
+                ("old-yes@example.com".into(), true),
+                ("old-no@example.com".into(), false),
+            ],
+            now - 31 * day,
+        );
+        spool.learn(
+            vec![
+                ("yes@example.com".into(), true),
+                ("no-yesterday@example.com".into(), false),
+            ],
+            now - 2 * day,
+        );
+        spool.learn(vec![("no@example.com".into(), false)], now - day / 2);
+        spool.forget_stale(now);
+        spool.commit(message(3, b"x")).await.unwrap();
+        let kept = |a: &str| spool.learned(a).unwrap().is_some();
+        assert!(!kept("old-yes@example.com"));
+        assert!(!kept("old-no@example.com"));
+        assert!(
+            kept("yes@example.com"),
+            "an accepted address is trusted 30 days"
+        );
+        assert!(!kept("no-yesterday@example.com"), "a refusal only a day");
+        assert!(kept("no@example.com"));
     }
 
     #[tokio::test]

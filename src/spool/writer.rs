@@ -67,6 +67,11 @@ pub(super) enum Job {
         verdicts: Vec<(String, bool)>,
         at_ms: u64,
     },
+    /// Drop verdicts learned before these times (Unix ms).
+    Forget {
+        exists_before: u64,
+        missing_before: u64,
+    },
 }
 
 /// Names the group a recipient domain is counted under (the configured
@@ -333,6 +338,23 @@ impl Writer {
                                     failure = Some(io(e.into()));
                                     break;
                                 }
+                            }
+                        }
+                    }
+                    Job::Forget {
+                        exists_before,
+                        missing_before,
+                    } => {
+                        if failure.is_none() {
+                            let stale = |(exists, at): (bool, u64)| {
+                                at < if exists {
+                                    exists_before
+                                } else {
+                                    missing_before
+                                }
+                            };
+                            if let Err(e) = t.learned.retain(|_, verdict| !stale(verdict)) {
+                                failure = Some(io(e.into()));
                             }
                         }
                     }
