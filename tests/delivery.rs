@@ -147,6 +147,61 @@ impl Net {
 const LOCALHOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 /// Outbound settings with every timeout set to `limit`.
+/// How many spool transactions (each with its fsync) the server has committed.
+fn commits(t: &TestServer) -> u64 {
+    let text = t.server.metrics().render(t.spool(), 0);
+    text.lines()
+        .find_map(|l| l.strip_prefix("mxspool_spool_commit_seconds_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("commit count in /metrics")
+}
+
+#[tokio::test]
+async fn mail_for_a_primary_known_to_be_down_is_written_once() {
+    let primary = Primary::start().await;
+    primary.set_mode(Mode::Down);
+    let t = TestServer::start(config_for(&primary)).await;
+    let first = send(
+        &t,
+        "a@origin.test",
+        &["user@example.com"],
+        &message("first"),
+    )
+    .await;
+    wait_attempts(&t, first, "user@example.com", 1).await;
+    // The primary is now known to be down: new mail is stored already
+    // waiting for it, one transaction per message and no rewrite after.
+    let before = commits(&t);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            send(
+                &t,
+                "a@origin.test",
+                &["user@example.com"],
+                &message(&format!("m{i}")),
+            )
+            .await,
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(commits(&t) - before, 5, "one commit per message");
+    for id in &ids {
+        let r = queued_rcpt(&t, *id, "user@example.com").expect("queued");
+        assert!(r.unreachable && r.attempts == 1, "{r:?}");
+    }
+    assert_eq!(primary.connections(), 0, "no attempt while it is down");
+    primary.set_mode(Mode::Up);
+    assert!(
+        primary.wait_for_messages(6, Duration::from_secs(5)).await,
+        "got {}",
+        primary.messages().len()
+    );
+    for id in ids.iter().chain([&first]) {
+        wait_gone(&t, *id).await;
+    }
+}
+
 fn timeouts(limit: Duration) -> Settings {
     Settings {
         timeouts: Timeouts::uniform(limit),

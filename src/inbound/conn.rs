@@ -459,15 +459,21 @@ fn out_of_sync() -> Reply {
 }
 
 /// Stores the message and says how it went; 250 only once it is on disk.
-async fn commit(inbound: &Inbound, envelope: Envelope, body: Vec<u8>) -> Reply {
+async fn commit(inbound: &Inbound, mut envelope: Envelope, body: Vec<u8>) -> Reply {
     let id = envelope.id;
     let sender = envelope.sender.clone();
     let recipients = envelope.recipients.len();
     let size = envelope.size;
+    // Mail for a primary known to be down is stored already waiting for it,
+    // rather than stored due and rewritten by the scheduler a moment later.
+    let waiting = inbound.delivery().suspend_new(&mut envelope);
     match inbound.spool.commit(NewMessage { envelope, body }).await {
         Ok(()) => {
             info!(queue_id = %id, from = %sender, recipients, size, "queued");
             inbound.metrics.accepted.inc();
+            if !waiting.is_empty() {
+                inbound.delivery().waiting(id, waiting);
+            }
             inbound.notify_queued();
             Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))
         }

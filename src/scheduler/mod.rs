@@ -110,9 +110,63 @@ pub struct Handle {
     down: Arc<RwLock<HashSet<String>>>,
     dests: Arc<Destinations>,
     callouts: Arc<callout::Gate>,
+    waiting: mpsc::UnboundedSender<(QueueId, Vec<String>)>,
 }
 
 impl Handle {
+    /// Before a new message is stored: its recipients at destinations known
+    /// to be down are deferred as the scheduler would defer them, without a
+    /// connection attempt. Returns those destinations (tell [`Handle::waiting`]
+    /// once the message is committed).
+    pub fn suspend_new(&self, env: &mut Envelope) -> Vec<String> {
+        let Ok(down) = self.down.read() else {
+            return Vec::new();
+        };
+        if down.is_empty() {
+            return Vec::new();
+        }
+        let mut domains: Vec<String> = Vec::new();
+        let mut results = Vec::new();
+        let suspended = RcptResult::Deferred {
+            status: "4.4.1".into(),
+            reply: "delivery temporarily suspended: primary unreachable".into(),
+            remote: None,
+            unreachable: true,
+        };
+        for (i, r) in env.recipients.iter().enumerate() {
+            let domain = domain_of(&r.address);
+            if r.status == RcptStatus::Queued && down.contains(&domain) {
+                results.push((i, suspended.clone()));
+                if !domains.contains(&domain) {
+                    domains.push(domain);
+                }
+            }
+        }
+        drop(down);
+        if results.is_empty() {
+            return domains;
+        }
+        // Exactly what a suspended attempt records (a new message owes no notice).
+        let applied = outcome::apply(env, &results, now_ms(), &self.ctx.rules, fastrand::f64());
+        for (i, r) in applied.recipients {
+            env.recipients[i] = r;
+        }
+        for domain in &domains {
+            let label = self.ctx.metrics.label(domain);
+            self.ctx
+                .metrics
+                .attempts
+                .with_label_values(&[label, "suspended"])
+                .inc();
+        }
+        domains
+    }
+
+    /// A message stored by [`Handle::suspend_new`] waits for these destinations.
+    pub fn waiting(&self, id: QueueId, domains: Vec<String>) {
+        let _ = self.waiting.send((id, domains));
+    }
+
     /// Asks the primary of `address`'s domain whether it has that mailbox (a
     /// callout; see `callout.rs`), and remembers a definite answer.
     pub async fn verify(&self, address: &str) -> Verdict {
@@ -255,6 +309,8 @@ pub struct Scheduler {
     events: mpsc::UnboundedReceiver<Event>,
     flush: mpsc::UnboundedReceiver<Option<String>>,
     hints: mpsc::UnboundedReceiver<IpAddr>,
+    /// New messages stored already waiting for a down destination.
+    waiting: mpsc::UnboundedReceiver<(QueueId, Vec<String>)>,
     queued: Arc<Notify>,
     shutdown: Shutdown,
     rescan_at: Option<Instant>,
@@ -293,6 +349,7 @@ impl Scheduler {
         let (events_tx, events) = mpsc::unbounded_channel();
         let (flush_tx, flush) = mpsc::unbounded_channel();
         let (hints_tx, hints) = mpsc::unbounded_channel();
+        let (waiting_tx, waiting_rx) = mpsc::unbounded_channel();
         let queued = Arc::new(Notify::new());
         let ctx = Arc::new(Ctx {
             spool,
@@ -329,6 +386,7 @@ impl Scheduler {
             events,
             flush,
             hints,
+            waiting: waiting_rx,
             queued: queued.clone(),
             shutdown,
             rescan_at: None,
@@ -342,6 +400,7 @@ impl Scheduler {
             down: scheduler.down.clone(),
             dests: scheduler.dests.clone(),
             callouts: Arc::new(callout::Gate::new(Instant::now())),
+            waiting: waiting_tx,
         };
         Ok((scheduler, handle))
     }
@@ -386,6 +445,7 @@ impl Scheduler {
                 Some(event) = self.events.recv() => self.handle(event),
                 Some(domain) = self.flush.recv() => self.flush_now(domain),
                 Some(ip) = self.hints.recv() => self.hint(ip),
+                Some((id, domains)) = self.waiting.recv() => self.note_waiting(id, domains),
                 () = self.queued.notified() => self.rescan_soon(Duration::ZERO),
                 _ = probe_tick.tick() => self.probe_down_domains(),
                 _ = forget_tick.tick() => self.ctx.spool.forget_stale(now_ms()),
@@ -710,6 +770,25 @@ impl Scheduler {
         for domain in matching {
             info!(%domain, %ip, "the primary connected to us; probing it now");
             self.probe(&domain);
+        }
+    }
+
+    /// A new message was stored waiting for these destinations: remember it
+    /// for their release, or release it now if one came back meanwhile.
+    fn note_waiting(&mut self, id: QueueId, domains: Vec<String>) {
+        let mut back: Vec<String> = Vec::new();
+        for name in domains {
+            let (_, state) = self.domain(&name);
+            if state.down.is_some() {
+                state.waiting.insert(id);
+            } else {
+                back.push(name);
+            }
+        }
+        if !back.is_empty() {
+            self.release(vec![id], move |r| {
+                r.unreachable && back.contains(&domain_of(&r.address))
+            });
         }
     }
 
