@@ -467,6 +467,7 @@ async fn commit(inbound: &Inbound, mut envelope: Envelope, body: Vec<u8>) -> Rep
     // Mail for a primary known to be down is stored already waiting for it,
     // rather than stored due and rewritten by the scheduler a moment later.
     let waiting = inbound.delivery().suspend_new(&mut envelope);
+    let due_now = envelope.recipients.iter().any(|r| !r.unreachable);
     match inbound.spool.commit(NewMessage { envelope, body }).await {
         Ok(()) => {
             info!(queue_id = %id, from = %sender, recipients, size, "queued");
@@ -474,7 +475,9 @@ async fn commit(inbound: &Inbound, mut envelope: Envelope, body: Vec<u8>) -> Rep
             if !waiting.is_empty() {
                 inbound.delivery().waiting(id, waiting);
             }
-            inbound.notify_queued();
+            if due_now {
+                inbound.notify_queued();
+            }
             Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))
         }
         Err(CommitError::Full) => {

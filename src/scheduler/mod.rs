@@ -228,7 +228,10 @@ impl Handle {
 
     /// A client connected from `ip`: if that is a down primary, it is back.
     pub fn hint(&self, ip: IpAddr) {
-        let _ = self.hints.send(ip);
+        // Every connection calls this: wake the scheduler only when it matters.
+        if self.down.read().map(|d| !d.is_empty()).unwrap_or(true) {
+            let _ = self.hints.send(ip);
+        }
     }
 
     /// Whether the primary of `domain` is marked down right now.

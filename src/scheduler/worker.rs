@@ -128,7 +128,7 @@ pub(super) async fn work(ctx: Arc<Ctx>, domain: Arc<str>, dest: Arc<Destination>
     let _ = ctx.events.send(Event::WorkerExit { domain });
 }
 
-async fn run(ctx: &Ctx, domain: &Arc<str>, dest: &Destination, queue: &Queue) {
+async fn run(ctx: &Arc<Ctx>, domain: &Arc<str>, dest: &Destination, queue: &Queue) {
     let Some(first) = pop(queue) else {
         return;
     };
@@ -185,8 +185,13 @@ async fn run(ctx: &Ctx, domain: &Arc<str>, dest: &Destination, queue: &Queue) {
     });
     let mut next = Some(first);
     let mut sent = 0;
+    // Outcomes are written while the next message goes out: the next hop is
+    // not kept waiting for our fsync. A crash before a write only means that
+    // delivery is repeated (at least once).
+    let mut recording = Recording::default();
     while let Some(job) = next.take() {
-        if !deliver_one(ctx, &mut connection, &job).await {
+        let usable = deliver_one(ctx, &mut connection, job, &mut recording).await;
+        if !usable {
             break;
         }
         sent += 1;
@@ -209,12 +214,51 @@ async fn run(ctx: &Ctx, domain: &Arc<str>, dest: &Destination, queue: &Queue) {
         }
     }
     connection.quit().await;
+    recording.finish().await;
 }
 
-/// Delivers one job on an open connection; false if the connection is done for.
-async fn deliver_one(ctx: &Ctx, connection: &mut Connection, job: &Job) -> bool {
-    let Some((env, body)) = load(ctx, job).await else {
-        done(ctx, job, false);
+/// Outcome writes in progress for one connection.
+#[derive(Default)]
+struct Recording {
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Recording {
+    /// Most writes one connection leaves in progress; beyond, it waits.
+    const MAX: usize = 16;
+
+    async fn start(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        job: Job,
+        env: Envelope,
+        body: Vec<u8>,
+        results: Vec<(usize, RcptResult)>,
+    ) {
+        while self.tasks.len() >= Self::MAX {
+            self.tasks.join_next().await;
+        }
+        let ctx = ctx.clone();
+        self.tasks.spawn(async move {
+            record(&ctx, &job, &env, &body, results, true).await;
+        });
+    }
+
+    async fn finish(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Delivers one job on an open connection and starts recording the outcome;
+/// false if the connection is done for.
+async fn deliver_one(
+    ctx: &Arc<Ctx>,
+    connection: &mut Connection,
+    job: Job,
+    recording: &mut Recording,
+) -> bool {
+    let Some((env, body)) = load(ctx, &job).await else {
+        done(ctx, &job, false);
         return true;
     };
     let remote = connection.remote_name().to_owned();
@@ -229,7 +273,7 @@ async fn deliver_one(ctx: &Ctx, connection: &mut Connection, job: &Job) -> bool 
                 .into_iter()
                 .map(|(i, o)| (i, from_outcome(o, &remote)))
                 .collect();
-            record(ctx, job, &env, &body, results, true).await;
+            recording.start(ctx, job, env, body, results).await;
             true
         }
         Err(e) => {
@@ -247,7 +291,7 @@ async fn deliver_one(ctx: &Ctx, connection: &mut Connection, job: &Job) -> bool 
                 unreachable: e.unreachable(),
             };
             let results = job.rcpts.iter().map(|&i| (i, result.clone())).collect();
-            record(ctx, job, &env, &body, results, true).await;
+            recording.start(ctx, job, env, body, results).await;
             connection.is_usable()
         }
     }
