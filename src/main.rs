@@ -77,7 +77,13 @@ fn main() -> ExitCode {
         }
         Command::Serve => {
             init_logging(&config);
-            let runtime = match tokio::runtime::Runtime::new() {
+            // Spool reads run on blocking threads; a few suffice, and each
+            // thread costs the process an allocator arena that keeps memory.
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .max_blocking_threads(BLOCKING_THREADS)
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("mxspool: cannot start the runtime: {e}");
@@ -106,6 +112,9 @@ fn finish(result: Result<(), CliError>) -> ExitCode {
         }
     }
 }
+
+/// Threads for spool reads (the writer has its own).
+const BLOCKING_THREADS: usize = 4;
 
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)

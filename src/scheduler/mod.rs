@@ -507,7 +507,15 @@ impl Scheduler {
         let in_flight: HashSet<QueueId> = self.in_flight.iter().map(|(id, _)| *id).collect();
         let loaded = tokio::task::spawn_blocking(move || {
             let due = spool.due_until(now, MAX_LOADED + in_flight.len())?;
-            let ids: Vec<QueueId> = due.iter().map(|(_, id)| *id).collect();
+            // Messages already in hand are not decoded again: while a backlog
+            // drains, nearly every due entry is one. (A message with another
+            // destination due waits for its job in hand to finish.)
+            let mut seen = HashSet::new();
+            let ids: Vec<QueueId> = due
+                .iter()
+                .map(|(_, id)| *id)
+                .filter(|id| !in_flight.contains(id) && seen.insert(*id))
+                .collect();
             let envelopes = spool.envelopes_of(&ids)?;
             let next = spool.next_due_after(now)?;
             Ok::<_, crate::spool::ReadError>((envelopes, next))
@@ -858,32 +866,46 @@ impl Scheduler {
 /// scheduler look at the due index again.
 async fn make_due(
     ctx: &Ctx,
-    ids: Vec<QueueId>,
+    mut ids: Vec<QueueId>,
     matches: impl Fn(&crate::spool::Recipient) -> bool + Send + Sync + 'static,
 ) {
-    let now = now_ms();
     let matches = Arc::new(matches);
-    let changes = ids
-        .into_iter()
-        .map(|id| {
-            let matches = matches.clone();
-            let edit = move |env: &mut Envelope| {
-                for r in &mut env.recipients {
-                    if r.status == RcptStatus::Queued && matches(r) {
-                        r.next_attempt_ms = now;
+    // A release must not be lost to a failed write (a full disk): the IDs
+    // are no longer listed as waiting, so keep trying until it is written.
+    let mut pause = Duration::from_millis(500);
+    loop {
+        let now = now_ms();
+        let changes = ids
+            .iter()
+            .map(|&id| {
+                let matches = matches.clone();
+                let edit = move |env: &mut Envelope| {
+                    for r in &mut env.recipients {
+                        if r.status == RcptStatus::Queued && matches(r) {
+                            r.next_attempt_ms = now;
+                        }
                     }
-                }
-                Finished::Remove
-            };
-            (id, Change::Edit(Box::new(edit)))
-        })
-        .collect();
-    for result in ctx.spool.change_many(changes).await {
-        if let Err(e) = result {
-            warn!(error = %e, "cannot make queued mail due");
+                    Finished::Remove
+                };
+                (id, Change::Edit(Box::new(edit)))
+            })
+            .collect();
+        let results = ctx.spool.change_many(changes).await;
+        let mut failed = Vec::new();
+        for (id, result) in ids.iter().zip(results) {
+            if let Err(e) = result {
+                warn!(queue_id = %id, error = %e, "cannot make queued mail due; retrying");
+                failed.push(*id);
+            }
         }
+        let _ = ctx.events.send(Event::Released);
+        if failed.is_empty() || ctx.shutdown.is_set() {
+            return;
+        }
+        ids = failed;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(30));
     }
-    let _ = ctx.events.send(Event::Released);
 }
 
 /// The recipient's domain, lower-cased: the unit of routing and health.
