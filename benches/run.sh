@@ -14,6 +14,9 @@ cd "$(dirname "$0")/.."
 MESSAGES=5000 RUNS=5 BACKLOG=100000 SIZE=5120
 if [ "${1:-}" = "--smoke" ]; then MESSAGES=200 RUNS=1 BACKLOG=2000; fi
 
+export PATH="$PATH:/usr/sbin"   # where Debian puts smtp-source and smtp-sink
+# smtp-sink drops root privileges to this user; it cannot as anyone else.
+SINK_USER=(); [ "$(id -u)" -eq 0 ] && SINK_USER=(-u nobody)
 for tool in smtp-source smtp-sink curl; do
   command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install postfix curl)" >&2; exit 1; }
 done
@@ -76,7 +79,7 @@ for _ in $(seq "$RUNS"); do
   sleep 1   # let the first attempts find the primary down
   total=$(queued)
   t0=$(now)
-  smtp-sink -u nobody "$SINK" 1000 >/dev/null 2>&1 & SINKPID=$!; PIDS+=("$SINKPID")
+  smtp-sink "${SINK_USER[@]}" "$SINK" 1000 >/dev/null 2>&1 & SINKPID=$!; PIDS+=("$SINKPID")
   until [ "$(queued)" -lt "$total" ]; do sleep 0.01; done
   t1=$(now)
   wait_empty
