@@ -609,7 +609,13 @@ impl Scheduler {
             })
             .collect();
         tokio::spawn(async move {
+            // Several at a time, so they share commits; not all, to bound memory.
+            const AT_ONCE: usize = 64;
+            let mut tasks = tokio::task::JoinSet::new();
             for job in jobs {
+                while tasks.len() >= AT_ONCE {
+                    tasks.join_next().await;
+                }
                 let reason = reasons
                     .get(&job.domain)
                     .cloned()
@@ -620,8 +626,12 @@ impl Scheduler {
                     remote: None,
                     unreachable: true,
                 };
-                worker::finish(&ctx, &job, false, |_| result.clone()).await;
+                let ctx = ctx.clone();
+                tasks.spawn(async move {
+                    worker::finish(&ctx, &job, false, |_| result.clone()).await;
+                });
             }
+            while tasks.join_next().await.is_some() {}
         });
     }
 
@@ -633,7 +643,15 @@ impl Scheduler {
                 unreachable,
             } => {
                 if unreachable && let Some(state) = self.domains.get_mut(&domain) {
-                    state.waiting.insert(id);
+                    if state.down.is_some() {
+                        state.waiting.insert(id);
+                    } else {
+                        // It came back while this outcome was being written.
+                        let back = domain.clone();
+                        self.release(vec![id], move |r| {
+                            r.unreachable && domain_of(&r.address) == *back
+                        });
+                    }
                 }
                 self.in_flight.remove(&(id, domain));
                 self.rescan_soon(RESCAN_DELAY);
