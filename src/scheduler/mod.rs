@@ -45,7 +45,7 @@ pub use worker::now_ms;
 use worker::{Ctx, Destination, Destinations, Queue};
 
 /// Most jobs held in memory at once; the rest wait on disk.
-const MAX_LOADED: usize = 10_000;
+const MAX_LOADED: usize = 2_000;
 /// After workers report, look for more due mail at most this often.
 const RESCAN_DELAY: Duration = Duration::from_millis(20);
 /// Longest sleep without looking at the due index (it is cheap to look).
