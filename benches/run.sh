@@ -50,7 +50,8 @@ now() { date +%s.%N; }
 metric() { curl -s "http://$HTTP/metrics" | awk -v m="$1" '$1==m {print $2}'; }
 queued() { metric 'mxspool_queue_messages{domain="example.com"}'; }
 start_server() {
-  "$BIN" serve -c "$WORK/config.toml" 2>>"$WORK/serve.log" &
+  # As in the Docker image (see Dockerfile); MALLOC_ARENA_MAX= to compare.
+  MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX-2} "$BIN" serve -c "$WORK/config.toml" 2>>"$WORK/serve.log" &
   SERVER=$!; PIDS+=("$SERVER")
   until curl -sf "http://$HTTP/readyz" >/dev/null; do sleep 0.01; done
 }
