@@ -13,11 +13,13 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// Reply text may quote what the client sent (a path, an ETRN node):
+    /// control characters in it become `?` (RFC 5321 §4.2: text is printable).
     pub fn new(code: u16, status: &'static str, text: impl Into<String>) -> Reply {
         Reply {
             code,
             status,
-            lines: vec![text.into()],
+            lines: vec![printable(text.into())],
         }
     }
 
@@ -51,6 +53,17 @@ impl Reply {
                 write!(out, "{}{sep}{} {line}\r\n", self.code, self.status)
             };
         }
+    }
+}
+
+/// `text` with every control character replaced by `?`.
+fn printable(text: String) -> String {
+    if text.chars().any(char::is_control) {
+        text.chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect()
+    } else {
+        text
     }
 }
 
@@ -127,5 +140,12 @@ mod tests {
         )
         .write_to(&mut out);
         assert_eq!(out, b"250-mx\r\n250-PIPELINING\r\n250 SIZE 10\r\n");
+    }
+
+    #[test]
+    fn client_text_quoted_in_a_reply_is_made_printable() {
+        let mut out = Vec::new();
+        Reply::new(458, "4.5.4", "node <\0a\x1b[2Jb\x7f>").write_to(&mut out);
+        assert_eq!(out, b"458 4.5.4 node <?a?[2Jb?>\r\n");
     }
 }

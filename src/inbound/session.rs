@@ -274,6 +274,11 @@ impl Session {
         {
             return Reply::new(555, "5.5.4", "Error: unsupported MAIL parameter");
         }
+        if has_control(&from.address) {
+            // RFC 5321 paths hold no control characters; the next hop would
+            // refuse the address, and we would owe a bounce.
+            return Reply::new(501, "5.1.7", "Error: bad sender address syntax");
+        }
         let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
         if !from.address.is_ascii() && !smtputf8 {
             return Reply::new(
@@ -332,6 +337,13 @@ impl Session {
                 555,
                 "5.5.4",
                 "Error: unsupported RCPT parameter",
+            ));
+        }
+        if has_control(&to.address) {
+            return Ok(Reply::new(
+                501,
+                "5.1.3",
+                "Error: bad recipient address syntax",
             ));
         }
         if !to.address.is_ascii() && !transaction.smtputf8 {
@@ -472,7 +484,8 @@ impl Session {
                 format!("Unable to queue messages for node <{name}>"),
             )
         };
-        self.count_errors(Step::Reply(reply))
+        // `command` counts the refusal towards the error limit.
+        Step::Reply(reply)
     }
 
     /// The client finished sending data. On success, returns the transaction to
@@ -500,6 +513,12 @@ impl Session {
         }
         Ok(transaction)
     }
+}
+
+/// Whether a path holds a control character (C0 or DEL), which smtp-proto
+/// lets through inside quoted local parts.
+fn has_control(address: &str) -> bool {
+    address.chars().any(|c| c.is_ascii_control())
 }
 
 fn need_helo() -> Reply {

@@ -185,8 +185,21 @@ pub struct Primary {
 }
 
 fn bind(addr: SocketAddr) -> TcpListener {
-    let std = std::net::TcpListener::bind(addr)
-        .unwrap_or_else(|e| panic!("test primary cannot bind {addr}: {e}"));
+    // Coming back up on the same port: while it was down, a short-lived
+    // connection elsewhere may have been given that port for a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let std = loop {
+        match std::net::TcpListener::bind(addr) {
+            Ok(listener) => break listener,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("test primary cannot bind {addr}: {e}"),
+        }
+    };
     std.set_nonblocking(true).unwrap();
     TcpListener::from_std(std).unwrap()
 }
