@@ -142,3 +142,65 @@ async fn no_starttls_without_tls_config_and_bad_files_are_config_errors() {
         .to_string();
     assert!(err.contains("tls.toml: tls.cert"), "{err}");
 }
+
+#[tokio::test]
+async fn a_failed_handshake_ends_only_that_session() {
+    let dir = tempfile::tempdir().unwrap();
+    certificate(dir.path());
+    let config = TestConfig::default()
+        .set("tls", "cert", r#""{dir}/cert.pem""#)
+        .set("tls", "key", r#""{dir}/key.pem""#);
+    let t = TestServer::start_in(dir, config).await;
+
+    // A client that asks for TLS and then speaks plain text (or garbage).
+    let stream = TcpStream::connect(t.addr).await.unwrap();
+    let mut plain = BufReader::new(stream);
+    assert!(reply(&mut plain).await.starts_with("220 "));
+    cmd(&mut plain, "EHLO client.test").await;
+    assert!(cmd(&mut plain, "STARTTLS").await.starts_with("220 2.0.0"));
+    plain
+        .get_mut()
+        .write_all(b"MAIL FROM:<a@origin.test>\r\nthis is not a TLS ClientHello\r\n")
+        .await
+        .unwrap();
+    // The server drops the connection without answering in plain text.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(
+        common::REPLY_TIMEOUT,
+        tokio::io::AsyncReadExt::read_to_end(&mut plain, &mut rest),
+    )
+    .await
+    .expect("the connection is closed in time");
+    assert!(
+        read.is_err() || !String::from_utf8_lossy(&rest).contains("250"),
+        "nothing is accepted outside TLS: {rest:?}"
+    );
+
+    // A client whose handshake fails on its side (it trusts nothing).
+    let stream = TcpStream::connect(t.addr).await.unwrap();
+    let mut plain = BufReader::new(stream);
+    reply(&mut plain).await;
+    cmd(&mut plain, "EHLO client.test").await;
+    assert!(cmd(&mut plain, "STARTTLS").await.starts_with("220 2.0.0"));
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let failed = connector
+        .connect(
+            ServerName::try_from("mx2.test").unwrap(),
+            plain.into_inner(),
+        )
+        .await;
+    assert!(failed.is_err(), "an untrusted certificate must fail");
+
+    // The server carries on for everyone else, and stored nothing.
+    let mut c = t.ehlo().await;
+    c.cmd("NOOP").await.assert(250);
+    c.quit().await;
+    assert!(t.stored().is_empty());
+}

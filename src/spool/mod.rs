@@ -54,7 +54,7 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SCHEMA: u64 = 1;
 /// redb's page cache. Its 1 GiB default would dwarf the rest of the process; the
 /// hot data (recent envelopes, the due index) is small.
-const CACHE_BYTES: usize = 16 * 1024 * 1024;
+const CACHE_BYTES: usize = 8 * 1024 * 1024;
 
 /// A message ready to be stored: everything the 250 promises.
 #[derive(Debug)]
