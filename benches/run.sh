@@ -23,7 +23,7 @@ done
 postfix stop >/dev/null 2>&1 || true
 
 cargo build --release --locked --quiet
-BIN=target/release/mxspool
+BIN="${CARGO_TARGET_DIR:-target}/release/mxspool"
 WORK=$(mktemp -d)
 SMTP=127.0.0.1:2625 HTTP=127.0.0.1:9625 SINK=127.0.0.1:2626
 PIDS=()
