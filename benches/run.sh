@@ -53,7 +53,10 @@ start_server() {
   # As in the Docker image (see Dockerfile); MALLOC_ARENA_MAX= to compare.
   MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX-2} "$BIN" serve -c "$WORK/config.toml" 2>>"$WORK/serve.log" &
   SERVER=$!; PIDS+=("$SERVER")
-  until curl -sf "http://$HTTP/readyz" >/dev/null; do sleep 0.01; done
+  until curl -sf "http://$HTTP/readyz" >/dev/null; do
+    kill -0 "$SERVER" 2>/dev/null || { echo "mxspool did not start:" >&2; cat "$WORK/serve.log" >&2; exit 1; }
+    sleep 0.01
+  done
 }
 stop_server() { kill "$SERVER"; wait "$SERVER" 2>/dev/null || true; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
