@@ -144,6 +144,29 @@ pub struct DomainConfig {
     pub tls: Option<TlsPolicy>,
 }
 
+impl DomainConfig {
+    /// Whether `domain` is this domain, or one of its subdomains when
+    /// `include_subdomains` is set.
+    pub fn covers(&self, domain: &str) -> bool {
+        covers(&self.name, self.include_subdomains, domain)
+    }
+}
+
+/// Whether `domain` is `name`, or (with `subdomains`) ends in `.name`;
+/// ASCII case is ignored.
+pub fn covers(name: &str, subdomains: bool, domain: &str) -> bool {
+    if domain.eq_ignore_ascii_case(name) {
+        return true;
+    }
+    let Some(at) = domain.len().checked_sub(name.len() + 1) else {
+        return false;
+    };
+    subdomains
+        && domain.as_bytes()[at] == b'.'
+        && domain.is_char_boundary(at + 1)
+        && domain[at + 1..].eq_ignore_ascii_case(name)
+}
+
 /// What to do, while the primary is down, with a recipient never seen before.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UnknownRecipients {
@@ -981,6 +1004,18 @@ fn one_of(got: &str, allowed: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_domain_covers_itself_and_subdomains_only_when_asked() {
+        assert!(covers("example.com", false, "example.com"));
+        assert!(covers("example.com", false, "Example.COM"));
+        assert!(!covers("example.com", false, "a.example.com"));
+        assert!(covers("example.com", true, "a.b.Example.com"));
+        assert!(!covers("example.com", true, "badexample.com"));
+        assert!(!covers("example.com", true, ".example.com.evil"));
+        assert!(!covers("example.com", true, "com"));
+        assert!(!covers("example.com", true, "\u{e9}xample.com"));
+    }
 
     const MINIMAL: &str =
         "[server]\nhostname = \"mx2.example.net\"\n[[domain]]\nname = \"example.com\"\n";

@@ -281,13 +281,7 @@ fn label_of<'a>(domains: &'a [(String, bool)], domain: &str) -> &'a str {
     let domain = domain.trim_end_matches('.');
     domains
         .iter()
-        .find(|(name, subdomains)| {
-            domain.eq_ignore_ascii_case(name)
-                || (*subdomains
-                    && domain.len() > name.len()
-                    && domain[domain.len() - name.len()..].eq_ignore_ascii_case(name)
-                    && domain.as_bytes()[domain.len() - name.len() - 1] == b'.')
-        })
+        .find(|(name, subdomains)| crate::config::covers(name, *subdomains, domain))
         .map_or(OTHER, |(name, _)| name.as_str())
 }
 

@@ -96,13 +96,9 @@ impl Policy {
     }
 
     fn find(&self, domain: &str) -> Option<&RelayDomain> {
-        self.domains.iter().find(|d| {
-            domain == d.name
-                || (d.include_subdomains
-                    && domain.len() > d.name.len()
-                    && domain.ends_with(&d.name)
-                    && domain.as_bytes()[domain.len() - d.name.len() - 1] == b'.')
-        })
+        self.domains
+            .iter()
+            .find(|d| crate::config::covers(&d.name, d.include_subdomains, domain))
     }
 
     /// For an accepted address: whether its domain verifies recipients, and

@@ -586,14 +586,7 @@ mod tests {
 
     /// Runs a script of (command, expected reply code) against one session.
     fn run(session: &mut Session, policy: &Policy, script: &[(&str, u16)]) {
-        let room = |_| true;
-        let env = Env {
-            policy,
-            spool_has_room: &room,
-            knowledge: &|_| Knowledge::Unseen,
-            primary_down: &|_| false,
-            may_call_out: &|_| false,
-        };
+        let env = plain(policy);
         for (command, want) in script {
             let step = session.command(format!("{command}\r\n").as_bytes(), &env);
             let code = match &step {
@@ -602,6 +595,17 @@ mod tests {
                 Step::Verify(_) => panic!("{command:?}: no callout was allowed"),
             };
             assert_eq!(code, *want, "{command:?} -> {step:?}");
+        }
+    }
+
+    /// Room in the spool, nothing learned, every primary up, no callouts.
+    fn plain(policy: &Policy) -> Env<'_> {
+        Env {
+            policy,
+            spool_has_room: &|_| true,
+            knowledge: &|_| Knowledge::Unseen,
+            primary_down: &|_| false,
+            may_call_out: &|_| false,
         }
     }
 
@@ -638,14 +642,7 @@ mod tests {
     #[test]
     fn every_reply_but_ehlo_carries_an_enhanced_code() {
         let p = policy::sample();
-        let room = |_| true;
-        let env = Env {
-            policy: &p,
-            spool_has_room: &room,
-            knowledge: &|_| Knowledge::Unseen,
-            primary_down: &|_| false,
-            may_call_out: &|_| false,
-        };
+        let env = plain(&p);
         let mut s = local();
         for command in [
             "HELO x",
@@ -768,14 +765,7 @@ mod tests {
     #[test]
     fn too_many_errors_closes() {
         let p = policy::sample();
-        let room = |_| true;
-        let env = Env {
-            policy: &p,
-            spool_has_room: &room,
-            knowledge: &|_| Knowledge::Unseen,
-            primary_down: &|_| false,
-            may_call_out: &|_| false,
-        };
+        let env = plain(&p);
         let mut s = local();
         for i in 1..=MAX_ERRORS {
             let step = s.command(b"BOGUS\r\n", &env);
@@ -796,14 +786,7 @@ mod tests {
     #[test]
     fn starttls_only_when_offered_and_only_once() {
         let p = policy::sample();
-        let room = |_| true;
-        let env = Env {
-            policy: &p,
-            spool_has_room: &room,
-            knowledge: &|_| Knowledge::Unseen,
-            primary_down: &|_| false,
-            may_call_out: &|_| false,
-        };
+        let env = plain(&p);
         let ehlo_lines = |s: &mut Session| match s.command(b"EHLO c\r\n", &env) {
             Step::Reply(r) => r.lines,
             other => panic!("{other:?}"),
@@ -924,14 +907,7 @@ mod tests {
     #[test]
     fn etrn() {
         let p = policy::sample();
-        let room = |_| true;
-        let env = Env {
-            policy: &p,
-            spool_has_room: &room,
-            knowledge: &|_| Knowledge::Unseen,
-            primary_down: &|_| false,
-            may_call_out: &|_| false,
-        };
+        let env = plain(&p);
         let mut s = local();
         s.command(b"EHLO c\r\n", &env);
         assert_eq!(
@@ -979,14 +955,7 @@ mod tests {
     #[test]
     fn finish_data_checks_size_and_hops() {
         let p = policy::sample();
-        let room = |_| true;
-        let env = Env {
-            policy: &p,
-            spool_has_room: &room,
-            knowledge: &|_| Knowledge::Unseen,
-            primary_down: &|_| false,
-            may_call_out: &|_| false,
-        };
+        let env = plain(&p);
         let data = |body: &[u8], oversize| Data {
             body: body.to_vec(),
             size: body.len() as u64,

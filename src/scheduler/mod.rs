@@ -642,16 +642,9 @@ impl Scheduler {
                 domain,
                 unreachable,
             } => {
-                if unreachable && let Some(state) = self.domains.get_mut(&domain) {
-                    if state.down.is_some() {
-                        state.waiting.insert(id);
-                    } else {
-                        // It came back while this outcome was being written.
-                        let back = domain.clone();
-                        self.release(vec![id], move |r| {
-                            r.unreachable && domain_of(&r.address) == *back
-                        });
-                    }
+                if unreachable {
+                    // Released at once if it came back while this was written.
+                    self.note_waiting(id, vec![domain.to_string()]);
                 }
                 self.in_flight.remove(&(id, domain));
                 self.rescan_soon(RESCAN_DELAY);
@@ -766,9 +759,10 @@ impl Scheduler {
                 Some(d) => {
                     let rd = domain_of(address);
                     rd == *d
-                        || dests.configured.iter().any(|c| {
-                            c.name == *d && c.include_subdomains && rd.ends_with(&format!(".{d}"))
-                        })
+                        || dests
+                            .configured
+                            .iter()
+                            .any(|c| c.name == *d && c.covers(&rd))
                 }
             };
             let ids: Vec<QueueId> = envelopes
@@ -802,8 +796,9 @@ impl Scheduler {
         }
     }
 
-    /// A new message was stored waiting for these destinations: remember it
-    /// for their release, or release it now if one came back meanwhile.
+    /// A message now waits for these destinations (stored so, or deferred as
+    /// unreachable): remember it for their release, or release it now if one
+    /// came back meanwhile.
     fn note_waiting(&mut self, id: QueueId, domains: Vec<String>) {
         let mut back: Vec<String> = Vec::new();
         for name in domains {

@@ -57,9 +57,9 @@ impl Ctx {
 
     /// Whether the primary's answers about `domain`'s recipients are kept.
     fn learns(&self, domain: &str) -> bool {
-        self.verified.iter().any(|(name, subdomains)| {
-            domain == name || (*subdomains && domain.ends_with(&format!(".{name}")))
-        })
+        self.verified
+            .iter()
+            .any(|(name, subdomains)| crate::config::covers(name, *subdomains, domain))
     }
 }
 
@@ -88,9 +88,7 @@ impl Destinations {
     /// How to reach `domain`: the route and TLS override of the configured
     /// domain it belongs to (exactly, or as a subdomain), if any.
     pub fn get(&self, domain: &str) -> Arc<Destination> {
-        let configured = self.configured.iter().find(|d| {
-            domain == d.name || (d.include_subdomains && domain.ends_with(&format!(".{}", d.name)))
-        });
+        let configured = self.configured.iter().find(|d| d.covers(domain));
         let mut settings = self.default_settings.clone();
         if let Some(tls) = configured.and_then(|d| d.tls) {
             settings.tls = tls;
