@@ -408,60 +408,10 @@ async fn client(addr: SocketAddr, round: usize, id: usize, stop: Arc<AtomicBool>
 
 /// `GET path` with the admin token; (status, body).
 async fn api_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
-             Connection: close\r\n\r\n"
-        );
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| format!("send: {e}"))?;
-        let mut raw = Vec::new();
-        stream
-            .read_to_end(&mut raw)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        let raw = String::from_utf8(raw).map_err(|e| e.to_string())?;
-        let (head, body) = raw
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| format!("no end of headers: {raw:?}"))?;
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("bad status line: {head:?}"))?;
-        let chunked = head.lines().any(|l| {
-            let l = l.to_ascii_lowercase();
-            l.starts_with("transfer-encoding:") && l.contains("chunked")
-        });
-        let body = if chunked {
-            dechunk(body)?
-        } else {
-            body.to_owned()
-        };
-        Ok((status, body))
-    };
-    tokio::time::timeout(IO_TIMEOUT, exchange)
-        .await
-        .map_err(|_| format!("GET {path}: no answer in time"))?
-}
-
-fn dechunk(mut data: &str) -> Result<String, String> {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = data.split_once("\r\n").ok_or("chunk size without CRLF")?;
-        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|e| format!("bad chunk size: {e}"))?;
-        if size == 0 {
-            return Ok(out);
-        }
-        out.push_str(rest.get(..size).ok_or("truncated chunk")?);
-        data = rest.get(size + 2..).ok_or("truncated chunk")?;
-    }
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let response =
+        common::http::request(addr, "GET", path, &[("Authorization", auth.as_str())], None).await?;
+    Ok((response.status, response.body))
 }
 
 /// The IDs of a listing (`/api/queue` or `/api/dead`), checked for consistency.

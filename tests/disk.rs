@@ -10,7 +10,6 @@ mod common;
 mod primary;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -18,8 +17,6 @@ use std::time::Duration;
 use common::{Client, Reply, TestConfig, TestServer};
 use primary::{Mode, Primary};
 use tempfile::TempDir;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// Every test message is about this big, so a few dozen fill 1 MiB.
@@ -160,57 +157,13 @@ async fn assert_all_delivered_once(t: &TestServer, primary: &Primary, acked: &Ac
     }
 }
 
-/// `GET path` on the server's HTTP side: (status, body).
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect to HTTP");
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .expect("send request");
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw))
-        .await
-        .expect("HTTP response in time")
-        .expect("read HTTP response");
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("HTTP header ends");
-    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("HTTP status");
-    let mut body = raw[split + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        let mut out = Vec::new();
-        let mut rest = body.as_slice();
-        loop {
-            let eol = rest
-                .windows(2)
-                .position(|w| w == b"\r\n")
-                .expect("chunk size line");
-            let size_text = String::from_utf8_lossy(&rest[..eol]);
-            let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16)
-                .expect("chunk size");
-            rest = &rest[eol + 2..];
-            if size == 0 {
-                break;
-            }
-            out.extend_from_slice(&rest[..size]);
-            rest = &rest[size + 2..];
-        }
-        body = out;
-    }
-    (status, String::from_utf8(body).expect("UTF-8 body"))
-}
-
 /// `mxspool_smtp_rejected_total{reason=...}` as `/metrics` reports it.
 async fn rejected(t: &TestServer, reason: &str) -> f64 {
-    let (status, body) = http_get(t.server.http_addr(), "/metrics").await;
-    assert_eq!(status, 200, "GET /metrics: {body}");
+    let response = common::http::request(t.server.http_addr(), "GET", "/metrics", &[], None)
+        .await
+        .expect("GET /metrics");
+    assert_eq!(response.status, 200, "GET /metrics: {response:?}");
+    let body = response.body;
     let series = format!("mxspool_smtp_rejected_total{{reason=\"{reason}\"}} ");
     body.lines()
         .find_map(|l| l.strip_prefix(series.as_str()))

@@ -18,7 +18,6 @@ use std::time::Duration;
 use common::{TestConfig, TestServer};
 use primary::{Mode, Primary};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Expressions that rightly return nothing in this scenario (queue waiting for
 /// a primary that has been down for seconds, no failures, no loops), keyed by
@@ -119,27 +118,10 @@ fn alert_rules(text: &str) -> Vec<(String, String)> {
 
 /// GET over plain HTTP/1.1; returns the body, or `None` if nothing answers.
 async fn get(addr: SocketAddr, path_and_query: &str) -> Option<String> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request =
-        format!("GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.ok()?;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    // Prometheus may answer chunked; the JSON is one chunk on loopback.
-    let chunked = text
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    Some(if chunked {
-        body.split_once("\r\n")
-            .map(|(_, rest)| rest.rsplitn(2, "\r\n0\r\n").last().unwrap_or(rest))
-            .unwrap_or(body)
-            .trim_end_matches("\r\n")
-            .to_owned()
-    } else {
-        body.to_owned()
-    })
+    let response = common::http::request(addr, "GET", path_and_query, &[], None)
+        .await
+        .ok()?;
+    Some(response.body)
 }
 
 fn encode(q: &str) -> String {

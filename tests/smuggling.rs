@@ -17,7 +17,10 @@ mod primary;
 
 use std::time::Duration;
 
-use common::{Client, ReadError, TestConfig, TestServer, dot_stuff, only_crlf, split_received};
+use common::{
+    Client, FAKE_ENDS_OF_DATA, ReadError, TestConfig, TestServer, dot_stuff, only_crlf,
+    reference_data, split_received,
+};
 use mxspool::spool::QueueId;
 use primary::{Mode, Primary};
 use tokio::net::TcpStream;
@@ -30,60 +33,9 @@ Subject: smuggled\r\n\r\nsmuggled body";
 const SMUGGLED_AS_CONTENT: &[u8] =
     b"\r\nMAIL FROM:<evil@x>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n";
 
-/// Fake ends of data: bare LF, bare CR, mixed, and with a NUL or blank beside
-/// the dot. None of them is CRLF "." CRLF.
-const VARIANTS: &[&[u8]] = &[
-    b"\n.\n",
-    b"\n.\r\n",
-    b"\r.\r\n",
-    b"\r\n.\n",
-    b"\r\n.\r",
-    b"\r.\n",
-    b"\n.\r",
-    b"\r.\r",
-    b"\r\n.\x00\r\n",
-    b"\r\n\x00.\r\n",
-    b"\r\n .\r\n",
-    b"\r\n. \r\n",
-    b"\r\n.\t\r\n",
-    b"\r\n.\r\r\n",
-    b"\r\n.\n\r\n",
-    b"\n\n.\n\n",
-];
-
 /// Fake ends right after the 354, where the DATA command's own CRLF is the
 /// line start.
 const START_VARIANTS: &[&[u8]] = &[b".\n", b".\r", b".\x00\r\n", b" .\r\n", b"\n.\n"];
-
-/// RFC 5321 §4.1.1.4 and §4.5.2 from the wire's point of view, independent of
-/// mxspool's reader: the data ends at the first CRLF "." CRLF (or at "." CRLF
-/// right after the 354). Lines are what CRLF delimits; a leading dot is
-/// stuffing and goes; a bare CR or LF left inside a line becomes CRLF.
-/// Returns (bytes up to and including the terminator, the content to store).
-fn reference(input: &[u8]) -> Option<(usize, Vec<u8>)> {
-    let (content, used) = if input.starts_with(b".\r\n") {
-        (&input[..0], 3)
-    } else {
-        let at = input.windows(5).position(|w| w == b"\r\n.\r\n")?;
-        (&input[..at + 2], at + 5)
-    };
-    let mut body = Vec::new();
-    let mut rest = content;
-    while !rest.is_empty() {
-        let end = rest.windows(2).position(|w| w == b"\r\n").expect("CRLF");
-        let line = &rest[..end];
-        for &b in line.strip_prefix(b".").unwrap_or(line) {
-            if b == b'\r' || b == b'\n' {
-                body.extend_from_slice(b"\r\n");
-            } else {
-                body.push(b);
-            }
-        }
-        body.extend_from_slice(b"\r\n");
-        rest = &rest[end + 2..];
-    }
-    Some((used, body))
-}
 
 /// Checks that a stored `body` is our `Received:` field for `id` followed by
 /// exactly `want`. (Content that begins with a blank would read as a
@@ -175,7 +127,7 @@ fn check_stored(t: &TestServer, sent: &[(QueueId, String, Vec<u8>)]) {
         let addresses: Vec<&str> = env.recipients.iter().map(|r| r.address.as_str()).collect();
         assert_eq!(addresses, [to.as_str()], "{to}: the envelope");
         assert!(only_crlf(body), "{to}: a bare CR or LF stored: {body:?}");
-        let (used, want) = reference(raw).expect("the test sends a real end");
+        let (used, want) = reference_data(raw).expect("the test sends a real end");
         assert_eq!(used, raw.len(), "{to}: the test's data has an early end");
         assert_received_then(body, *id, &want, to);
     }
@@ -195,7 +147,7 @@ async fn fake_ends_of_data_never_end_it() {
         raw.extend_from_slice(b"\r\n.\r\n");
         (*v, raw)
     });
-    let cases: Vec<(&[u8], Vec<u8>)> = VARIANTS
+    let cases: Vec<(&[u8], Vec<u8>)> = FAKE_ENDS_OF_DATA
         .iter()
         .enumerate()
         .map(|(i, v)| (*v, attack(&format!("variant {i}"), v)))
@@ -218,7 +170,7 @@ async fn fake_ends_of_data_never_end_it() {
     }
     // All of them in one message: still one message.
     let mut raw = b"Subject: all at once\r\n\r\n".to_vec();
-    for variant in VARIANTS {
+    for variant in FAKE_ENDS_OF_DATA {
         raw.extend_from_slice(b"x");
         raw.extend_from_slice(variant);
         raw.extend_from_slice(SMUGGLED);
@@ -241,7 +193,7 @@ async fn fake_ends_split_across_reads_and_commands_pipelined_after_the_real_end(
     c.expect(220).await;
     c.cmd("EHLO client.test").await.assert(250);
     let mut sent = Vec::new();
-    for (i, variant) in VARIANTS.iter().enumerate() {
+    for (i, variant) in FAKE_ENDS_OF_DATA.iter().enumerate() {
         let to = format!("intended{i}@example.com");
         let raw = attack(&format!("split {i}"), variant);
         c.cmd("MAIL FROM:<honest@origin.test>").await.assert(250);
@@ -346,7 +298,7 @@ fn outbound_cases() -> Vec<Case> {
     // Every smuggling variant, which inbound turns into CRLF content: several
     // become a lone "." line that outbound must stuff.
     let mut smuggled = b"Subject: smuggled\r\n\r\n".to_vec();
-    for variant in VARIANTS {
+    for variant in FAKE_ENDS_OF_DATA {
         smuggled.extend_from_slice(b"x");
         smuggled.extend_from_slice(variant);
         smuggled.extend_from_slice(SMUGGLED);
@@ -424,7 +376,7 @@ async fn what_is_forwarded_is_crlf_clean_and_dot_stuffed() {
             "{}: stored with a bare CR or LF",
             case.name
         );
-        let (used, want) = reference(&case.raw).expect("a real end");
+        let (used, want) = reference_data(&case.raw).expect("a real end");
         assert_eq!(
             used,
             case.raw.len(),

@@ -3,6 +3,8 @@
 //! socket, and helpers to read what the spool holds.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod http;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -231,6 +233,57 @@ pub fn split_received(body: &[u8]) -> (String, &[u8]) {
     }
     let header = String::from_utf8(body[..end].to_vec()).expect("Received: is ASCII");
     (header, &body[end..])
+}
+
+/// Fake ends of data: bare LF, bare CR, mixed, and with a NUL or blank beside
+/// the dot. None of them is CRLF "." CRLF.
+pub const FAKE_ENDS_OF_DATA: &[&[u8]] = &[
+    b"\n.\n",
+    b"\n.\r\n",
+    b"\r.\r\n",
+    b"\r\n.\n",
+    b"\r\n.\r",
+    b"\r.\n",
+    b"\n.\r",
+    b"\r.\r",
+    b"\r\n.\x00\r\n",
+    b"\r\n\x00.\r\n",
+    b"\r\n .\r\n",
+    b"\r\n. \r\n",
+    b"\r\n.\t\r\n",
+    b"\r\n.\r\r\n",
+    b"\r\n.\n\r\n",
+    b"\n\n.\n\n",
+];
+
+/// RFC 5321 §4.1.1.4 and §4.5.2 from the wire's point of view, independent of
+/// mxspool's reader: the data ends at the first CRLF "." CRLF (or at "." CRLF
+/// right after the 354). Lines are what CRLF delimits; a leading dot is
+/// stuffing and goes; a bare CR or LF left inside a line becomes CRLF.
+/// Returns (bytes up to and including the terminator, the content to store).
+pub fn reference_data(input: &[u8]) -> Option<(usize, Vec<u8>)> {
+    let (content, used) = if input.starts_with(b".\r\n") {
+        (&input[..0], 3)
+    } else {
+        let at = input.windows(5).position(|w| w == b"\r\n.\r\n")?;
+        (&input[..at + 2], at + 5)
+    };
+    let mut body = Vec::new();
+    let mut rest = content;
+    while !rest.is_empty() {
+        let end = rest.windows(2).position(|w| w == b"\r\n").expect("CRLF");
+        let line = &rest[..end];
+        for &b in line.strip_prefix(b".").unwrap_or(line) {
+            if b == b'\r' || b == b'\n' {
+                body.extend_from_slice(b"\r\n");
+            } else {
+                body.push(b);
+            }
+        }
+        body.extend_from_slice(b"\r\n");
+        rest = &rest[end + 2..];
+    }
+    Some((used, body))
 }
 
 /// Every CR is followed by LF and every LF preceded by CR.
