@@ -4,11 +4,15 @@
 //! sent, byte for byte.
 //!
 //! It is strict where a lax server would hide client bugs: it refuses
-//! parameters it did not advertise (555), a SIZE= above its limit (552), and
-//! DATA with no accepted recipient (554). It stays on loopback.
+//! parameters it did not advertise (555), a SIZE= above its limit (552),
+//! DATA with no accepted recipient (554), BDAT before MAIL or an accepted
+//! RCPT (503, its octets still read) and DATA after BDAT (503), and it closes
+//! the connection after BDAT it did not offer (502). It can sit one round trip
+//! away (`set_latency`) and counts its round trips (`turns`), so tests can see
+//! whether a client pipelines. It stays on loopback.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::poll_fn;
 use std::net::SocketAddr;
@@ -21,10 +25,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::{AbortHandle, JoinHandle};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 /// The name the primary greets with.
 pub const NAME: &str = "primary.test";
+
+/// An end-of-data "reply" that closes the connection without answering: the
+/// primary reset in the middle of a pipeline.
+pub const DROP: &str = "DROP";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -122,9 +131,12 @@ pub struct Caps {
     /// `SIZE n`; 0 means no limit.
     pub size: Option<u64>,
     pub starttls: Option<TlsIdentity>,
+    /// `CHUNKING`: BDAT (RFC 3030). Off by default, so a client that never
+    /// asked for it keeps sending DATA.
+    pub chunking: bool,
 }
 
-/// Every extension but SIZE and STARTTLS.
+/// Every extension but SIZE, STARTTLS and CHUNKING.
 impl Default for Caps {
     fn default() -> Caps {
         Caps {
@@ -134,6 +146,7 @@ impl Default for Caps {
             pipelining: true,
             size: None,
             starttls: None,
+            chunking: false,
         }
     }
 }
@@ -144,11 +157,14 @@ pub struct Received {
     pub mail_from_line: String,
     /// Every RCPT line of the transaction, accepted or not.
     pub rcpt_lines: Vec<String>,
-    /// As it came on the wire, still dot-stuffed, without the final `.` CRLF.
+    /// As it came on the wire: after DATA still dot-stuffed, without the
+    /// final `.` CRLF; after BDAT the chunks' octets, end to end.
     pub data: Vec<u8>,
-    /// `data` with the dot-stuffing undone.
+    /// `data` with the dot-stuffing undone (BDAT has none: `body == data`).
     pub body: Vec<u8>,
     pub tls: bool,
+    /// It came by BDAT, not DATA.
+    pub bdat: bool,
 }
 
 struct State {
@@ -160,8 +176,15 @@ struct State {
     /// Lower-cased address -> reply line (without CRLF).
     rcpt_replies: HashMap<String, String>,
     data_reply: String,
+    /// Replies for the next ends of data, before `data_reply` applies again.
+    data_replies: VecDeque<String>,
+    /// How long each reply waits before it is written: the primary is this
+    /// far away.
+    latency: Duration,
     messages: Vec<Received>,
     connections: usize,
+    /// Reply buffers written, per connection accepted (in every mode).
+    turns: Vec<usize>,
     commands: Vec<String>,
     batches: Vec<Vec<String>>,
     sessions: Vec<AbortHandle>,
@@ -222,8 +245,11 @@ impl Primary {
                 caps: Caps::default(),
                 rcpt_replies: HashMap::new(),
                 data_reply: "250 2.0.0 Ok: queued".into(),
+                data_replies: VecDeque::new(),
+                latency: Duration::ZERO,
                 messages: Vec::new(),
                 connections: 0,
+                turns: Vec::new(),
                 commands: Vec::new(),
                 batches: Vec::new(),
                 sessions: Vec::new(),
@@ -264,9 +290,30 @@ impl Primary {
             .insert(address.to_ascii_lowercase(), reply.into());
     }
 
-    /// The reply after the final dot; the message is recorded only if it is 2xx.
+    /// The reply at the end of data (final dot, or BDAT LAST); the message
+    /// is recorded only if it is 2xx. A 421 closes the connection after it,
+    /// [`DROP`] closes it instead of replying.
     pub fn set_data_reply(&self, reply: &str) {
         self.shared.lock().data_reply = reply.into();
+    }
+
+    /// Replies for the next ends of data, one each, in order, on any
+    /// connection; then `set_data_reply`'s applies again. Same rules as it:
+    /// recorded if 2xx, closed after a 421, closed instead of a reply by
+    /// [`DROP`] (the replies already due in that read still go out first).
+    pub fn push_data_replies(&self, replies: &[&str]) {
+        self.shared
+            .lock()
+            .data_replies
+            .extend(replies.iter().map(|r| r.to_string()));
+    }
+
+    /// Every reply (the greeting too) is written this long after the read it
+    /// answers, in order; reads go on meanwhile, so replies to reads that
+    /// come close together arrive close together, as from a primary one
+    /// round trip away. Applies to open sessions at once.
+    pub fn set_latency(&self, latency: Duration) {
+        self.shared.lock().latency = latency;
     }
 
     /// For connections accepted from now on.
@@ -283,7 +330,22 @@ impl Primary {
         self.shared.lock().connections
     }
 
-    /// Every command line received, in order, without CRLF.
+    /// Round trips as clients saw them: reply buffers written (greeting
+    /// included), over every connection. A client that pipelines across
+    /// messages needs k + 3 for k messages (greeting, EHLO, one per message,
+    /// QUIT); one that waits at each DATA about 3k.
+    pub fn turns(&self) -> usize {
+        self.shared.lock().turns.iter().sum()
+    }
+
+    /// `turns` per connection accepted, in order of acceptance (0 for a
+    /// connection that was never answered).
+    pub fn turns_per_connection(&self) -> Vec<usize> {
+        self.shared.lock().turns.clone()
+    }
+
+    /// Every command line received, in order, without CRLF (BDAT lines
+    /// too, not the octets of their chunks).
     pub fn commands(&self) -> Vec<String> {
         self.shared.lock().commands.clone()
     }
@@ -337,14 +399,16 @@ async fn accept_loop(shared: Arc<Shared>) {
         };
         let mut st = shared.lock();
         st.connections += 1;
+        st.turns.push(0);
+        let conn = st.turns.len() - 1;
         let mode = st.mode;
-        let session = tokio::spawn(serve(shared.clone(), stream, mode));
+        let session = tokio::spawn(serve(shared.clone(), stream, mode, conn));
         st.sessions.retain(|s| !s.is_finished());
         st.sessions.push(session.abort_handle());
     }
 }
 
-async fn serve(shared: Arc<Shared>, mut stream: TcpStream, mode: Mode) {
+async fn serve(shared: Arc<Shared>, mut stream: TcpStream, mode: Mode, conn: usize) {
     match mode {
         Mode::Down => {}
         Mode::Hang => {
@@ -357,15 +421,41 @@ async fn serve(shared: Arc<Shared>, mut stream: TcpStream, mode: Mode) {
         }
         Mode::Greet421 => {
             let greeting = format!("421 4.3.2 {NAME} Service not available\r\n");
-            let _ = stream.write_all(greeting.as_bytes()).await;
+            let _ = greet(&shared, &mut stream, conn, &greeting).await;
         }
         Mode::DropAfterGreeting => {
-            let _ = stream
-                .write_all(format!("220 {NAME} ESMTP\r\n").as_bytes())
-                .await;
+            let _ = greet(&shared, &mut stream, conn, &format!("220 {NAME} ESMTP\r\n")).await;
         }
-        Mode::Up => converse(&shared, stream).await,
+        Mode::Up => converse(&shared, stream, conn).await,
     }
+}
+
+/// The greeting, one latency after the connection.
+async fn greet(
+    shared: &Shared,
+    stream: &mut TcpStream,
+    conn: usize,
+    greeting: &str,
+) -> std::io::Result<()> {
+    let latency = shared.lock().latency;
+    tokio::time::sleep(latency).await;
+    send(shared, stream, conn, greeting.as_bytes()).await
+}
+
+/// Writes one reply buffer, one round trip as the client sees it. Counted
+/// before the write, so a client that has the reply also sees the count.
+async fn send<S: AsyncWrite + Unpin>(
+    shared: &Shared,
+    stream: &mut S,
+    conn: usize,
+    replies: &[u8],
+) -> std::io::Result<()> {
+    if replies.is_empty() {
+        return Ok(());
+    }
+    shared.lock().turns[conn] += 1;
+    stream.write_all(replies).await?;
+    stream.flush().await
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -374,13 +464,15 @@ enum Next {
     StartTls,
 }
 
-async fn converse(shared: &Shared, mut tcp: TcpStream) {
+async fn converse(shared: &Shared, mut tcp: TcpStream, conn: usize) {
     let caps = shared.lock().caps.clone();
-    let greeting = format!("220 {NAME} ESMTP\r\n");
-    if tcp.write_all(greeting.as_bytes()).await.is_err() {
+    if greet(shared, &mut tcp, conn, &format!("220 {NAME} ESMTP\r\n"))
+        .await
+        .is_err()
+    {
         return;
     }
-    if talk(shared, &mut tcp, &caps, false).await == Next::Close {
+    if talk(shared, &mut tcp, conn, &caps, false).await == Next::Close {
         return;
     }
     let Some(identity) = caps.starttls.clone() else {
@@ -392,7 +484,7 @@ async fn converse(shared: &Shared, mut tcp: TcpStream) {
         }
         Some(config) => {
             if let Ok(mut tls) = TlsAcceptor::from(config).accept(tcp).await {
-                talk(shared, &mut tls, &caps, true).await;
+                talk(shared, &mut tls, conn, &caps, true).await;
                 let _ = tls.shutdown().await;
             }
         }
@@ -404,100 +496,262 @@ struct Transaction {
     mail: Option<String>,
     rcpts: Vec<String>,
     accepted: usize,
+    /// The octets of the BDAT chunks so far; `Some` from the first accepted
+    /// BDAT on, which rules DATA out for this transaction.
+    chunks: Option<Vec<u8>>,
 }
 
 enum Effect {
     None,
     Data,
+    /// The reply waits until the chunk's octets are read.
+    Chunk(Chunk),
     StartTls,
     Close,
 }
 
-/// Reads commands and answers them; all replies to one read go out together,
-/// as a pipelining server's do.
+/// A BDAT chunk being read.
+struct Chunk {
+    size: usize,
+    /// Octets still to come.
+    remaining: usize,
+    last: bool,
+    /// The reply when the chunk is refused: its octets are read and dropped,
+    /// so the next command is still found where the client put it.
+    refusal: Option<String>,
+}
+
+/// What the next input is.
+enum Reading {
+    Commands,
+    /// DATA content, up to CRLF . CRLF.
+    Data,
+    Chunk(Chunk),
+}
+
+/// The replies to one read and what happens after they are written.
+struct Answer {
+    replies: String,
+    next: Option<Next>,
+}
+
+/// One conversation's state between reads; pure, so the async shell
+/// (`talk`) only reads, waits and writes.
+struct Session<'a> {
+    shared: &'a Shared,
+    caps: &'a Caps,
+    tls: bool,
+    txn: Transaction,
+    reading: Reading,
+    /// Received and not yet consumed: an incomplete line, data or chunk.
+    input: Vec<u8>,
+}
+
+impl Session<'_> {
+    /// Consumes what `read` completes and answers it; all replies to one
+    /// read go out together, as a pipelining server's do. Stops at the
+    /// first thing after which the connection closes or turns to TLS.
+    fn answer(&mut self, read: &[u8]) -> Answer {
+        self.input.extend_from_slice(read);
+        let mut batch = Vec::new();
+        let mut replies = String::new();
+        let next = self.consume(&mut batch, &mut replies);
+        if !batch.is_empty() {
+            self.shared.lock().batches.push(batch);
+        }
+        Answer { replies, next }
+    }
+
+    /// Consumes the input while it completes a command, data or a chunk,
+    /// appending the replies. `Some` when the connection closes or turns to
+    /// TLS after them; `None` (also from the `?`s) when the rest of the
+    /// input is incomplete.
+    fn consume(&mut self, batch: &mut Vec<String>, replies: &mut String) -> Option<Next> {
+        loop {
+            let (reply, next) = match &mut self.reading {
+                Reading::Data => {
+                    let (raw_len, used) = data_end(&self.input)?;
+                    let data: Vec<u8> = self.input.drain(..used).take(raw_len).collect();
+                    self.reading = Reading::Commands;
+                    let body = unstuff(&data);
+                    self.end_of_data(data, body, false)
+                }
+                Reading::Chunk(chunk) => {
+                    let take = chunk.remaining.min(self.input.len());
+                    let octets = self.input.drain(..take);
+                    chunk.remaining -= take;
+                    match &mut self.txn.chunks {
+                        Some(chunks) if chunk.refusal.is_none() => chunks.extend(octets),
+                        _ => drop(octets),
+                    }
+                    if chunk.remaining > 0 {
+                        return None;
+                    }
+                    let Reading::Chunk(chunk) =
+                        std::mem::replace(&mut self.reading, Reading::Commands)
+                    else {
+                        unreachable!("reading a chunk")
+                    };
+                    if let Some(refusal) = chunk.refusal {
+                        (Some(refusal), None)
+                    } else if chunk.last {
+                        let data = self.txn.chunks.take().unwrap_or_default();
+                        self.end_of_data(data.clone(), data, true)
+                    } else {
+                        (Some(format!("250 2.0.0 Ok: {} octets", chunk.size)), None)
+                    }
+                }
+                Reading::Commands => {
+                    let lf = self.input.iter().position(|&b| b == b'\n')?;
+                    let raw: Vec<u8> = self.input.drain(..=lf).collect();
+                    let line = String::from_utf8_lossy(&raw)
+                        .trim_end_matches(['\r', '\n'])
+                        .to_string();
+                    batch.push(line.clone());
+                    self.shared.lock().commands.push(line.clone());
+                    let (reply, effect) =
+                        respond(self.shared, self.caps, &mut self.txn, &line, self.tls);
+                    match effect {
+                        Effect::None => (Some(reply), None),
+                        Effect::Data => {
+                            self.reading = Reading::Data;
+                            (Some(reply), None)
+                        }
+                        // Answered once its octets are in.
+                        Effect::Chunk(chunk) => {
+                            self.reading = Reading::Chunk(chunk);
+                            (None, None)
+                        }
+                        Effect::StartTls => (Some(reply), Some(Next::StartTls)),
+                        Effect::Close => (Some(reply), Some(Next::Close)),
+                    }
+                }
+            };
+            if let Some(reply) = reply {
+                replies.push_str(&reply);
+                replies.push_str("\r\n");
+            }
+            if next.is_some() {
+                return next;
+            }
+        }
+    }
+
+    /// The end-of-data reply and whether the connection closes after it
+    /// (421) or instead of it ([`DROP`]); a 2xx records the message. Either
+    /// way the transaction is over.
+    fn end_of_data(
+        &mut self,
+        data: Vec<u8>,
+        body: Vec<u8>,
+        bdat: bool,
+    ) -> (Option<String>, Option<Next>) {
+        let txn = std::mem::take(&mut self.txn);
+        let reply = {
+            let mut st = self.shared.lock();
+            st.data_replies
+                .pop_front()
+                .unwrap_or_else(|| st.data_reply.clone())
+        };
+        if reply == DROP {
+            return (None, Some(Next::Close));
+        }
+        if reply.starts_with('2') {
+            let message = Received {
+                mail_from_line: txn.mail.unwrap_or_default(),
+                rcpt_lines: txn.rcpts,
+                data,
+                body,
+                tls: self.tls,
+                bdat,
+            };
+            self.shared.lock().messages.push(message);
+            self.shared.received.notify_waiters();
+        }
+        let next = reply.starts_with("421").then_some(Next::Close);
+        (Some(reply), next)
+    }
+}
+
+/// Replies waiting for their time to be written.
+struct Pending {
+    due: Instant,
+    replies: String,
+    next: Option<Next>,
+}
+
+/// Reads commands and answers them, each read's replies one latency after
+/// it. Reading goes on while replies wait, so a slow primary is not also a
+/// serial one; it stops at QUIT, a close or STARTTLS.
 async fn talk<S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
     stream: &mut S,
+    conn: usize,
     caps: &Caps,
     tls: bool,
 ) -> Next {
-    let mut input = Vec::new();
+    let mut session = Session {
+        shared,
+        caps,
+        tls,
+        txn: Transaction::default(),
+        reading: Reading::Commands,
+        input: Vec::new(),
+    };
     let mut buf = vec![0u8; 64 * 1024];
-    let mut txn = Transaction::default();
-    let mut in_data = false;
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut reading = true;
     loop {
-        let n = match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return Next::Close,
-            Ok(n) => n,
-        };
-        input.extend_from_slice(&buf[..n]);
-        let mut batch = Vec::new();
-        let mut out = String::new();
-        let mut next = None;
-        loop {
-            if in_data {
-                let Some((raw_len, used)) = data_end(&input) else {
-                    break;
-                };
-                let data: Vec<u8> = input.drain(..used).take(raw_len).collect();
-                in_data = false;
-                let reply = shared.lock().data_reply.clone();
-                if reply.starts_with('2') {
-                    let message = Received {
-                        mail_from_line: txn.mail.take().unwrap_or_default(),
-                        rcpt_lines: std::mem::take(&mut txn.rcpts),
-                        body: unstuff(&data),
-                        data,
-                        tls,
-                    };
-                    shared.lock().messages.push(message);
-                    shared.received.notify_waiters();
-                }
-                txn = Transaction::default();
-                out.push_str(&reply);
-                out.push_str("\r\n");
-                if reply.starts_with("421") {
-                    next = Some(Next::Close);
-                    break;
-                }
-                continue;
-            }
-            let Some(lf) = input.iter().position(|&b| b == b'\n') else {
-                break;
+        let due = pending.front().map(|p| p.due);
+        if reading {
+            let read = match due {
+                Some(due) => tokio::time::timeout_at(due, stream.read(&mut buf))
+                    .await
+                    .ok(),
+                None => Some(stream.read(&mut buf).await),
             };
-            let raw: Vec<u8> = input.drain(..=lf).collect();
-            let line = String::from_utf8_lossy(&raw)
-                .trim_end_matches(['\r', '\n'])
-                .to_string();
-            batch.push(line.clone());
-            shared.lock().commands.push(line.clone());
-            let (reply, effect) = respond(shared, caps, &mut txn, &line, tls);
-            out.push_str(&reply);
-            out.push_str("\r\n");
-            match effect {
-                Effect::None => {}
-                Effect::Data => in_data = true,
-                Effect::StartTls => {
-                    next = Some(Next::StartTls);
-                    break;
-                }
-                Effect::Close => {
-                    next = Some(Next::Close);
-                    break;
+            match read {
+                None => {}
+                Some(Err(_)) => return Next::Close,
+                // The client is done sending; it may still be reading.
+                Some(Ok(0)) => reading = false,
+                Some(Ok(n)) => {
+                    let answer = session.answer(&buf[..n]);
+                    if answer.next.is_some() {
+                        reading = false;
+                    }
+                    if !answer.replies.is_empty() || answer.next.is_some() {
+                        let latency = shared.lock().latency;
+                        pending.push_back(Pending {
+                            due: Instant::now() + latency,
+                            replies: answer.replies,
+                            next: answer.next,
+                        });
+                    }
                 }
             }
+        } else {
+            let Some(due) = due else {
+                return Next::Close;
+            };
+            tokio::time::sleep_until(due).await;
         }
-        if !batch.is_empty() {
-            shared.lock().batches.push(batch);
-        }
-        if stream.write_all(out.as_bytes()).await.is_err() {
-            return Next::Close;
-        }
-        match next {
-            // Anything pipelined after STARTTLS would be read as plain text.
-            Some(Next::StartTls) if !input.is_empty() => return Next::Close,
-            Some(next) => return next,
-            None => {}
+        while let Some(front) = pending.front()
+            && front.due <= Instant::now()
+        {
+            let Pending { replies, next, .. } = pending.pop_front().expect("a front");
+            if send(shared, stream, conn, replies.as_bytes())
+                .await
+                .is_err()
+            {
+                return Next::Close;
+            }
+            match next {
+                // Anything pipelined after STARTTLS would be read as plain text.
+                Some(Next::StartTls) if !session.input.is_empty() => return Next::Close,
+                Some(next) => return next,
+                None => {}
+            }
         }
     }
 }
@@ -533,6 +787,9 @@ fn respond(
             }
             if caps.dsn {
                 lines.push("DSN".into());
+            }
+            if caps.chunking {
+                lines.push("CHUNKING".into());
             }
             if caps.starttls.is_some() && !tls {
                 lines.push("STARTTLS".into());
@@ -592,11 +849,39 @@ fn respond(
         "DATA" => {
             if txn.mail.is_none() {
                 reply("503 5.5.1 Error: need RCPT command")
+            } else if txn.chunks.is_some() {
+                reply("503 5.5.1 Error: DATA after BDAT")
             } else if txn.accepted == 0 {
                 reply("554 5.5.1 Error: no valid recipients")
             } else {
                 ("354 End data with <CR><LF>.<CR><LF>".into(), Effect::Data)
             }
+        }
+        // Without CHUNKING the octets that follow would be read as commands:
+        // there is no staying in sync, so the connection ends.
+        "BDAT" if !caps.chunking => (
+            "502 5.5.2 Error: command not recognized".into(),
+            Effect::Close,
+        ),
+        "BDAT" => {
+            let Some((size, last)) = bdat_arguments(line) else {
+                return ("501 5.5.4 Syntax: BDAT size [LAST]".into(), Effect::Close);
+            };
+            let refusal = if txn.mail.is_none() {
+                Some("503 5.5.1 Error: need MAIL command".to_string())
+            } else if txn.accepted == 0 {
+                Some("503 5.5.1 Error: need RCPT command".to_string())
+            } else {
+                txn.chunks.get_or_insert_with(Vec::new);
+                None
+            };
+            let chunk = Chunk {
+                size,
+                remaining: size,
+                last,
+                refusal,
+            };
+            (String::new(), Effect::Chunk(chunk))
         }
         "RSET" => {
             *txn = Transaction::default();
@@ -609,6 +894,25 @@ fn respond(
         }
         _ => reply("502 5.5.2 Error: command not recognized"),
     }
+}
+
+/// `BDAT <size> [LAST]` (RFC 3030 §4): the size and whether it is the last.
+fn bdat_arguments(line: &str) -> Option<(usize, bool)> {
+    let mut words = line.split(' ');
+    words.next()?;
+    let size = words.next()?;
+    if size.is_empty() || !size.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let last = match words.next() {
+        None => false,
+        Some(word) if word.eq_ignore_ascii_case("LAST") => true,
+        Some(_) => return None,
+    };
+    if words.next().is_some() {
+        return None;
+    }
+    Some((size.parse().ok()?, last))
 }
 
 /// The parameters after the path, as (upper-cased keyword, value).
