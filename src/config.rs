@@ -319,7 +319,7 @@ mod file {
                 probe_interval: "5s".into(),
                 max_queue_lifetime: "5d".into(),
                 delay_warning_after: "off".into(),
-                connections_per_domain: 4,
+                connections_per_domain: 20,
                 messages_per_connection: 100,
                 tls: "opportunistic".into(),
                 bounce: "sender".into(),
@@ -1058,7 +1058,7 @@ mod tests {
         assert_eq!(d.probe_interval, Duration::from_secs(5));
         assert_eq!(d.max_queue_lifetime, Duration::from_secs(5 * 86_400));
         assert_eq!(d.delay_warning_after, None);
-        assert_eq!(d.connections_per_domain, 4);
+        assert_eq!(d.connections_per_domain, 20);
         assert_eq!(d.messages_per_connection, 100);
         assert_eq!(d.tls, TlsPolicy::Opportunistic);
         assert_eq!(d.bounce, BouncePolicy::Sender);

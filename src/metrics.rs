@@ -31,6 +31,8 @@ pub struct Metrics {
     pub failed: IntCounterVec,
     pub dsn_sent: IntCounterVec,
     pub primary_up: IntGaugeVec,
+    /// Open delivery connections per destination (see [`Metrics::connections`]).
+    delivery_connections: IntGaugeVec,
     pub sessions: IntGauge,
     pub delivery_seconds: Histogram,
     pub commit_seconds: Histogram,
@@ -153,6 +155,11 @@ impl Metrics {
                 "1 while the domain's primary is reachable (or not known to be down)",
                 &["domain"],
             ),
+            delivery_connections: gauge_vec(
+                "mxspool_delivery_connections",
+                "Delivery connections open (or opening) to the domain's primary",
+                &["domain"],
+            ),
             sessions: gauge("mxspool_smtp_sessions_active", "SMTP sessions in progress"),
             delivery_seconds: histogram(
                 "mxspool_delivery_duration_seconds",
@@ -198,6 +205,10 @@ impl Metrics {
         // Every series a dashboard needs exists from the start, at zero.
         for label in metrics.labels() {
             metrics.queue_messages.with_label_values(&[label]).set(0);
+            metrics
+                .delivery_connections
+                .with_label_values(&[label])
+                .set(0);
             metrics.oldest_age.with_label_values(&[label]).set(0.0);
             metrics.delivered.with_label_values(&[label]);
             metrics.loops.with_label_values(&[label]);
@@ -240,6 +251,13 @@ impl Metrics {
     pub fn labeler(&self) -> Labeler {
         let domains = self.domains.clone();
         Arc::new(move |domain: &str| label_of(&domains, domain).to_owned())
+    }
+
+    /// The open-connections gauge of the configured domain `domain` belongs
+    /// to (`other` for the rest, shared: only ever incremented and decremented).
+    pub fn connections(&self, domain: &str) -> IntGauge {
+        self.delivery_connections
+            .with_label_values(&[self.label(domain)])
     }
 
     /// Counts an SMTP refusal.

@@ -7,6 +7,46 @@
 //! with `.` gets another one. Whatever the stored bytes, the next hop sees the
 //! message end exactly where we end it (no SMTP smuggling through us).
 
+/// The content of `BDAT n LAST` (RFC 3030): no dot-stuffing and no
+/// terminator, but the same line discipline as after DATA, so what the next
+/// hop reads is the same message either way: CRLF line endings only, and a
+/// final CRLF. Bodies in the spool are stored that way already and are
+/// borrowed as they are; anything else is rewritten.
+pub(crate) fn crlf_clean(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if is_crlf_clean(body) {
+        return std::borrow::Cow::Borrowed(body);
+    }
+    let mut out = Vec::with_capacity(body.len() + body.len() / 32 + 2);
+    let mut rest = body;
+    while let Some(at) = memchr::memchr2(b'\r', b'\n', rest) {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(b"\r\n");
+        let crlf = rest[at] == b'\r' && rest.get(at + 1) == Some(&b'\n');
+        rest = &rest[at + if crlf { 2 } else { 1 }..];
+    }
+    out.extend_from_slice(rest);
+    if !rest.is_empty() {
+        out.extend_from_slice(b"\r\n");
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Every CR is followed by LF, every LF preceded by CR, and the last line ends.
+fn is_crlf_clean(body: &[u8]) -> bool {
+    if !(body.is_empty() || body.ends_with(b"\r\n")) {
+        return false;
+    }
+    let mut at = 0;
+    while let Some(found) = memchr::memchr2(b'\r', b'\n', &body[at..]) {
+        let i = at + found;
+        if body[i] == b'\n' || body.get(i + 1) != Some(&b'\n') {
+            return false;
+        }
+        at = i + 2;
+    }
+    true
+}
+
 /// The state carried from one piece of the body to the next.
 #[derive(Debug)]
 pub(crate) struct DotStuffer {
@@ -168,6 +208,31 @@ mod tests {
                 check_wire(&wire);
                 assert_eq!(unstuff(&wire), expected, "cuts {a} {b}");
             }
+        }
+    }
+
+    #[test]
+    fn chunk_content_is_crlf_clean_and_borrowed_when_it_already_is() {
+        let cases: [(&[u8], &[u8], bool); 9] = [
+            (b"", b"", true),
+            (b"a\r\n", b"a\r\n", true),
+            (b".\r\n..\r\n", b".\r\n..\r\n", true),
+            (b"a", b"a\r\n", false),
+            (b"a\nb\n", b"a\r\nb\r\n", false),
+            (b"a\rb\r\n", b"a\r\nb\r\n", false),
+            (b"a\r\n\r", b"a\r\n\r\n", false),
+            (b"\n.\n", b"\r\n.\r\n", false),
+            (b"x\r\r\n", b"x\r\n\r\n", false),
+        ];
+        for (body, wire, borrowed) in cases {
+            let clean = crlf_clean(body);
+            assert_eq!(&clean[..], wire, "{:?}", String::from_utf8_lossy(body));
+            assert_eq!(
+                matches!(clean, std::borrow::Cow::Borrowed(_)),
+                borrowed,
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 

@@ -1,33 +1,58 @@
-//! One mail transaction on an open connection: MAIL, RCPT for each recipient,
-//! DATA, the body, and a result per recipient. With PIPELINING (RFC 2920) the
-//! commands up to DATA go out in one write and the replies are read in order;
-//! without it, one command per round trip, stopping early when MAIL fails or
-//! no recipient was accepted.
+//! Mail transactions on an open connection. With PIPELINING (RFC 2920) a
+//! connection carries several messages at once: [`Connection::submit`] hands
+//! one over (its commands are buffered, and with CHUNKING its content too),
+//! [`Connection::advance`] sends what is buffered and reads replies until a
+//! message's outcome is complete; `pipeline.rs` keeps the books. Without
+//! PIPELINING, each message is one command per round trip, stopping early when
+//! MAIL fails or no recipient was accepted.
 //!
 //! This file decides nothing about the message's future: it reports what the
-//! next hop said. A 421 or a lost connection anywhere is an `Err`, since then
-//! nothing is known for sure about any recipient.
+//! next hop said. A 421 or a lost connection anywhere fails every message whose
+//! outcome was not complete yet, since nothing is known for sure about them.
+
+use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
 use super::Connection;
-use super::body::DotStuffer;
+use super::body::{self, DotStuffer};
 use super::error::{SessionError, Stage};
 use super::mail;
 use super::outcome::{Class, Outcome};
+use super::pipeline::{Step, Ticket, Transfer, refusal};
 use super::reply::Reply;
 use crate::spool::{Envelope, Notify};
 
-/// How much of the body goes into one write (each write has its own
-/// `data_block` time limit).
+/// How much goes into one write (each write has its own `data_block` time
+/// limit); commands and small bodies collect in the buffer up to this size.
 const BLOCK: usize = 64 * 1024;
 
+/// What [`Connection::advance`] found.
+#[derive(Debug)]
+pub enum Progress {
+    /// A message's last reply came: its outcome per recipient, by index.
+    Done {
+        ticket: Ticket,
+        outcomes: Vec<(usize, Outcome)>,
+    },
+    /// There is room for another message before the next reply is read.
+    Room,
+    /// Nothing is in flight.
+    Idle,
+    /// The session failed; nothing is known about these messages (defer them).
+    /// The connection can carry no more mail.
+    Failed {
+        tickets: Vec<Ticket>,
+        error: SessionError,
+    },
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
-    /// Delivers `body` to the listed recipients of `envelope` (indexes into
-    /// `envelope.recipients`) and returns an outcome for each, ordered by index.
-    /// After an `Err` the connection is unusable; after `Ok`, call
-    /// [`Connection::reset`] before the next message.
+    /// Delivers one message and waits for its outcome: [`Connection::submit`]
+    /// and [`Connection::advance`] for a connection that carries one message
+    /// at a time. Outcomes are ordered by index; after an `Err` the
+    /// connection is unusable.
     pub async fn deliver(
         &mut self,
         envelope: &Envelope,
@@ -37,17 +62,201 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if self.broken {
             return Err(SessionError::Unusable);
         }
-        let result = self.transaction(envelope, body, recipients).await;
-        if result.is_err() {
-            self.broken = true;
+        let wanted = self
+            .submit(envelope, Arc::new(body.to_vec()), recipients)
+            .await;
+        loop {
+            match self.advance().await {
+                Progress::Done { ticket, outcomes } if ticket == wanted => return Ok(outcomes),
+                Progress::Done { .. } | Progress::Room => {}
+                Progress::Idle => return Err(SessionError::Unusable),
+                Progress::Failed { error, .. } => return Err(error),
+            }
         }
-        result.map(|mut outcomes| {
-            outcomes.sort_by_key(|(i, _)| *i);
-            outcomes
-        })
     }
 
-    async fn transaction(
+    /// Whether another message may be submitted before [`Connection::advance`]
+    /// reads a reply.
+    pub fn has_room(&self) -> bool {
+        !self.broken
+            && self.failure.is_none()
+            && match self.transfer() {
+                Some(transfer) => self.flight.has_room(transfer),
+                // Each submit runs a whole transaction: collect its outcome first.
+                None => self.ready.is_empty(),
+            }
+    }
+
+    /// Hands over a message for the listed recipients of `envelope` (indexes
+    /// into `envelope.recipients`). Its outcome comes out of
+    /// [`Connection::advance`] under the returned ticket, as does a failure.
+    pub async fn submit(
+        &mut self,
+        envelope: &Envelope,
+        body: Arc<Vec<u8>>,
+        recipients: &[usize],
+    ) -> Ticket {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        if self.broken || self.failure.is_some() {
+            self.lost.push(ticket);
+            self.failure.get_or_insert(SessionError::Unusable);
+            return ticket;
+        }
+        let Some(transfer) = self.transfer() else {
+            let result = self.lockstep_transaction(envelope, &body, recipients).await;
+            match result {
+                Ok(mut outcomes) => {
+                    outcomes.sort_by_key(|(i, _)| *i);
+                    self.ready.push_back((ticket, outcomes));
+                }
+                Err(error) => self.fail(error, Some(ticket)),
+            }
+            return ticket;
+        };
+        let content = match transfer {
+            Transfer::Chunking => Some(body::crlf_clean(&body)),
+            Transfer::Data => None,
+        };
+        let chunk = content.as_ref().map(|c| c.len() as u64);
+        let plan = mail::plan(envelope, body.len() as u64, &self.caps, recipients);
+        let relayed: Vec<bool> = plan
+            .rcpts
+            .iter()
+            .map(|&(i, _)| envelope.recipients[i].notify.has(Notify::SUCCESS) && !self.caps.dsn)
+            .collect();
+        let submitted =
+            self.flight
+                .submit(ticket, plan, &relayed, body.clone(), chunk, &mut self.out);
+        match submitted {
+            Err(settled) => self.ready.push_back((ticket, settled)),
+            Ok(()) => {
+                if let Some(content) = content {
+                    let sent = self.buffer(&content).await;
+                    if let Err(error) = sent {
+                        self.fail(error, None);
+                    }
+                }
+            }
+        }
+        ticket
+    }
+
+    /// Sends what is buffered and reads replies until a message's outcome is
+    /// complete, or (DATA) a 354 made room for the next message's commands to
+    /// go out with this one's body.
+    pub async fn advance(&mut self) -> Progress {
+        if let Some((ticket, outcomes)) = self.ready.pop_front() {
+            return Progress::Done { ticket, outcomes };
+        }
+        if let Some(failed) = self.take_failure() {
+            return failed;
+        }
+        if self.flight.is_empty() {
+            return Progress::Idle;
+        }
+        match self.exchange().await {
+            Ok(Some((ticket, outcomes))) => Progress::Done { ticket, outcomes },
+            Ok(None) => Progress::Room,
+            Err(error) => {
+                self.fail(error, None);
+                self.take_failure().expect("just failed")
+            }
+        }
+    }
+
+    /// The failure and every message it took down, once.
+    fn take_failure(&mut self) -> Option<Progress> {
+        let error = self.failure.take()?;
+        let mut tickets = std::mem::take(&mut self.lost);
+        tickets.extend(self.flight.abort());
+        tickets.sort_unstable();
+        Some(Progress::Failed { tickets, error })
+    }
+
+    /// How content travels, or `None` for one command per round trip.
+    fn transfer(&self) -> Option<Transfer> {
+        match (self.caps.pipelining, self.caps.chunking) {
+            (false, _) => None,
+            (true, false) => Some(Transfer::Data),
+            (true, true) => Some(Transfer::Chunking),
+        }
+    }
+
+    /// Marks the session failed; `ticket`: a message not in the flight that
+    /// fails with it.
+    fn fail(&mut self, error: SessionError, ticket: Option<Ticket>) {
+        debug!(hop = %self.hop.name, %error, "session failed");
+        self.broken = true;
+        self.lost.extend(ticket);
+        self.failure.get_or_insert(error);
+    }
+
+    /// One turn of the pipeline: flush, then read replies until one completes
+    /// a message (`Some`) or asks for a body (`None`, after buffering it).
+    async fn exchange(&mut self) -> Result<Option<(Ticket, Vec<(usize, Outcome)>)>, SessionError> {
+        self.flush().await?;
+        loop {
+            let stage = self.flight.next_stage().unwrap_or(Stage::Quit);
+            let limit = match stage {
+                Stage::Data => self.timeouts.data_init,
+                Stage::EndOfData | Stage::Bdat => self.timeouts.data_end,
+                _ => self.timeouts.command,
+            };
+            let reply = self.session.read_reply(limit, stage).await?;
+            match self.flight.on_reply(&reply)? {
+                Step::Wait => {}
+                Step::Done(ticket, outcomes) => return Ok(Some((ticket, outcomes))),
+                Step::Body(body) => {
+                    self.stuff(body.as_deref().map(Vec::as_slice)).await?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// Writes whatever is buffered.
+    async fn flush(&mut self) -> Result<(), SessionError> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let out = std::mem::take(&mut self.out);
+        let sent = self
+            .session
+            .send(&out, self.timeouts.data_block, Stage::Body)
+            .await;
+        self.out = out;
+        self.out.clear();
+        sent
+    }
+
+    /// Appends bytes to the buffer, writing full blocks as they fill.
+    async fn buffer(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        for piece in bytes.chunks(BLOCK) {
+            self.out.extend_from_slice(piece);
+            if self.out.len() >= BLOCK {
+                self.flush().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Buffers a body after 354, dot-stuffed, and the final dot; `None`: only
+    /// the dot (a transaction that carries nothing).
+    async fn stuff(&mut self, body: Option<&[u8]>) -> Result<(), SessionError> {
+        let mut stuffer = DotStuffer::new();
+        for piece in body.unwrap_or_default().chunks(BLOCK) {
+            stuffer.feed(piece, &mut self.out);
+            if self.out.len() >= BLOCK {
+                self.flush().await?;
+            }
+        }
+        stuffer.finish(&mut self.out);
+        Ok(())
+    }
+
+    /// One transaction without PIPELINING.
+    async fn lockstep_transaction(
         &mut self,
         envelope: &Envelope,
         body: &[u8],
@@ -58,17 +267,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if plan.rcpts.is_empty() {
             return Ok(outcomes);
         }
-        let replies = if self.caps.pipelining {
-            self.pipelined(&plan.mail_from, &plan.rcpts).await?
-        } else {
-            self.lockstep(&plan.mail_from, &plan.rcpts).await?
-        };
+        let replies = self.lockstep(&plan.mail_from, &plan.rcpts).await?;
 
         if replies.mail.class() != Class::Success {
             // MAIL refused: its reply speaks for every recipient.
             let outcome = refusal(&replies.mail, Stage::MailFrom)?;
             outcomes.extend(plan.rcpts.iter().map(|(i, _)| (*i, outcome.clone())));
-            self.abandon(replies.data).await;
+            self.abandon().await;
             return Ok(outcomes);
         }
         let mut accepted = Vec::new();
@@ -79,21 +284,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 outcomes.push((*i, refusal(reply, Stage::RcptTo)?));
             }
         }
-        let data = match replies.data {
-            Some(data) if !accepted.is_empty() => data,
-            data => {
-                self.abandon(data).await;
-                return Ok(outcomes);
-            }
+        let Some(data) = replies.data else {
+            self.abandon().await;
+            return Ok(outcomes);
         };
         if data.class() != Class::Intermediate {
             let outcome = refusal(&data, Stage::Data)?;
             outcomes.extend(accepted.iter().map(|i| (*i, outcome.clone())));
-            self.abandon(None).await;
+            self.abandon().await;
             return Ok(outcomes);
         }
 
-        self.send_body(body).await?;
+        self.stuff(Some(body)).await?;
+        self.flush().await?;
         let end = self
             .session
             .read_reply(self.timeouts.data_end, Stage::EndOfData)
@@ -115,35 +318,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             outcomes.extend(accepted.iter().map(|i| (*i, outcome.clone())));
         }
         Ok(outcomes)
-    }
-
-    /// MAIL, every RCPT and DATA in one write; then their replies, in order.
-    async fn pipelined(
-        &mut self,
-        mail_from: &str,
-        rcpts: &[(usize, String)],
-    ) -> Result<Replies, SessionError> {
-        let t = self.timeouts;
-        let mut batch = String::with_capacity(mail_from.len() + 64 * rcpts.len() + 6);
-        batch.push_str(mail_from);
-        for (_, line) in rcpts {
-            batch.push_str(line);
-        }
-        batch.push_str("DATA\r\n");
-        self.session
-            .send(batch.as_bytes(), t.command, Stage::MailFrom)
-            .await?;
-        let mail = self.session.read_reply(t.command, Stage::MailFrom).await?;
-        let mut replies = Vec::with_capacity(rcpts.len());
-        for _ in rcpts {
-            replies.push(self.session.read_reply(t.command, Stage::RcptTo).await?);
-        }
-        let data = self.session.read_reply(t.data_init, Stage::Data).await?;
-        Ok(Replies {
-            mail,
-            rcpts: replies,
-            data: Some(data),
-        })
     }
 
     /// One command per round trip. Stops after a refused MAIL, and sends no
@@ -185,50 +359,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         })
     }
 
-    async fn send_body(&mut self, body: &[u8]) -> Result<(), SessionError> {
-        let limit = self.timeouts.data_block;
-        let mut stuffer = DotStuffer::new();
-        let mut out = Vec::with_capacity(BLOCK + BLOCK / 8);
-        for piece in body.chunks(BLOCK) {
-            stuffer.feed(piece, &mut out);
-            if out.len() >= BLOCK {
-                self.session.send(&out, limit, Stage::Body).await?;
-                out.clear();
-            }
-        }
-        stuffer.finish(&mut out);
-        self.session.send(&out, limit, Stage::Body).await
-    }
-
-    /// Leaves a transaction that will carry no message, so the connection can
-    /// carry the next one. A 354 nobody should have given (a pipelined DATA
-    /// after every RCPT failed) gets an empty body ended at once. The outcomes
-    /// are known by now, so a failure here only retires the connection.
-    async fn abandon(&mut self, data: Option<Reply>) {
+    /// Leaves a transaction that will carry no message (RSET), so the
+    /// connection can carry the next one. The outcomes are known by now, so a
+    /// failure here only retires the connection.
+    async fn abandon(&mut self) {
         let t = self.timeouts;
-        let result = async {
-            if data.is_some_and(|d| d.class() == Class::Intermediate) {
-                self.session
-                    .send(b".\r\n", t.data_block, Stage::Body)
-                    .await?;
-                self.session
-                    .read_reply(t.data_end, Stage::EndOfData)
-                    .await?;
-            }
-            let reply = self
-                .session
-                .command("RSET\r\n", t.command, Stage::Rset)
-                .await?;
-            if reply.class() == Class::Success {
-                Ok(())
-            } else {
-                Err(SessionError::Rejected {
-                    stage: Stage::Rset,
-                    reply,
-                })
-            }
-        }
-        .await;
+        let result = match self
+            .session
+            .command("RSET\r\n", t.command, Stage::Rset)
+            .await
+        {
+            Ok(reply) if reply.class() == Class::Success => Ok(()),
+            Ok(reply) => Err(SessionError::Rejected {
+                stage: Stage::Rset,
+                reply,
+            }),
+            Err(e) => Err(e),
+        };
         if let Err(e) = result {
             debug!(hop = %self.hop.name, error = %e, "cannot reset the session; retiring it");
             self.broken = true;
@@ -236,23 +383,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 }
 
-/// The replies of one transaction up to DATA. `rcpts` may be shorter than the
-/// recipients sent (lockstep stops after a refused MAIL); `data` is `None`
+/// The replies of one lockstep transaction up to DATA. `rcpts` may be shorter
+/// than the recipients sent (it stops after a refused MAIL); `data` is `None`
 /// when DATA was not sent.
 struct Replies {
     mail: Reply,
     rcpts: Vec<Reply>,
     data: Option<Reply>,
-}
-
-/// The outcome of a refusal; a reply that is neither success nor refusal
-/// where one was due (a 354 to RCPT, a 250 to DATA) means the peer does not
-/// follow the protocol, and nothing it said can be trusted.
-fn refusal(reply: &Reply, stage: Stage) -> Result<Outcome, SessionError> {
-    reply.refusal().ok_or_else(|| SessionError::Protocol {
-        stage,
-        reason: format!("unexpected reply {reply}"),
-    })
 }
 
 #[cfg(test)]
@@ -345,7 +482,7 @@ mod tests {
     const PLAIN: &str = "250 peer.test\r\n";
 
     #[tokio::test]
-    async fn pipelined_all_refused_gets_the_dot_and_rset_and_stays_usable() {
+    async fn pipelined_all_refused_gets_the_dot_and_stays_usable() {
         // A server that answers DATA with 354 even though no RCPT was accepted.
         let (mut conn, peer) = connection(
             PIPELINING,
@@ -354,7 +491,6 @@ mod tests {
                 "550 5.1.1 no\r\n",
                 "354 go ahead anyway\r\n",
                 "554 5.5.1 no recipients\r\n",
-                "250 reset\r\n",
             ],
         )
         .await;
@@ -374,10 +510,57 @@ mod tests {
                 "EHLO us.test",
                 "MAIL FROM:<s@example.org>",
                 "RCPT TO:<a@x.test>",
-                "DATA",
-                "RSET"
+                "DATA"
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn a_421_mid_pipeline_fails_exactly_the_unanswered_messages() {
+        let (mut conn, peer) = connection(
+            PIPELINING,
+            vec![
+                "250 ok\r\n",
+                "250 ok\r\n",
+                "354 go\r\n",
+                "250 2.0.0 first\r\n",
+                "250 ok\r\n",
+                "250 ok\r\n",
+                "354 go\r\n",
+                "421 4.3.2 shutting down\r\n",
+            ],
+        )
+        .await;
+        let body = Arc::new(b"hi\r\n".to_vec());
+        let env = envelope(&["a@x.test"]);
+        let first = conn.submit(&env, body.clone(), &[0]).await;
+        assert!(!conn.has_room(), "one DATA waits for its 354 at a time");
+        assert!(matches!(conn.advance().await, Progress::Room));
+        let second = conn.submit(&env, body.clone(), &[0]).await;
+        let third_in_line = loop {
+            match conn.advance().await {
+                Progress::Done { ticket, outcomes } => {
+                    assert_eq!(ticket, first);
+                    assert!(matches!(&outcomes[..], [(0, Outcome::Delivered { .. })]));
+                }
+                Progress::Room => break conn.submit(&env, body.clone(), &[0]).await,
+                other => panic!("{other:?}"),
+            }
+        };
+        match conn.advance().await {
+            Progress::Failed { tickets, error } => {
+                assert_eq!(tickets, [second, third_in_line]);
+                assert!(error.to_string().contains("421"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!conn.is_usable());
+        assert!(matches!(conn.advance().await, Progress::Idle));
+        drop(conn);
+        let seen = peer.await.unwrap();
+        let mails = seen.iter().filter(|l| l.starts_with("MAIL")).count();
+        assert_eq!(mails, 3, "{seen:?}");
+        assert!(!seen.iter().any(|l| l == "RSET"), "{seen:?}");
     }
 
     #[tokio::test]

@@ -24,6 +24,8 @@ pub enum Stage {
     Body,
     /// Waiting for the reply to the final dot.
     EndOfData,
+    /// Waiting for the reply to `BDAT n LAST` (RFC 3030).
+    Bdat,
     Rset,
     Quit,
 }
@@ -42,6 +44,7 @@ impl fmt::Display for Stage {
             Stage::Data => "DATA",
             Stage::Body => "message body",
             Stage::EndOfData => "end of data",
+            Stage::Bdat => "BDAT",
             Stage::Rset => "RSET",
             Stage::Quit => "QUIT",
         })

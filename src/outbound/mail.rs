@@ -289,6 +289,7 @@ mod tests {
             smtputf8: true,
             dsn: true,
             pipelining: true,
+            chunking: false,
             size: Some(1000),
             starttls: false,
             tls: false,

@@ -1,7 +1,8 @@
 //! (5) SMTP out: how a message reaches the next hop. Given a hop (a name and an
 //! address, chosen by the router) this module connects, greets, negotiates
-//! STARTTLS per policy, and delivers one message at a time over the same
-//! connection, returning an [`Outcome`] per recipient.
+//! STARTTLS per policy, and delivers messages over the same connection,
+//! several at once where the next hop pipelines, returning an [`Outcome`] per
+//! recipient of each.
 //!
 //! It never resolves DNS, never reads the clock, never touches the spool and
 //! never decides when to retry: the caller owns all of that. A [`SessionError`]
@@ -11,9 +12,10 @@
 //! - `session.rs`: bytes on the stream, replies in, 421 ends everything.
 //! - `reply.rs`, `outcome.rs`: parsing replies and what they mean (pure).
 //! - `mail.rs`: the MAIL/RCPT lines and the checks before them (pure).
-//! - `body.rs`: dot-stuffing (pure).
+//! - `body.rs`: dot-stuffing, CRLF-clean content for BDAT (pure).
+//! - `pipeline.rs`: messages in flight and which reply answers what (pure).
 //! - `tls.rs`: the stream type and rustls configuration.
-//! - `deliver.rs`: one transaction, pipelined or not.
+//! - `deliver.rs`: submitting messages and reading their outcomes.
 //! - this file: connecting, greeting, EHLO/HELO, STARTTLS, RSET, QUIT.
 
 mod body;
@@ -21,11 +23,13 @@ mod deliver;
 mod error;
 mod mail;
 mod outcome;
+mod pipeline;
 mod reply;
 mod session;
 mod tls;
 pub mod xtext;
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -34,8 +38,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
+pub use deliver::Progress;
 pub use error::{SessionError, Stage};
 pub use outcome::{Class, Outcome, classify};
+pub use pipeline::Ticket;
 pub use reply::Reply;
 pub use tls::Stream;
 
@@ -124,6 +130,9 @@ pub struct Capabilities {
     pub smtputf8: bool,
     pub dsn: bool,
     pub pipelining: bool,
+    /// `CHUNKING` (RFC 3030): content may go as `BDAT n LAST`, without waiting
+    /// for a go-ahead. Used only together with PIPELINING.
+    pub chunking: bool,
     /// `SIZE` was offered, with its limit in bytes; 0 means no fixed limit.
     pub size: Option<u64>,
     pub starttls: bool,
@@ -139,6 +148,20 @@ pub struct Connection<S = Stream> {
     timeouts: Timeouts,
     /// An error left the session in an unknown state; it must not carry mail.
     broken: bool,
+    /// Messages whose commands went out and whose replies are still due.
+    flight: pipeline::Flight,
+    /// Commands and content not yet written: a pipelined group goes out as
+    /// one write.
+    out: Vec<u8>,
+    /// Outcomes known without waiting for a reply (every recipient settled
+    /// before sending, or a lockstep transaction), to hand out in order.
+    ready: VecDeque<(Ticket, Vec<(usize, Outcome)>)>,
+    /// The error that ended the session, until it is reported with the
+    /// messages it took down.
+    failure: Option<SessionError>,
+    /// Messages that failed with the session outside the flight.
+    lost: Vec<Ticket>,
+    next_ticket: Ticket,
 }
 
 /// Connects to `hop` and makes the session ready for mail: greeting, EHLO (HELO
@@ -258,13 +281,7 @@ impl Connection<Stream> {
         }
         let tls = tls::handshake(tcp, &hop, settings).await?;
         debug!(hop = %hop.name, "TLS established");
-        let mut conn = Connection {
-            session: Session::new(Stream::Tls(Box::new(tls))),
-            hop,
-            caps: Capabilities::default(),
-            timeouts,
-            broken: false,
-        };
+        let mut conn = Connection::new(Session::new(Stream::Tls(Box::new(tls))), hop, timeouts);
         conn.hello(&settings.helo_name).await?;
         conn.caps.tls = true;
         Ok(conn)
@@ -290,15 +307,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 reply: greeting,
             });
         }
-        let mut conn = Connection {
+        let mut conn = Connection::new(session, hop, timeouts);
+        conn.hello(helo_name).await?;
+        Ok(conn)
+    }
+
+    fn new(session: Session<S>, hop: Hop, timeouts: Timeouts) -> Connection<S> {
+        Connection {
             session,
             hop,
             caps: Capabilities::default(),
             timeouts,
             broken: false,
-        };
-        conn.hello(helo_name).await?;
-        Ok(conn)
+            flight: pipeline::Flight::default(),
+            out: Vec::new(),
+            ready: VecDeque::new(),
+            failure: None,
+            lost: Vec::new(),
+            next_ticket: 0,
+        }
     }
 
     /// EHLO, or HELO when EHLO gets a 5xx (an RFC 821 server): then no
@@ -407,9 +434,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// QUIT and close. Errors are ignored: the mail is settled either way.
+    /// Messages still in flight are abandoned (their outcomes never read);
+    /// callers finish them with [`Connection::advance`] first.
     pub async fn quit(mut self) {
         let limit = self.timeouts.command;
-        if !self.broken {
+        if !self.broken && self.flight.is_empty() {
             let _ = self.session.command("QUIT\r\n", limit, Stage::Quit).await;
         }
         self.session.close(limit).await;

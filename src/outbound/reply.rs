@@ -6,7 +6,8 @@ use std::fmt;
 
 use smtp_proto::response::parser::ResponseReceiver;
 use smtp_proto::{
-    EXT_8BIT_MIME, EXT_DSN, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS, EhloResponse,
+    EXT_8BIT_MIME, EXT_CHUNKING, EXT_DSN, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS,
+    EhloResponse,
 };
 
 use super::Capabilities;
@@ -102,6 +103,7 @@ pub(crate) fn capabilities(raw: &[u8]) -> Capabilities {
         smtputf8: has(EXT_SMTP_UTF8),
         dsn: has(EXT_DSN),
         pipelining: has(EXT_PIPELINING),
+        chunking: has(EXT_CHUNKING),
         size: has(EXT_SIZE).then_some(ehlo.size as u64),
         starttls: has(EXT_START_TLS),
         tls: false,
@@ -157,7 +159,7 @@ mod tests {
     fn reads_the_extensions_we_act_on() {
         let raw = b"250-mx.example.com hi\r\n250-PIPELINING\r\n250-SIZE 1000\r\n\
             250-8BITMIME\r\n250-SMTPUTF8\r\n250-DSN\r\n250-ENHANCEDSTATUSCODES\r\n\
-            250 STARTTLS\r\n";
+            250-CHUNKING\r\n250 STARTTLS\r\n";
         assert_eq!(
             capabilities(raw),
             Capabilities {
@@ -165,6 +167,7 @@ mod tests {
                 smtputf8: true,
                 dsn: true,
                 pipelining: true,
+                chunking: true,
                 size: Some(1000),
                 starttls: true,
                 tls: false,

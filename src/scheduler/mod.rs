@@ -44,6 +44,10 @@ use outcome::{Result as RcptResult, Rules};
 pub use worker::now_ms;
 use worker::{Ctx, Destination, Destinations, Queue};
 
+/// Connections a destination starts with; more follow as deliveries succeed.
+const INITIAL_CONNECTIONS: usize = 5;
+/// One more connection is opened for each this many messages waiting.
+const MESSAGES_PER_NEW_CONNECTION: usize = 8;
 /// Most jobs held in memory at once; the rest wait on disk.
 const MAX_LOADED: usize = 2_000;
 /// After workers report, look for more due mail at most this often.
@@ -71,6 +75,13 @@ pub(crate) enum Event {
         id: QueueId,
         domain: Arc<str>,
         unreachable: bool,
+        /// Some recipient was delivered: the destination takes mail.
+        delivered: bool,
+    },
+    /// The destination refused one more connection while others worked, or a
+    /// session failed with messages in flight: open fewer.
+    Congested {
+        domain: Arc<str>,
     },
     WorkerExit {
         domain: Arc<str>,
@@ -299,6 +310,23 @@ struct DomainState {
     primary_ips: Vec<IpAddr>,
     /// The last routing attempt found us to be the best MX.
     looping: bool,
+    /// Connections the slow start allows now; 0: not started (see
+    /// [`DomainState::allowed`]).
+    concurrency: usize,
+}
+
+impl DomainState {
+    /// Connections allowed now: a few at first, one more per delivery up to
+    /// `cap`, halved when the host refuses one more or a session fails with
+    /// mail in flight (Postfix's destination concurrency, simplified).
+    fn allowed(&self, cap: usize) -> usize {
+        let allowed = if self.concurrency == 0 {
+            INITIAL_CONNECTIONS
+        } else {
+            self.concurrency
+        };
+        allowed.clamp(1, cap.max(1))
+    }
 }
 
 pub struct Scheduler {
@@ -555,11 +583,7 @@ impl Scheduler {
                     state.waiting.insert(env.id);
                     suspended.push(job);
                 } else {
-                    state
-                        .queue
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push_back(job);
+                    state.queue.push(job);
                     touched.insert(domain);
                 }
             }
@@ -579,16 +603,19 @@ impl Scheduler {
     /// Starts workers for `domain` while it has queued jobs and free slots.
     fn dispatch(&mut self, domain: &Arc<str>) {
         let dest = self.destination(domain);
-        let limit = self.connections_per_domain;
+        let cap = self.connections_per_domain;
         let Some(state) = self.domains.get_mut(domain) else {
             return;
         };
-        let queued = state.queue.lock().unwrap_or_else(|p| p.into_inner()).len();
-        // One connection per batch of messages, up to the per-domain cap.
-        let batch = self.ctx.messages_per_connection.max(1);
-        let wanted = queued.div_ceil(batch).min(limit);
+        let queued = state.queue.len();
+        // A connection costs a few round trips to open: worth it for a few
+        // messages, not for one. Up to what the slow start allows so far.
+        let wanted = queued
+            .div_ceil(MESSAGES_PER_NEW_CONNECTION)
+            .min(state.allowed(cap));
         while state.workers < wanted && !self.ctx.shutdown.is_set() {
             state.workers += 1;
+            self.ctx.metrics.connections(domain).inc();
             tokio::spawn(worker::work(
                 self.ctx.clone(),
                 domain.clone(),
@@ -641,7 +668,17 @@ impl Scheduler {
                 id,
                 domain,
                 unreachable,
+                delivered,
             } => {
+                let cap = self.connections_per_domain;
+                if delivered
+                    && let Some(state) = self.domains.get_mut(&domain)
+                    && state.allowed(cap) < cap
+                {
+                    // Slow start: each delivery earns one more connection.
+                    state.concurrency = state.allowed(cap) + 1;
+                    self.dispatch(&domain);
+                }
                 if unreachable {
                     // Released at once if it came back while this was written.
                     self.note_waiting(id, vec![domain.to_string()]);
@@ -652,8 +689,15 @@ impl Scheduler {
             Event::WorkerExit { domain } => {
                 if let Some(state) = self.domains.get_mut(&domain) {
                     state.workers = state.workers.saturating_sub(1);
+                    self.ctx.metrics.connections(&domain).dec();
                 }
                 self.dispatch(&domain);
+            }
+            Event::Congested { domain } => {
+                if let Some(state) = self.domains.get_mut(&domain) {
+                    let allowed = state.allowed(self.connections_per_domain);
+                    state.concurrency = (allowed / 2).max(1);
+                }
             }
             Event::Reachable { domain } => self.mark_up(&domain),
             Event::Unreachable { domain, reason } => self.mark_down(&domain, reason),
@@ -687,6 +731,8 @@ impl Scheduler {
         if state.down.is_none() {
             warn!(%domain, %reason, "primary unreachable; probing every {:?}", self.probe_interval);
             state.down = Some(reason);
+            // When it comes back, start slowly again.
+            state.concurrency = 0;
             self.publish(domain, false);
             // Learn its addresses so an inbound connection from it is recognised.
             let ctx = self.ctx.clone();

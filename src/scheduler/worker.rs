@@ -4,7 +4,8 @@
 //! telling the scheduler the job is done. Workers of different destinations
 //! share nothing, so a slow or hanging primary delays only its own mail.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -15,15 +16,39 @@ use super::notice;
 use super::outcome::{self, NoticeKind, Result as RcptResult, Rules};
 use crate::config::{BouncePolicy, DomainConfig, Route};
 use crate::metrics::Metrics;
-use crate::outbound::{self, Connection, Hop, Outcome, SessionError};
+use crate::outbound::{self, Connection, Hop, Outcome, Progress, SessionError, Ticket};
 use crate::route::{RouteError, Router};
 use crate::shutdown::Shutdown;
 use crate::spool::{Change, Envelope, Finished, RcptStatus, Recipient, Spool};
 
 use super::{Event, Job};
 
-/// The queue of ready jobs for one destination, shared with its workers.
-pub(super) type Queue = Arc<Mutex<VecDeque<Job>>>;
+/// The ready jobs of one destination and how many of its connections carry
+/// mail, shared by the scheduler and the destination's workers.
+#[derive(Default)]
+pub(super) struct Lane {
+    jobs: Mutex<VecDeque<Job>>,
+    /// Connections past the greeting. A connection that fails while others
+    /// work is congestion (a connection limit, a busy host), not a primary
+    /// that is down.
+    connected: AtomicUsize,
+}
+
+pub(super) type Queue = Arc<Lane>;
+
+impl Lane {
+    fn jobs(&self) -> std::sync::MutexGuard<'_, VecDeque<Job>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn push(&self, job: Job) {
+        self.jobs().push_back(job);
+    }
+
+    pub fn len(&self) -> usize {
+        self.jobs().len()
+    }
+}
 
 /// Everything workers share.
 pub(super) struct Ctx {
@@ -109,15 +134,11 @@ pub fn now_ms() -> u64 {
 }
 
 fn pop(queue: &Queue) -> Option<Job> {
-    queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+    queue.jobs().pop_front()
 }
 
 fn drain(queue: &Queue) -> Vec<Job> {
-    queue
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .drain(..)
-        .collect()
+    queue.jobs().drain(..).collect()
 }
 
 /// Runs one connection's worth of work for `domain`, then reports its exit.
@@ -164,6 +185,17 @@ async fn run(ctx: &Arc<Ctx>, domain: &Arc<str>, dest: &Destination, queue: &Queu
     }
     let Some(mut connection) = connection else {
         let (hop, error) = failure.expect("a route has at least one hop");
+        if queue.connected.load(Ordering::Relaxed) > 0 {
+            // Other connections carry mail: the host is up but will not take
+            // one more. Leave the mail to them and open fewer.
+            info!(%domain, hop = %hop.name, addr = %hop.addr, %error,
+                "cannot open another connection; fewer from now on");
+            queue.jobs().push_front(first);
+            let _ = ctx.events.send(Event::Congested {
+                domain: domain.clone(),
+            });
+            return;
+        }
         let unreachable = error.unreachable();
         info!(%domain, hop = %hop.name, addr = %hop.addr, %error, "cannot deliver");
         if unreachable {
@@ -181,37 +213,111 @@ async fn run(ctx: &Arc<Ctx>, domain: &Arc<str>, dest: &Destination, queue: &Queu
     let _ = ctx.events.send(Event::Reachable {
         domain: domain.clone(),
     });
+    queue.connected.fetch_add(1, Ordering::Relaxed);
+    carry(ctx, domain, &mut connection, first, queue).await;
+    queue.connected.fetch_sub(1, Ordering::Relaxed);
+    connection.quit().await;
+}
+
+/// A message handed to the connection, until its outcome is in.
+struct Sent {
+    job: Job,
+    env: Envelope,
+    body: Arc<Vec<u8>>,
+    started: std::time::Instant,
+}
+
+/// Delivers `first` and then whatever the queue holds over one connection,
+/// as many messages in flight as the connection takes (see
+/// `outbound::Connection::submit`), up to `messages_per_connection`.
+async fn carry(
+    ctx: &Arc<Ctx>,
+    domain: &Arc<str>,
+    connection: &mut Connection,
+    first: Job,
+    queue: &Queue,
+) {
+    let remote = connection.remote_name().to_owned();
     let mut next = Some(first);
-    let mut sent = 0;
-    // Outcomes are written while the next message goes out: the next hop is
+    let mut submitted = 0;
+    let mut sent: HashMap<Ticket, Sent> = HashMap::new();
+    // Outcomes are written while the next messages go out: the next hop is
     // not kept waiting for our fsync. A crash before a write only means that
     // delivery is repeated (at least once).
     let mut recording = Recording::default();
-    while let Some(job) = next.take() {
-        let usable = deliver_one(ctx, &mut connection, job, &mut recording).await;
-        if !usable {
-            break;
-        }
-        sent += 1;
-        if sent >= ctx.messages_per_connection || ctx.shutdown.is_set() {
-            break;
-        }
-        next = pop(queue);
-        if next.is_some()
-            && let Err(e) = connection.reset().await
+    loop {
+        while connection.has_room()
+            && submitted < ctx.messages_per_connection
+            && !ctx.shutdown.is_set()
         {
-            info!(%domain, error = %e, "connection lost between messages");
-            // The job was not attempted: put it back for the next worker.
-            if let Some(job) = next.take() {
-                queue
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push_front(job);
+            let Some(job) = next.take().or_else(|| pop(queue)) else {
+                break;
+            };
+            let Some((env, body)) = load(ctx, &job).await else {
+                done(ctx, &job, false, false);
+                continue;
+            };
+            submitted += 1;
+            let body = Arc::new(body);
+            let started = std::time::Instant::now();
+            let ticket = connection.submit(&env, body.clone(), &job.rcpts).await;
+            let message = Sent {
+                job,
+                env,
+                body,
+                started,
+            };
+            sent.insert(ticket, message);
+        }
+        match connection.advance().await {
+            Progress::Done { ticket, outcomes } => {
+                let Some(message) = sent.remove(&ticket) else {
+                    continue;
+                };
+                ctx.metrics
+                    .delivery_seconds
+                    .observe(message.started.elapsed().as_secs_f64());
+                let results = outcomes
+                    .into_iter()
+                    .map(|(i, o)| (i, from_outcome(o, &remote)))
+                    .collect();
+                recording.start(ctx, message, results).await;
             }
-            break;
+            Progress::Room => {}
+            Progress::Idle => break,
+            Progress::Failed { tickets, error } => {
+                info!(%domain, %remote, error = %error, messages = tickets.len(),
+                    "connection failed with messages in flight; deferring them");
+                let _ = ctx.events.send(Event::Congested {
+                    domain: domain.clone(),
+                });
+                if error.unreachable() {
+                    let _ = ctx.events.send(Event::Unreachable {
+                        domain: domain.clone(),
+                        reason: error.to_string(),
+                    });
+                }
+                // No outcome will come for anything still in flight.
+                for (_, message) in sent.drain() {
+                    info!(queue_id = %message.env.id, %domain, %remote, %error, "delivery attempt failed");
+                    let result = RcptResult::Deferred {
+                        status: session_status(&error),
+                        reply: format!("{remote}: {error}"),
+                        remote: Some(remote.clone()),
+                        unreachable: error.unreachable(),
+                    };
+                    let results = message
+                        .job
+                        .rcpts
+                        .iter()
+                        .map(|&i| (i, result.clone()))
+                        .collect();
+                    recording.start(ctx, message, results).await;
+                }
+                break;
+            }
         }
     }
-    connection.quit().await;
     recording.finish().await;
 }
 
@@ -223,21 +329,15 @@ struct Recording {
 
 impl Recording {
     /// Most writes one connection leaves in progress; beyond, it waits.
-    const MAX: usize = 16;
+    const MAX: usize = 64;
 
-    async fn start(
-        &mut self,
-        ctx: &Arc<Ctx>,
-        job: Job,
-        env: Envelope,
-        body: Vec<u8>,
-        results: Vec<(usize, RcptResult)>,
-    ) {
+    async fn start(&mut self, ctx: &Arc<Ctx>, message: Sent, results: Vec<(usize, RcptResult)>) {
         while self.tasks.len() >= Self::MAX {
             self.tasks.join_next().await;
         }
         let ctx = ctx.clone();
         self.tasks.spawn(async move {
+            let Sent { job, env, body, .. } = message;
             record(&ctx, &job, &env, &body, results, true).await;
         });
     }
@@ -247,59 +347,12 @@ impl Recording {
     }
 }
 
-/// Delivers one job on an open connection and starts recording the outcome;
-/// false if the connection is done for.
-async fn deliver_one(
-    ctx: &Arc<Ctx>,
-    connection: &mut Connection,
-    job: Job,
-    recording: &mut Recording,
-) -> bool {
-    let Some((env, body)) = load(ctx, &job).await else {
-        done(ctx, &job, false);
-        return true;
-    };
-    let remote = connection.remote_name().to_owned();
-    let started = std::time::Instant::now();
-    let delivered = connection.deliver(&env, &body, &job.rcpts).await;
-    ctx.metrics
-        .delivery_seconds
-        .observe(started.elapsed().as_secs_f64());
-    match delivered {
-        Ok(outcomes) => {
-            let results: Vec<(usize, RcptResult)> = outcomes
-                .into_iter()
-                .map(|(i, o)| (i, from_outcome(o, &remote)))
-                .collect();
-            recording.start(ctx, job, env, body, results).await;
-            true
-        }
-        Err(e) => {
-            info!(queue_id = %env.id, domain = %job.domain, %remote, error = %e, "delivery attempt failed");
-            if e.unreachable() {
-                let _ = ctx.events.send(Event::Unreachable {
-                    domain: job.domain.clone(),
-                    reason: e.to_string(),
-                });
-            }
-            let result = RcptResult::Deferred {
-                status: session_status(&e),
-                reply: format!("{remote}: {e}"),
-                remote: Some(remote),
-                unreachable: e.unreachable(),
-            };
-            let results = job.rcpts.iter().map(|&i| (i, result.clone())).collect();
-            recording.start(ctx, job, env, body, results).await;
-            connection.is_usable()
-        }
-    }
-}
-
-fn done(ctx: &Ctx, job: &Job, unreachable: bool) {
+fn done(ctx: &Ctx, job: &Job, unreachable: bool, delivered: bool) {
     let _ = ctx.events.send(Event::Done {
         id: job.id,
         domain: job.domain.clone(),
         unreachable,
+        delivered,
     });
 }
 
@@ -316,7 +369,7 @@ pub(super) async fn finish(
             let results = job.rcpts.iter().map(|&i| (i, result(i))).collect();
             record(ctx, job, &env, &body, results, tried).await;
         }
-        None => done(ctx, job, false),
+        None => done(ctx, job, false, false),
     }
 }
 
@@ -420,6 +473,10 @@ pub(super) async fn record(
         .iter()
         .any(|(_, r)| r.status == RcptStatus::Queued && r.unreachable);
     let bounce = ctx.bounce;
+    let patches_delivered = applied
+        .recipients
+        .iter()
+        .any(|(_, r)| r.status == RcptStatus::Delivered);
     let patches = applied.recipients;
     let change = Change::Edit(Box::new(move |env: &mut Envelope| {
         for (i, r) in patches {
@@ -452,7 +509,8 @@ pub(super) async fn record(
     if has_notices {
         ctx.queued.notify_one();
     }
-    done(ctx, job, waits_for_primary);
+    let delivered = tried && patches_delivered;
+    done(ctx, job, waits_for_primary, delivered);
 }
 
 /// Bumps the delivery counters for one recorded attempt.
