@@ -25,7 +25,9 @@ use mxspool::config::Config;
 use mxspool::inbound::data::{Data, DataReader};
 use mxspool::inbound::policy::Policy;
 use mxspool::inbound::reply::Reply;
-use mxspool::inbound::session::{Env, Knowledge, MAX_ERRORS, Session, Step, Tls, Transaction};
+use mxspool::inbound::session::{
+    Chunked, Env, Knowledge, MAX_ERRORS, Session, Step, Tls, Transaction,
+};
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 
@@ -195,6 +197,7 @@ fn reply_of(step: &Step) -> &Reply {
         Step::Reply(r) | Step::Data(r) | Step::Close(r) | Step::StartTls(r) => r,
         Step::Etrn { reply, .. } => reply,
         Step::Verify(a) => panic!("a second callout request for one command: {a}"),
+        Step::Chunk { size } => panic!("a chunk of {size} has no reply before its octets"),
     }
 }
 
@@ -577,6 +580,20 @@ fn run_session(
             Input::TooLong => (session.line_too_long(), b"<too long>".to_vec()),
         };
         let what = format!("#{n} {:?}", String::from_utf8_lossy(&line));
+        if let Step::Chunk { size } = step {
+            // The chunk's octets, as many as a stream holds.
+            let stream = streams.next().expect("at least one stream");
+            let n = usize::try_from(size).map_or(stream.len(), |s| s.min(stream.len()));
+            session.chunk(&stream[..n]);
+            match session.end_chunk(policy) {
+                Chunked::Reply(r) | Chunked::Discarded(r) => check(&r, &what)?,
+                Chunked::Message(t, data) => {
+                    prop_assert!(!data.oversize);
+                    check_transaction(&t)?;
+                }
+            }
+            continue;
+        }
         check(reply_of(&step), &what)?;
         match step {
             Step::Reply(r) => {
@@ -590,7 +607,7 @@ fn run_session(
                 prop_assert!(is_relay_domain(&domain), "{}: ETRN for {}", what, domain);
             }
             Step::Close(r) => {
-                prop_assert!(matches!(r.code, 221 | 421 | 503), "{}: {}", what, r);
+                prop_assert!(matches!(r.code, 221 | 421 | 501 | 503), "{}: {}", what, r);
                 break;
             }
             Step::StartTls(r) => {
@@ -615,7 +632,7 @@ fn run_session(
                     }
                 }
             }
-            Step::Verify(_) => unreachable!("reply_of refuses it"),
+            Step::Verify(_) | Step::Chunk { .. } => unreachable!("handled above"),
         }
     }
     Ok(())
@@ -680,7 +697,14 @@ enum Cmd {
     Etrn,
     EtrnElsewhere,
     Quit,
+    /// `BDAT 3` and its three octets.
+    Bdat,
+    /// `BDAT 3 LAST` and its three octets.
+    BdatLast,
 }
+
+/// The octets of every chunk in the model: too few to reach the size limit.
+const CHUNK: &[u8] = b"abc";
 
 impl Cmd {
     fn line(self) -> String {
@@ -700,6 +724,8 @@ impl Cmd {
             Cmd::Etrn => "ETRN example.com".into(),
             Cmd::EtrnElsewhere => "ETRN elsewhere.test".into(),
             Cmd::Quit => "QUIT".into(),
+            Cmd::Bdat => format!("BDAT {}", CHUNK.len()),
+            Cmd::BdatLast => format!("BDAT {} LAST", CHUNK.len()),
         };
         format!("{text}\r\n")
     }
@@ -722,34 +748,50 @@ fn cmd() -> impl Strategy<Value = Cmd> {
         1 => Just(Cmd::Etrn),
         2 => Just(Cmd::EtrnElsewhere),
         1 => Just(Cmd::Quit),
+        3 => Just(Cmd::Bdat),
+        3 => Just(Cmd::BdatLast),
     ]
+}
+
+/// Where the model's BDAT content stands.
+#[derive(Default, Debug, PartialEq)]
+enum Chunks {
+    #[default]
+    None,
+    Receiving,
+    /// A chunk was refused: the next ones are discarded until LAST.
+    Failed,
 }
 
 /// RFC 5321's ordering rules as a model: what the session should answer.
 #[derive(Default, Debug)]
 struct Model {
     greeted: bool,
+    esmtp: bool,
     mail: bool,
     recipients: Vec<u8>,
+    chunks: Chunks,
     errors: u32,
 }
 
 impl Model {
     /// The expected reply code and whether the session goes on.
     fn step(&mut self, cmd: Cmd) -> (u16, bool) {
+        let receiving = self.chunks == Chunks::Receiving;
         let code = match cmd {
             Cmd::Ehlo | Cmd::Helo => {
                 self.greeted = true;
-                self.mail = false;
-                self.recipients.clear();
+                self.esmtp = matches!(cmd, Cmd::Ehlo);
+                self.end_transaction();
                 250
             }
             Cmd::Mail if !self.greeted || self.mail => 503,
             Cmd::Mail => {
                 self.mail = true;
+                self.chunks = Chunks::None;
                 250
             }
-            Cmd::Rcpt(_) | Cmd::RcptElsewhere if !self.mail => 503,
+            Cmd::Rcpt(_) | Cmd::RcptElsewhere if !self.mail || receiving => 503,
             Cmd::Rcpt(_) | Cmd::RcptElsewhere if self.recipients.len() >= MAX_RECIPIENTS => 452,
             Cmd::RcptElsewhere => 550,
             Cmd::Rcpt(n) => {
@@ -758,7 +800,7 @@ impl Model {
                 }
                 250
             }
-            Cmd::Data if !self.greeted || !self.mail => 503,
+            Cmd::Data if !self.greeted || !self.mail || receiving => 503,
             Cmd::Data if self.recipients.is_empty() => 554,
             Cmd::Data => {
                 // The test sends a message and the transaction ends.
@@ -767,8 +809,7 @@ impl Model {
                 354
             }
             Cmd::Rset => {
-                self.mail = false;
-                self.recipients.clear();
+                self.end_transaction();
                 250
             }
             Cmd::Noop => 250,
@@ -780,6 +821,30 @@ impl Model {
             Cmd::Etrn => 250,
             Cmd::EtrnElsewhere => 458,
             Cmd::Quit => return (221, false),
+            // CHUNKING is offered to EHLO clients only.
+            Cmd::Bdat | Cmd::BdatLast if !self.esmtp => return (503, false),
+            Cmd::Bdat | Cmd::BdatLast => {
+                let last = matches!(cmd, Cmd::BdatLast);
+                if self.chunks == Chunks::Failed {
+                    // Discarded: the client's pipeline, not an error.
+                    self.chunks = if last { Chunks::None } else { Chunks::Failed };
+                    return (503, true);
+                }
+                if !self.mail || self.recipients.is_empty() {
+                    self.end_transaction();
+                    if !last {
+                        self.chunks = Chunks::Failed;
+                    }
+                    503
+                } else if last {
+                    // The test commits the message and the transaction ends.
+                    self.end_transaction();
+                    250
+                } else {
+                    self.chunks = Chunks::Receiving;
+                    250
+                }
+            }
         };
         // Each refusal is one error, the server's own limits aside; the
         // MAX_ERRORS-th closes the session.
@@ -790,6 +855,14 @@ impl Model {
             }
         }
         (code, true)
+    }
+}
+
+impl Model {
+    fn end_transaction(&mut self) {
+        self.mail = false;
+        self.recipients.clear();
+        self.chunks = Chunks::None;
     }
 }
 
@@ -814,7 +887,21 @@ fn run_model(cmds: &[Cmd], to_the_limit: bool) -> Result<(), TestCaseError> {
         }
         let (step, _) = drive(&mut session, policy, &world, cmd.line().as_bytes());
         let (want, goes_on) = model.step(*cmd);
-        let got = reply_of(&step).code;
+        let got = match step {
+            Step::Chunk { size } => {
+                prop_assert_eq!(size, CHUNK.len() as u64);
+                session.chunk(CHUNK);
+                match session.end_chunk(policy) {
+                    Chunked::Reply(r) | Chunked::Discarded(r) => r.code,
+                    Chunked::Message(t, data) => {
+                        check_transaction(&t)?;
+                        prop_assert!(!data.oversize);
+                        250
+                    }
+                }
+            }
+            _ => reply_of(&step).code,
+        };
         prop_assert_eq!(
             got,
             want,
@@ -855,7 +942,9 @@ proptest! {
     /// Arbitrary sequences of well-formed commands get exactly the answers
     /// the ordering rules give: no MAIL before EHLO/HELO, no RCPT before
     /// MAIL, no DATA without a recipient, one MAIL per transaction, RSET and
-    /// EHLO end it, no ETRN inside it, the recipient limit.
+    /// EHLO end it, no ETRN inside it, the recipient limit; BDAT for EHLO
+    /// clients only, not before a recipient, no RCPT or DATA once chunks
+    /// began, and the chunks after a refused one discarded until LAST.
     #[test]
     fn commands_follow_the_ordering_rules(cmds in prop::collection::vec(cmd(), 1..80)) {
         run_model(&cmds, false)?;

@@ -4,7 +4,10 @@
 //! stream or an in-memory pipe speak the same protocol code.
 //!
 //! Replies are buffered while more pipelined commands are already waiting and
-//! flushed before every read that would block (RFC 2920).
+//! flushed before every read that would block (RFC 2920). A BDAT chunk is read
+//! by its announced length straight from the input buffer, where it may sit
+//! together with the commands pipelined after it; nothing is allocated by the
+//! length a client announces.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,9 +18,10 @@ use tracing::{debug, info, warn};
 
 use super::Inbound;
 use super::data::{Data, DataReader};
+use super::policy::Policy;
 use super::received::Trace;
 use super::reply::Reply;
-use super::session::{Env, Knowledge, Session, Step, Tls};
+use super::session::{Chunked, Env, Knowledge, Session, Step, Tls, Transaction};
 use crate::scheduler::Verdict;
 use crate::shutdown::Shutdown;
 use crate::spool::{Client, CommitError, Envelope, NewMessage, TRUST_EXISTS, TRUST_MISSING};
@@ -176,6 +180,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
             }
             self.fill(timeout, shutdown).await?;
         }
+    }
+
+    /// Reads exactly `size` octets, handing each piece to `sink` as it comes.
+    async fn read_chunk(
+        &mut self,
+        size: u64,
+        mut sink: impl FnMut(&[u8]),
+        timeout: Duration,
+        shutdown: &mut Shutdown,
+    ) -> Result<(), Stop> {
+        let mut left = size;
+        while left > 0 {
+            if self.pending().is_empty() {
+                self.fill(timeout, shutdown).await?;
+            }
+            let n = usize::try_from(left)
+                .map_or(self.pending().len(), |left| left.min(self.pending().len()));
+            sink(&self.pending()[..n]);
+            self.consume(n);
+            left -= n as u64;
+        }
+        Ok(())
     }
 }
 
@@ -388,57 +414,100 @@ where
                         reply
                     }
                     Ok(transaction) => {
-                        let now = SystemTime::now()
-                            .duration_since(UNIX_EPOCH)
-                            .unwrap_or_default();
-                        let id = inbound.spool.next_id(now.as_micros() as u64);
-                        let trace = Trace {
-                            helo: session.helo_name(),
-                            ip: peer.ip(),
-                            by: &policy.hostname,
-                            esmtp: session.is_esmtp(),
-                            tls: session.is_tls(),
-                            smtputf8: transaction.smtputf8,
-                            id,
-                            only_recipient: match transaction.recipients.as_slice() {
-                                [only] => Some(only.address.as_str()),
-                                _ => None,
-                            },
-                            date: now.as_secs() as i64,
-                        };
-                        let header = trace.header();
-                        let mut body = Vec::with_capacity(header.len() + data.body.len());
-                        body.extend_from_slice(header.as_bytes());
-                        body.extend_from_slice(&data.body);
-                        let now_ms = now.as_millis() as u64;
-                        let mut recipients = transaction.recipients;
-                        for r in &mut recipients {
-                            r.next_attempt_ms = now_ms;
+                        store(inbound, &session, peer, &policy, transaction, data).await
+                    }
+                };
+                reply.write_to(&mut io.output);
+            }
+            Step::Chunk { size } => {
+                let read = io
+                    .read_chunk(
+                        size,
+                        |octets| session.chunk(octets),
+                        policy.data_timeout,
+                        shutdown,
+                    )
+                    .await;
+                if let Err(stop) = read {
+                    return stop;
+                }
+                let reply = match session.end_chunk(&policy) {
+                    Chunked::Reply(reply) => {
+                        if reply.is_error() {
+                            info!(reply = %reply, size, "chunk refused");
+                            inbound.metrics.reject(reply.reason());
                         }
-                        let envelope = Envelope {
-                            id,
-                            sender: transaction.sender,
-                            ret: transaction.ret,
-                            envid: transaction.envid,
-                            body_type: transaction.body_type,
-                            smtputf8: transaction.smtputf8,
-                            has_8bit: data.has_8bit,
-                            arrived_ms: now_ms,
-                            size: body.len() as u64,
-                            client: Client {
-                                ip: peer.ip(),
-                                helo: session.helo_name().to_owned(),
-                                tls: session.is_tls(),
-                            },
-                            recipients,
-                        };
-                        commit(inbound, envelope, body).await
+                        reply
+                    }
+                    Chunked::Discarded(reply) => {
+                        debug!(reply = %reply, size, "chunk discarded");
+                        reply
+                    }
+                    Chunked::Message(transaction, data) => {
+                        store(inbound, &session, peer, &policy, transaction, data).await
                     }
                 };
                 reply.write_to(&mut io.output);
             }
         }
     }
+}
+
+/// Prepends our `Received:` to a finished message and commits it; the reply
+/// says how that went.
+async fn store(
+    inbound: &Inbound,
+    session: &Session,
+    peer: SocketAddr,
+    policy: &Policy,
+    transaction: Transaction,
+    data: Data,
+) -> Reply {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let id = inbound.spool.next_id(now.as_micros() as u64);
+    let trace = Trace {
+        helo: session.helo_name(),
+        ip: peer.ip(),
+        by: &policy.hostname,
+        esmtp: session.is_esmtp(),
+        tls: session.is_tls(),
+        smtputf8: transaction.smtputf8,
+        id,
+        only_recipient: match transaction.recipients.as_slice() {
+            [only] => Some(only.address.as_str()),
+            _ => None,
+        },
+        date: now.as_secs() as i64,
+    };
+    let header = trace.header();
+    let mut body = Vec::with_capacity(header.len() + data.body.len());
+    body.extend_from_slice(header.as_bytes());
+    body.extend_from_slice(&data.body);
+    let now_ms = now.as_millis() as u64;
+    let mut recipients = transaction.recipients;
+    for r in &mut recipients {
+        r.next_attempt_ms = now_ms;
+    }
+    let envelope = Envelope {
+        id,
+        sender: transaction.sender,
+        ret: transaction.ret,
+        envid: transaction.envid,
+        body_type: transaction.body_type,
+        smtputf8: transaction.smtputf8,
+        has_8bit: data.has_8bit,
+        arrived_ms: now_ms,
+        size: body.len() as u64,
+        client: Client {
+            ip: peer.ip(),
+            helo: session.helo_name().to_owned(),
+            tls: session.is_tls(),
+        },
+        recipients,
+    };
+    commit(inbound, envelope, body).await
 }
 
 /// What the spool remembers of the primary's answer about `address`.
@@ -533,5 +602,73 @@ mod tests {
         );
         io.output = vec![b'x'; 1024];
         assert!(matches!(io.flush().await, Err(Stop::Timeout)));
+    }
+
+    /// A chunk is taken by its length from whatever the reads return: what
+    /// looks like commands inside it is content, and the command pipelined
+    /// right after it is the next line.
+    #[tokio::test]
+    async fn a_chunk_is_read_by_its_length_whatever_the_reads() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut io = Io::new(
+            server,
+            tokio::time::Instant::now() + Duration::from_secs(60),
+        );
+        let (_trigger, mut shutdown) = crate::shutdown::channel();
+        let content = b"NOOP\r\n".repeat(50);
+        let mut wire = b"BDAT 300\r\n".to_vec();
+        wire.extend_from_slice(&content);
+        wire.extend_from_slice(b"QUIT\r\n");
+        let writer = tokio::spawn(async move {
+            client.write_all(&wire).await.unwrap();
+            client
+        });
+        let timeout = Duration::from_secs(5);
+        let Ok(Input::Line(line)) = io.next_line(timeout, &mut shutdown).await else {
+            panic!("no BDAT line")
+        };
+        assert_eq!(line, b"BDAT 300\r\n");
+        let mut got = Vec::new();
+        let read = io
+            .read_chunk(300, |o| got.extend_from_slice(o), timeout, &mut shutdown)
+            .await;
+        assert!(read.is_ok(), "{:?}", read.err());
+        assert_eq!(got, content);
+        let Ok(Input::Line(line)) = io.next_line(timeout, &mut shutdown).await else {
+            panic!("no line after the chunk")
+        };
+        assert_eq!(line, b"QUIT\r\n");
+        drop(writer.await);
+    }
+
+    /// A client announcing a huge chunk gets nothing allocated for it: the
+    /// input buffer stays at its reading size until the client gives up.
+    #[tokio::test]
+    async fn an_announced_size_is_never_allocated() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut io = Io::new(
+            server,
+            tokio::time::Instant::now() + Duration::from_secs(60),
+        );
+        let (_trigger, mut shutdown) = crate::shutdown::channel();
+        tokio::spawn(async move {
+            client.write_all(&[b'x'; 1000]).await.unwrap();
+        });
+        let mut seen = 0;
+        let read = io
+            .read_chunk(
+                4_000_000_000,
+                |o| seen += o.len(),
+                Duration::from_secs(5),
+                &mut shutdown,
+            )
+            .await;
+        assert!(matches!(read, Err(Stop::Eof)), "{:?}", read.err());
+        assert_eq!(seen, 1000);
+        assert!(
+            io.input.capacity() <= 2 * READ_CHUNK,
+            "{}",
+            io.input.capacity()
+        );
     }
 }
