@@ -3,7 +3,8 @@
 //!
 //! - `policy.rs`: relay domains, recipient lists, connection lists, limits.
 //! - `session.rs`: the pure SMTP state machine.
-//! - `data.rs`: the DATA byte filter (end of data, dot-stuffing, line endings).
+//! - `data.rs`: the DATA and BDAT byte filters (end of data, dot-stuffing,
+//!   line endings, the size limit).
 //! - `received.rs`: our `Received:` trace field.
 //! - `conn.rs`: the async shell for one connection.
 //! - this file: the accept loop and connection limits.
