@@ -46,6 +46,9 @@ use worker::{Ctx, Destination, Destinations, Queue};
 
 /// Connections a destination starts with; more follow as deliveries succeed.
 const INITIAL_CONNECTIONS: usize = 5;
+/// Once a host pushed back, deliveries it takes before we try one more
+/// connection (each try may cost it a refused connection).
+const DELIVERIES_PER_STEP: usize = 50;
 /// One more connection is opened for each this many messages waiting.
 const MESSAGES_PER_NEW_CONNECTION: usize = 8;
 /// Most jobs held in memory at once; the rest wait on disk.
@@ -78,10 +81,12 @@ pub(crate) enum Event {
         /// Some recipient was delivered: the destination takes mail.
         delivered: bool,
     },
-    /// The destination refused one more connection while others worked, or a
-    /// session failed with messages in flight: open fewer.
+    /// The destination refused one more connection while `connected` others
+    /// worked (`Some`), or a session failed with messages in flight (`None`):
+    /// open fewer.
     Congested {
         domain: Arc<str>,
+        connected: Option<usize>,
     },
     WorkerExit {
         domain: Arc<str>,
@@ -313,6 +318,11 @@ struct DomainState {
     /// Connections the slow start allows now; 0: not started (see
     /// [`DomainState::allowed`]).
     concurrency: usize,
+    /// The host refused a connection (or failed a session) since it came up:
+    /// grow slowly from here.
+    congested: bool,
+    /// Deliveries since the last step up, while congested.
+    credit: usize,
 }
 
 impl DomainState {
@@ -326,6 +336,25 @@ impl DomainState {
             self.concurrency
         };
         allowed.clamp(1, cap.max(1))
+    }
+
+    /// A delivery succeeded: one more connection at once (slow start), or
+    /// after [`DELIVERIES_PER_STEP`] more once the host pushed back. True if
+    /// the allowance grew.
+    fn grow(&mut self, cap: usize) -> bool {
+        let allowed = self.allowed(cap);
+        if allowed >= cap {
+            return false;
+        }
+        if self.congested {
+            self.credit += 1;
+            if self.credit < DELIVERIES_PER_STEP {
+                return false;
+            }
+            self.credit = 0;
+        }
+        self.concurrency = allowed + 1;
+        true
     }
 }
 
@@ -673,10 +702,8 @@ impl Scheduler {
                 let cap = self.connections_per_domain;
                 if delivered
                     && let Some(state) = self.domains.get_mut(&domain)
-                    && state.allowed(cap) < cap
+                    && state.grow(cap)
                 {
-                    // Slow start: each delivery earns one more connection.
-                    state.concurrency = state.allowed(cap) + 1;
                     self.dispatch(&domain);
                 }
                 if unreachable {
@@ -693,10 +720,14 @@ impl Scheduler {
                 }
                 self.dispatch(&domain);
             }
-            Event::Congested { domain } => {
+            Event::Congested { domain, connected } => {
                 if let Some(state) = self.domains.get_mut(&domain) {
                     let allowed = state.allowed(self.connections_per_domain);
-                    state.concurrency = (allowed / 2).max(1);
+                    // What the host took is its limit; a failed session halves.
+                    let limit = connected.unwrap_or(allowed / 2).clamp(1, allowed);
+                    state.concurrency = limit;
+                    state.congested = true;
+                    state.credit = 0;
                 }
             }
             Event::Reachable { domain } => self.mark_up(&domain),
@@ -733,6 +764,8 @@ impl Scheduler {
             state.down = Some(reason);
             // When it comes back, start slowly again.
             state.concurrency = 0;
+            state.congested = false;
+            state.credit = 0;
             self.publish(domain, false);
             // Learn its addresses so an inbound connection from it is recognised.
             let ctx = self.ctx.clone();
@@ -995,6 +1028,30 @@ fn due_recipients(env: &Envelope, now_ms: u64) -> Vec<(String, Vec<usize>)> {
 mod tests {
     use super::*;
     use crate::spool::{BodyType, Client, Notify, Recipient, Ret};
+
+    #[test]
+    fn connections_start_few_grow_per_delivery_and_slowly_after_push_back() {
+        let mut state = DomainState::default();
+        assert_eq!(state.allowed(20), INITIAL_CONNECTIONS);
+        assert_eq!(state.allowed(2), 2, "never above the cap");
+        assert_eq!(state.allowed(0), 1, "never below one");
+        // Slow start: every delivery earns one more, up to the cap.
+        for want in INITIAL_CONNECTIONS + 1..=20 {
+            assert!(state.grow(20));
+            assert_eq!(state.allowed(20), want);
+        }
+        assert!(!state.grow(20));
+        assert_eq!(state.allowed(20), 20);
+
+        // The host refused one more while 3 worked: 3 it is, and growth slows.
+        state.concurrency = 3;
+        state.congested = true;
+        for _ in 1..DELIVERIES_PER_STEP {
+            assert!(!state.grow(20));
+        }
+        assert!(state.grow(20));
+        assert_eq!(state.allowed(20), 4);
+    }
 
     #[test]
     fn groups_due_recipients_by_domain() {

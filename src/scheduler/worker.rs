@@ -5,7 +5,7 @@
 //! share nothing, so a slow or hanging primary delays only its own mail.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -32,6 +32,13 @@ pub(super) struct Lane {
     /// work is congestion (a connection limit, a busy host), not a primary
     /// that is down.
     connected: AtomicUsize,
+    /// Workers between starting to connect and knowing whether they could.
+    connecting: AtomicUsize,
+    /// Connections that got through, ever: one that got through while ours
+    /// failed proves the host up, even if it is done already.
+    successes: AtomicU64,
+    /// Any of the counters above changed.
+    changed: tokio::sync::Notify,
 }
 
 pub(super) type Queue = Arc<Lane>;
@@ -47,6 +54,36 @@ impl Lane {
 
     pub fn len(&self) -> usize {
         self.jobs().len()
+    }
+
+    /// After our attempt failed: whether the host is up but would not take one
+    /// more connection. Waits until every attempt that started alongside ours
+    /// has its answer: five connections refused at once mean "down", two
+    /// taken and three greeted with 421 mean "busy".
+    async fn congested(&self, successes_before: u64) -> bool {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.connected.load(Ordering::Acquire) > 0
+                || self.successes.load(Ordering::Acquire) > successes_before
+            {
+                return true;
+            }
+            if self.connecting.load(Ordering::Acquire) == 0 {
+                return false;
+            }
+            changed.await;
+        }
+    }
+
+    fn update(&self, counter: &AtomicUsize, up: bool) {
+        if up {
+            counter.fetch_add(1, Ordering::AcqRel);
+        } else {
+            counter.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.changed.notify_waiters();
     }
 }
 
@@ -174,6 +211,8 @@ async fn run(ctx: &Arc<Ctx>, domain: &Arc<str>, dest: &Destination, queue: &Queu
     };
     let mut failure = None;
     let mut connection = None;
+    let successes_before = queue.successes.load(Ordering::Acquire);
+    queue.update(&queue.connecting, true);
     for hop in &hops {
         match outbound::connect(hop, &dest.settings).await {
             Ok(c) => {
@@ -183,9 +222,14 @@ async fn run(ctx: &Arc<Ctx>, domain: &Arc<str>, dest: &Destination, queue: &Queu
             Err(e) => failure = Some((hop.clone(), e)),
         }
     }
+    if connection.is_some() {
+        queue.successes.fetch_add(1, Ordering::AcqRel);
+        queue.connected.fetch_add(1, Ordering::AcqRel);
+    }
+    queue.update(&queue.connecting, false);
     let Some(mut connection) = connection else {
         let (hop, error) = failure.expect("a route has at least one hop");
-        if queue.connected.load(Ordering::Relaxed) > 0 {
+        if queue.congested(successes_before).await {
             // Other connections carry mail: the host is up but will not take
             // one more. Leave the mail to them and open fewer.
             info!(%domain, hop = %hop.name, addr = %hop.addr, %error,
@@ -193,6 +237,7 @@ async fn run(ctx: &Arc<Ctx>, domain: &Arc<str>, dest: &Destination, queue: &Queu
             queue.jobs().push_front(first);
             let _ = ctx.events.send(Event::Congested {
                 domain: domain.clone(),
+                connected: Some(queue.connected.load(Ordering::Acquire)),
             });
             return;
         }
@@ -213,9 +258,8 @@ async fn run(ctx: &Arc<Ctx>, domain: &Arc<str>, dest: &Destination, queue: &Queu
     let _ = ctx.events.send(Event::Reachable {
         domain: domain.clone(),
     });
-    queue.connected.fetch_add(1, Ordering::Relaxed);
     carry(ctx, domain, &mut connection, first, queue).await;
-    queue.connected.fetch_sub(1, Ordering::Relaxed);
+    queue.update(&queue.connected, false);
     connection.quit().await;
 }
 
@@ -290,6 +334,7 @@ async fn carry(
                     "connection failed with messages in flight; deferring them");
                 let _ = ctx.events.send(Event::Congested {
                     domain: domain.clone(),
+                    connected: None,
                 });
                 if error.unreachable() {
                     let _ = ctx.events.send(Event::Unreachable {

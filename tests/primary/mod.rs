@@ -188,6 +188,13 @@ struct State {
     commands: Vec<String>,
     batches: Vec<Vec<String>>,
     sessions: Vec<AbortHandle>,
+    /// Sessions now speaking SMTP (`Mode::Up`, admitted), and the most seen.
+    active: usize,
+    max_active: usize,
+    /// Beyond this many active sessions a new one is greeted with 421.
+    max_sessions: Option<usize>,
+    /// Connections refused that way.
+    refused: usize,
 }
 
 struct Shared {
@@ -253,6 +260,10 @@ impl Primary {
                 commands: Vec::new(),
                 batches: Vec::new(),
                 sessions: Vec::new(),
+                active: 0,
+                max_active: 0,
+                max_sessions: None,
+                refused: 0,
             }),
             received: Notify::new(),
         });
@@ -357,6 +368,29 @@ impl Primary {
         self.shared.lock().batches.clone()
     }
 
+    /// The most sessions speaking SMTP at once so far (connections accepted
+    /// in `Mode::Up` and admitted, from the greeting until they close).
+    pub fn max_concurrent(&self) -> usize {
+        self.shared.lock().max_active
+    }
+
+    /// Sessions speaking SMTP now.
+    pub fn concurrent(&self) -> usize {
+        self.shared.lock().active
+    }
+
+    /// With `Some(n)`, a connection accepted in `Mode::Up` while `n`
+    /// sessions are open is greeted `421 4.7.0 too many connections` and
+    /// closed: a primary with a connection limit. For connections from now on.
+    pub fn set_max_sessions(&self, max: Option<usize>) {
+        self.shared.lock().max_sessions = max;
+    }
+
+    /// Connections refused by `set_max_sessions`' limit.
+    pub fn refused(&self) -> usize {
+        self.shared.lock().refused
+    }
+
     pub async fn wait_for_messages(&self, n: usize, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -426,7 +460,37 @@ async fn serve(shared: Arc<Shared>, mut stream: TcpStream, mode: Mode, conn: usi
         Mode::DropAfterGreeting => {
             let _ = greet(&shared, &mut stream, conn, &format!("220 {NAME} ESMTP\r\n")).await;
         }
-        Mode::Up => converse(&shared, stream, conn).await,
+        Mode::Up => {
+            let admitted = {
+                let mut st = shared.lock();
+                if st.max_sessions.is_some_and(|max| st.active >= max) {
+                    st.refused += 1;
+                    false
+                } else {
+                    st.active += 1;
+                    st.max_active = st.max_active.max(st.active);
+                    true
+                }
+            };
+            if !admitted {
+                let greeting = format!("421 4.7.0 {NAME} too many connections\r\n");
+                let _ = greet(&shared, &mut stream, conn, &greeting).await;
+                return;
+            }
+            // Counted out however the session ends, aborted too.
+            let _active = Active(shared.clone());
+            converse(&shared, stream, conn).await
+        }
+    }
+}
+
+/// One admitted session, from its admission until it is dropped.
+struct Active(Arc<Shared>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.active = st.active.saturating_sub(1);
     }
 }
 
