@@ -120,6 +120,8 @@ async def handle(client_r, client_w, args, stats, loop):
         )
         for w in (client_w, server_w):
             w.close()
+    except asyncio.CancelledError:
+        pass   # shutting down with the connection still open
     finally:
         stats.active -= 1
 
