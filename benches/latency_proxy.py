@@ -13,7 +13,10 @@ Counted per direction ("c2s": towards the target, "s2c": back), summed over
 all connections: bytes, chunks, and bursts. A burst is a chunk arriving after
 that connection's direction was idle for at least RTT/4 (or the first one):
 with a client that waits for replies, each burst towards the target is one
-round trip. Also connections (total and at most at once).
+round trip. Also connections: in total, at most at once, and connection-seconds
+(divided by a duration: the mean number open). A connection counts as open from
+its accept until the first end of stream or error in either direction, so the
+last RTT/2 of a close does not overlap the next connection.
 
 The totals are written as JSON to --stats on SIGUSR1 and on SIGTERM/SIGINT
 (then the proxy exits). --ready is written once the listening socket is bound.
@@ -33,13 +36,29 @@ class Stats:
         self.connections = 0
         self.active = 0
         self.max_active = 0
+        self.closed_seconds = 0.0
+        self.open_since = {}   # connection -> loop time of its accept
         self.upstream_failures = 0
 
-    def as_dict(self, rtt_ms):
+    def opened(self, key, now):
+        self.connections += 1
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        self.open_since[key] = now
+
+    def ended(self, key, now):
+        since = self.open_since.pop(key, None)
+        if since is not None:
+            self.active -= 1
+            self.closed_seconds += now - since
+
+    def as_dict(self, rtt_ms, now):
+        open_seconds = sum(now - t for t in self.open_since.values())
         return {
             "rtt_ms": rtt_ms,
             "connections": self.connections,
             "max_concurrent_connections": self.max_active,
+            "connection_seconds": round(self.closed_seconds + open_seconds, 3),
             "upstream_failures": self.upstream_failures,
             **self.dirs,
         }
@@ -50,7 +69,7 @@ def parse_addr(text):
     return host.strip("[]"), int(port)
 
 
-async def pump(reader, writer, delay, idle, counters, loop):
+async def pump(reader, writer, delay, idle, counters, loop, on_end):
     """Copy reader to writer, each chunk delayed by `delay` from its arrival."""
     queue = asyncio.Queue()
 
@@ -70,6 +89,7 @@ async def pump(reader, writer, delay, idle, counters, loop):
                 queue.put_nowait((now + delay, data))
         except (ConnectionError, OSError):
             pass
+        on_end()
         queue.put_nowait((loop.time() + delay, None))
 
     async def write_side():
@@ -102,9 +122,9 @@ async def pump(reader, writer, delay, idle, counters, loop):
 
 
 async def handle(client_r, client_w, args, stats, loop):
-    stats.connections += 1
-    stats.active += 1
-    stats.max_active = max(stats.max_active, stats.active)
+    key = object()
+    stats.opened(key, loop.time())
+    end = lambda: stats.ended(key, loop.time())
     try:
         try:
             server_r, server_w = await asyncio.open_connection(*args.target)
@@ -115,21 +135,21 @@ async def handle(client_r, client_w, args, stats, loop):
         delay = args.rtt_ms / 2000.0
         idle = args.rtt_ms / 4000.0
         await asyncio.gather(
-            pump(client_r, server_w, delay, idle, stats.dirs["c2s"], loop),
-            pump(server_r, client_w, delay, idle, stats.dirs["s2c"], loop),
+            pump(client_r, server_w, delay, idle, stats.dirs["c2s"], loop, end),
+            pump(server_r, client_w, delay, idle, stats.dirs["s2c"], loop, end),
         )
         for w in (client_w, server_w):
             w.close()
     except asyncio.CancelledError:
         pass   # shutting down with the connection still open
     finally:
-        stats.active -= 1
+        end()
 
 
-def write_stats(path, stats, rtt_ms):
+def write_stats(path, stats, rtt_ms, loop):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(stats.as_dict(rtt_ms), f)
+        json.dump(stats.as_dict(rtt_ms, loop.time()), f)
         f.write("\n")
     os.replace(tmp, path)
 
@@ -152,11 +172,11 @@ async def main():
             f.write(f"{os.getpid()}\n")
 
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGUSR1, write_stats, args.stats, stats, args.rtt_ms)
+    loop.add_signal_handler(signal.SIGUSR1, write_stats, args.stats, stats, args.rtt_ms, loop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    write_stats(args.stats, stats, args.rtt_ms)
+    write_stats(args.stats, stats, args.rtt_ms, loop)
     server.close()
 
 

@@ -24,14 +24,17 @@
 #   drain     messages / (all - first)
 #   RT/msg    bursts towards the primary seen at the proxy / messages, i.e.
 #             round trips per message including connection setup, probes, QUIT
+#   conns     connections to the primary: mean (connection-seconds at the
+#             proxy / (all - first)) and peak
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MESSAGES=${MESSAGES:-2000} RTT_MS=${RTT_MS:-50} SIZE=${SIZE:-5120} RUNS=${RUNS:-1}
 PRIMARIES=${PRIMARIES:-"sink chunking"} BACKUPS=${BACKUPS:-"mxspool postfix"}
-SMOKE=0 DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-900}
+SMOKE=0 DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-900}   # seconds; then exit 1
 if [ "${1:-}" = "--smoke" ]; then
-  SMOKE=1 MESSAGES=${SMOKE_MESSAGES:-100} RTT_MS=${SMOKE_RTT_MS:-20} RUNS=1 DRAIN_TIMEOUT=120
+  SMOKE=1 MESSAGES=${SMOKE_MESSAGES:-100} RTT_MS=${SMOKE_RTT_MS:-20} RUNS=1
+  DRAIN_TIMEOUT=${SMOKE_DRAIN_TIMEOUT:-120}
 elif [ -n "${1:-}" ]; then
   sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2
 fi
@@ -48,7 +51,8 @@ else
   cargo build --release --locked --quiet
   BIN="${CARGO_TARGET_DIR:-target}/release/mxspool"
 fi
-REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [ -n "${MXSPOOL_BIN:-}" ]; then REV="$BIN"
+else REV="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"; fi
 
 # Ports (all on 127.0.0.1): mxspool SMTP and HTTP, the proxy (every backup
 # routes there), the two primaries, the Postfix backup's smtpd.
@@ -130,7 +134,8 @@ CONF
   postconf -c "$dir/etc" -F '*/*/chroot = n'
   postconf -c "$dir/etc" -MX smtp/inet
   postconf -c "$dir/etc" -M "$HOST:$port/inet = $HOST:$port inet n - n - - smtpd"
-  chown postfix "$dir/data" 2>/dev/null || return 1
+  [ "$(id -u)" -eq 0 ] || { echo "not root" >&2; return 1; }
+  chown postfix "$dir/data" || return 1
   POSTFIXES+=("$dir")
   postfix -c "$dir/etc" start >/dev/null 2>&1 || { cat "$dir/maillog" >&2 2>/dev/null; return 1; }
   wait_port "$port"
@@ -173,16 +178,19 @@ measure_drain() {   # T0 TOTAL COUNT-COMMAND...
   [ -n "$FIRST" ] || FIRST=$ALL
 }
 
-# One line per run into $WORK/results: BACKUP PRIMARY first all drain rt/msg conns maxconc
+# One line per run into $WORK/results:
+#   BACKUP PRIMARY first all drain rt/msg connections mean-open peak-open
 record() {   # BACKUP PRIMARY T0
-  local first all drain rtpm
+  local first all span drain rtpm mean
   first=$(echo "$FIRST - $3" | bc -l); all=$(echo "$ALL - $3" | bc -l)
-  drain=$(awk -v n="$MESSAGES" -v a="$ALL" -v f="$FIRST" 'BEGIN { d = a - f; if (d < 0.02) d = 0.02; print n / d }')
+  span=$(awk -v a="$ALL" -v f="$FIRST" 'BEGIN { d = a - f; print (d < 0.02 ? 0.02 : d) }')
+  drain=$(echo "$MESSAGES / $span" | bc -l)
   rtpm=$(proxy_stat "c2s['bursts'] / $MESSAGES")
-  echo "$1 $2 $first $all $drain $rtpm $(proxy_stat connections) $(proxy_stat max_concurrent_connections)" >> "$WORK/results"
-  printf '  %-8s -> %-8s first %5.2f s  all %6.2f s  drain %7.1f msg/s  %5.2f RT/msg  %s connections (%s at once), %s bytes to the primary\n' \
-    "$1" "$2" "$first" "$all" "$drain" "$rtpm" "$(proxy_stat connections)" \
-    "$(proxy_stat max_concurrent_connections)" "$(proxy_stat "c2s['bytes']")"
+  mean=$(proxy_stat "connection_seconds / $span")
+  echo "$1 $2 $first $all $drain $rtpm $(proxy_stat connections) $mean $(proxy_stat max_concurrent_connections)" >> "$WORK/results"
+  printf '  %-8s -> %-8s first %5.2f s  all %6.2f s  drain %7.1f msg/s  %5.2f RT/msg  %s connections, %.1f open on average, %s at most\n' \
+    "$1" "$2" "$first" "$all" "$drain" "$rtpm" "$(proxy_stat connections)" "$mean" \
+    "$(proxy_stat max_concurrent_connections)"
 }
 
 primary_port() { [ "$1" = sink ] && echo "$SINK" || echo "$CHUNKING"; }
@@ -258,7 +266,7 @@ POSTFIX_OK=1
 if ! postfix_start "$PRIMARY_DIR" primary "$CHUNKING" 2>"$WORK/postfix-start.err"; then
   POSTFIX_OK=0
   if [ "$SMOKE" = 1 ]; then
-    echo "the Postfix daemon cannot run here ($(head -c 300 "$WORK/postfix-start.err")); smoke run without it" >&2
+    echo "the Postfix daemon cannot run here ($(head -c 300 "$WORK/postfix-start.err")): smoke run without Postfix" >&2
     PRIMARIES=sink BACKUPS=mxspool
   else
     cat "$WORK/postfix-start.err" >&2; fail "the Postfix daemon cannot run here (it needs root)"
@@ -292,17 +300,19 @@ done
 
 # --- summary: medians per (backup, primary), and mxspool / Postfix
 echo
-echo "Drain across a $RTT_MS ms link, $MESSAGES messages (median of $RUNS; mxspool at $REV)"
+echo "Drain across a $RTT_MS ms link, $MESSAGES messages of $SIZE bytes (median of $RUNS; mxspool at $REV)"
 python3 - "$WORK/results" <<'PY'
 import sys, statistics
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
 res = {}
-for b, p, first, all_, drain, rtpm, conns, maxc in rows:
-    res.setdefault((b, p), []).append((float(first), float(all_), float(drain), float(rtpm), int(maxc)))
+for b, p, first, all_, drain, rtpm, conns, mean, peak in rows:
+    res.setdefault((b, p), []).append(
+        (float(first), float(all_), float(drain), float(rtpm), float(mean), int(peak)))
 def med(v, i): return statistics.median(x[i] for x in v)
-print(f"{'backup':8} {'primary':9} {'drain msg/s':>11} {'RT/msg':>7} {'first s':>8} {'all s':>7} {'conns':>6}")
+print(f"{'backup':8} {'primary':9} {'drain msg/s':>11} {'RT/msg':>7} {'first s':>8} {'all s':>7} {'conns mean/peak':>16}")
 for (b, p), v in res.items():
-    print(f"{b:8} {p:9} {med(v,2):11.1f} {med(v,3):7.2f} {med(v,0):8.2f} {med(v,1):7.2f} {med(v,4):6.0f}")
+    conns = f"{med(v,4):.1f}/{med(v,5):.0f}"
+    print(f"{b:8} {p:9} {med(v,2):11.1f} {med(v,3):7.2f} {med(v,0):8.2f} {med(v,1):7.2f} {conns:>16}")
 for p in dict.fromkeys(p for _, p in res):
     if ("mxspool", p) in res and ("postfix", p) in res:
         m, f = res[("mxspool", p)], res[("postfix", p)]
