@@ -46,13 +46,12 @@ done
 SINK_USER=(); [ "$(id -u)" -eq 0 ] && SINK_USER=(-u nobody)
 
 if [ -n "${MXSPOOL_BIN:-}" ]; then
-  BIN=$MXSPOOL_BIN
+  BIN=$MXSPOOL_BIN REV=$MXSPOOL_BIN
 else
   cargo build --release --locked --quiet
   BIN="${CARGO_TARGET_DIR:-target}/release/mxspool"
+  REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 fi
-if [ -n "${MXSPOOL_BIN:-}" ]; then REV="$BIN"
-else REV="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"; fi
 
 # Ports (all on 127.0.0.1): mxspool SMTP and HTTP, the proxy (every backup
 # routes there), the two primaries, the Postfix backup's smtpd.
