@@ -142,6 +142,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         ticket
     }
 
+    /// Sends what is buffered now, so the round trip runs while the caller
+    /// prepares the next message. A failure comes out of the next
+    /// [`Connection::advance`].
+    pub async fn send(&mut self) {
+        if self.failure.is_none()
+            && let Err(error) = self.flush().await
+        {
+            self.fail(error, None);
+        }
+    }
+
     /// Sends what is buffered and reads replies until a message's outcome is
     /// complete, or (DATA) a 354 made room for the next message's commands to
     /// go out with this one's body.
@@ -363,22 +374,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// connection can carry the next one. The outcomes are known by now, so a
     /// failure here only retires the connection.
     async fn abandon(&mut self) {
-        let t = self.timeouts;
-        let result = match self
-            .session
-            .command("RSET\r\n", t.command, Stage::Rset)
-            .await
-        {
-            Ok(reply) if reply.class() == Class::Success => Ok(()),
-            Ok(reply) => Err(SessionError::Rejected {
-                stage: Stage::Rset,
-                reply,
-            }),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = result {
+        if let Err(e) = self.reset().await {
             debug!(hop = %self.hop.name, error = %e, "cannot reset the session; retiring it");
-            self.broken = true;
         }
     }
 }

@@ -282,24 +282,24 @@ async fn carry(
     queue: &Queue,
 ) {
     let remote = connection.remote_name().to_owned();
-    let mut next = Some(first);
+    let mut first = Some(first);
     let mut submitted = 0;
     let mut sent: HashMap<Ticket, Sent> = HashMap::new();
+    // The next message, loaded while the replies to the last ones travel.
+    let mut loaded: Option<(Job, Envelope, Vec<u8>)> = None;
     // Outcomes are written while the next messages go out: the next hop is
     // not kept waiting for our fsync. A crash before a write only means that
     // delivery is repeated (at least once).
     let mut recording = Recording::default();
+    let more = |submitted: usize| submitted < ctx.messages_per_connection && !ctx.shutdown.is_set();
     loop {
-        while connection.has_room()
-            && submitted < ctx.messages_per_connection
-            && !ctx.shutdown.is_set()
-        {
-            let Some(job) = next.take().or_else(|| pop(queue)) else {
-                break;
+        while connection.has_room() && more(submitted) {
+            let next = match loaded.take() {
+                Some(next) => Some(next),
+                None => next_loaded(ctx, &mut first, queue).await,
             };
-            let Some((env, body)) = load(ctx, &job).await else {
-                done(ctx, &job, false, false);
-                continue;
+            let Some((job, env, body)) = next else {
+                break;
             };
             submitted += 1;
             let body = Arc::new(body);
@@ -312,6 +312,10 @@ async fn carry(
                 started,
             };
             sent.insert(ticket, message);
+        }
+        connection.send().await;
+        if loaded.is_none() && !sent.is_empty() && more(submitted) {
+            loaded = next_loaded(ctx, &mut first, queue).await;
         }
         match connection.advance().await {
             Progress::Done { ticket, outcomes } => {
@@ -363,7 +367,27 @@ async fn carry(
             }
         }
     }
+    // Loaded but never sent: the next connection takes it.
+    if let Some((job, ..)) = loaded {
+        queue.jobs().push_front(job);
+    }
     recording.finish().await;
+}
+
+/// The next job that is still queued, with its envelope and body: `first`,
+/// then the destination's queue. Jobs that left the queue meanwhile are done.
+async fn next_loaded(
+    ctx: &Ctx,
+    first: &mut Option<Job>,
+    queue: &Queue,
+) -> Option<(Job, Envelope, Vec<u8>)> {
+    loop {
+        let job = first.take().or_else(|| pop(queue))?;
+        match load(ctx, &job).await {
+            Some((env, body)) => return Some((job, env, body)),
+            None => done(ctx, &job, false, false),
+        }
+    }
 }
 
 /// Outcome writes in progress for one connection.
