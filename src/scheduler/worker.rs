@@ -398,7 +398,7 @@ struct Recording {
 
 impl Recording {
     /// Most writes one connection leaves in progress; beyond, it waits.
-    const MAX: usize = 64;
+    const MAX: usize = 16;
 
     async fn start(&mut self, ctx: &Arc<Ctx>, message: Sent, results: Vec<(usize, RcptResult)>) {
         while self.tasks.len() >= Self::MAX {
