@@ -640,6 +640,72 @@ async fn mail_from_the_null_sender_is_never_bounced_but_kept_as_a_dead_letter() 
     assert!(net.bounces.messages().is_empty());
 }
 
+/// Polls until the spool holds `n` dead letters, and returns them.
+async fn wait_dead(t: &TestServer, n: usize) -> Vec<mxspool::spool::Envelope> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let dead = t.spool().dead_letters().unwrap();
+        if dead.len() >= n {
+            return dead;
+        }
+        assert!(Instant::now() < deadline, "{} dead letters", dead.len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_notice_the_senders_mx_refuses_is_kept_as_a_dead_letter() {
+    let net = Net::start().await;
+    net.relay
+        .set_rcpt_reply("user@example.com", "550 5.1.1 no such user");
+    net.bounces
+        .set_rcpt_reply(SENDER, "550 5.1.1 no such sender here");
+    let t = TestServer::start(net.config()).await;
+    let id = send(&t, SENDER, &["user@example.com"], &tagged("notice-refused")).await;
+    wait_gone(&t, id).await;
+    let dead = wait_dead(&t, 1).await;
+    assert_eq!(dead.len(), 1);
+    let notice = &dead[0];
+    assert_ne!(
+        notice.id, id,
+        "the original was reported, the notice is kept"
+    );
+    assert!(notice.sender.is_empty(), "a notice, from <>");
+    assert_eq!(notice.recipients[0].address, SENDER);
+    assert_eq!(notice.recipients[0].status, RcptStatus::Failed);
+    assert!(
+        notice.recipients[0]
+            .last_reply
+            .as_deref()
+            .is_some_and(|r| r.contains("no such sender here")),
+        "{:?}",
+        notice.recipients[0].last_reply
+    );
+    assert_eq!(rcpt_commands(&net.bounces, SENDER), 1, "it was tried");
+    assert!(t.stored().is_empty(), "nothing left in the queue");
+    assert!(net.bounces.messages().is_empty());
+}
+
+#[tokio::test]
+async fn a_notice_to_the_postmaster_that_fails_is_kept_as_a_dead_letter() {
+    let net = Net::start().await;
+    net.relay
+        .set_rcpt_reply("user@example.com", "550 5.1.1 no such user");
+    // The postmaster's own mailbox is behind the same broken primary.
+    net.relay
+        .set_rcpt_reply(POSTMASTER, "550 5.1.1 no postmaster either");
+    let t = TestServer::start(net.config().set("delivery", "bounce", r#""postmaster""#)).await;
+    let id = send(&t, SENDER, &["user@example.com"], &tagged("pm-refused")).await;
+    wait_gone(&t, id).await;
+    let dead = wait_dead(&t, 1).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].recipients[0].address, POSTMASTER);
+    assert_eq!(dead[0].recipients[0].status, RcptStatus::Failed);
+    assert!(t.stored().is_empty());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(net.bounces.messages().is_empty(), "the sender got one");
+}
+
 #[tokio::test]
 async fn notify_never_means_no_notice() {
     let net = Net::start().await;

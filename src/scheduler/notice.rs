@@ -24,17 +24,24 @@ pub struct Policy<'a> {
     pub lifetime_ms: u64,
 }
 
-/// Some recipient failed, a notice was owed, and none can be sent (the sender
-/// is `<>`, and notices about notices are never sent): such a message is kept as
-/// a dead letter instead of vanishing. With `bounce = "drop"` the operator chose
-/// silence, so nothing is kept.
+/// Some recipient failed and nobody can be told: the sender is `<>` (a
+/// bounce from elsewhere, or one of our own notices, to the sender or to the
+/// postmaster, which the far side refused), and notices about notices are
+/// never sent. Such a message is kept as a dead letter instead of vanishing,
+/// whatever NOTIFY= said (our own notices carry NEVER to stop loops). With
+/// `bounce = "drop"` the operator chose silence, so nothing is kept.
+///
+/// The rule this serves: a message leaves the spool only delivered, reported
+/// to someone (its sender or the postmaster), dropped by `bounce = "drop"`
+/// (or by the sender's own NOTIFY=NEVER), deleted by an operator, or kept
+/// here as a dead letter.
 pub fn unreportable(env: &Envelope, bounce: BouncePolicy) -> bool {
     bounce != BouncePolicy::Drop
         && env.sender.is_empty()
         && env
             .recipients
             .iter()
-            .any(|r| r.status == RcptStatus::Failed && dsn::wants(r.notify, Action::Failed))
+            .any(|r| r.status == RcptStatus::Failed)
 }
 
 /// Builds one DSN per kind of notice (failed, delayed, relayed) that NOTIFY=
@@ -263,12 +270,18 @@ mod tests {
     }
 
     #[test]
-    fn notify_never_means_no_notice_and_nothing_to_bury() {
+    fn notify_never_means_no_notice_but_a_failed_notice_is_still_kept() {
+        // Our own notices carry NOTIFY=NEVER: when one fails, nobody can be
+        // told, and it must not vanish.
         let env = envelope("", Notify::NEVER);
         assert!(run(&env, &[failed(0)], BouncePolicy::Sender).is_empty());
-        assert!(!unreportable(&env, BouncePolicy::Sender));
+        assert!(unreportable(&env, BouncePolicy::Sender));
+        assert!(unreportable(&env, BouncePolicy::Postmaster));
+        assert!(!unreportable(&env, BouncePolicy::Drop));
+        // A sender who said NEVER chose to hear nothing: no notice, no dead letter.
         let env = envelope("s@example.org", Notify::NEVER);
         assert!(run(&env, &[failed(0)], BouncePolicy::Sender).is_empty());
+        assert!(!unreportable(&env, BouncePolicy::Sender));
     }
 
     #[test]
