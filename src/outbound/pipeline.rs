@@ -30,6 +30,10 @@ use super::reply::Reply;
 
 /// Most messages in flight on one connection with CHUNKING.
 pub(crate) const WINDOW: usize = 32;
+/// Content bytes in flight on one connection beyond which no further message
+/// is added (one message may be larger): the caller keeps every message in
+/// flight in memory until its reply, for its record and any notice.
+pub(crate) const MAX_BYTES: u64 = 4 * 1024 * 1024;
 /// Most replies due at once. Replies we do not read pile up in the socket
 /// buffers; kept well below their size, the server never blocks writing them
 /// while we block writing to it.
@@ -75,6 +79,8 @@ impl Due {
 /// One message between its commands going out and its last reply.
 struct Message {
     ticket: Ticket,
+    /// Content bytes, for the bound on bytes in flight.
+    size: u64,
     /// Outcomes known so far: settled before sending, refused recipients.
     outcomes: Vec<(usize, Outcome)>,
     /// Each RCPT sent: the envelope index, and whether a successful delivery
@@ -162,6 +168,8 @@ pub(crate) struct Flight {
     /// A DATA is waiting for its 354 (DATA transfer): nothing else may be sent.
     awaiting_go_ahead: bool,
     due: usize,
+    /// Content bytes of the messages in flight.
+    bytes: u64,
 }
 
 impl Flight {
@@ -173,7 +181,9 @@ impl Flight {
     pub(crate) fn has_room(&self, transfer: Transfer) -> bool {
         match transfer {
             Transfer::Data => !self.awaiting_go_ahead,
-            Transfer::Chunking => self.messages.len() < WINDOW && self.due < MAX_DUE,
+            Transfer::Chunking => {
+                self.messages.len() < WINDOW && self.due < MAX_DUE && self.bytes < MAX_BYTES
+            }
         }
     }
 
@@ -196,6 +206,7 @@ impl Flight {
             outcomes.sort_by_key(|(i, _)| *i);
             return Err(outcomes);
         }
+        let size = body.len() as u64;
         let mut due = VecDeque::with_capacity(plan.rcpts.len() + 3);
         if std::mem::take(&mut self.rset) {
             out.extend_from_slice(b"RSET\r\n");
@@ -209,7 +220,7 @@ impl Flight {
             due.push_back(Due::Rcpt(k));
             rcpts.push((i, relayed.get(k).copied().unwrap_or(false)));
         }
-        let body = match chunk {
+        let kept = match chunk {
             None => {
                 out.extend_from_slice(b"DATA\r\n");
                 due.push_back(Due::Data);
@@ -225,13 +236,15 @@ impl Flight {
             }
         };
         self.due += due.len();
+        self.bytes += size;
         self.messages.push_back(Message {
             ticket,
+            size,
             outcomes: plan.settled,
             rcpts,
             mail_refused: None,
             accepted: Vec::new(),
-            body,
+            body: kept,
             abandoned: false,
             due,
         });
@@ -321,6 +334,7 @@ impl Flight {
         }
         if message.due.is_empty() {
             let message = self.messages.pop_front().expect("checked above");
+            self.bytes -= message.size;
             return Ok(Step::Done(message.ticket, message.into_outcomes()));
         }
         Ok(step)
@@ -329,6 +343,7 @@ impl Flight {
     /// The session failed: every message still in flight, to be deferred.
     pub(crate) fn abort(&mut self) -> Vec<Ticket> {
         self.due = 0;
+        self.bytes = 0;
         self.awaiting_go_ahead = false;
         self.messages.drain(..).map(|m| m.ticket).collect()
     }
@@ -608,7 +623,7 @@ mod tests {
     }
 
     #[test]
-    fn chunking_room_is_bounded_by_messages_and_replies() {
+    fn chunking_room_is_bounded_by_messages_bytes_and_replies() {
         let mut flight = Flight::default();
         let mut out = Vec::new();
         for ticket in 0..WINDOW as u64 {
@@ -618,6 +633,20 @@ mod tests {
                 .unwrap();
         }
         assert!(!flight.has_room(Transfer::Chunking));
+
+        // Bytes: one big message may go alone, but nothing joins it.
+        let mut flight = Flight::default();
+        let big = Arc::new(vec![b'x'; MAX_BYTES as usize]);
+        flight
+            .submit(0, plan(&[0]), &[false], big, Some(MAX_BYTES), &mut out)
+            .unwrap();
+        assert!(!flight.has_room(Transfer::Chunking));
+        feed(&mut flight, &["250 ok", "250 ok", "250 ok"]);
+        assert!(flight.is_empty());
+        assert!(
+            flight.has_room(Transfer::Chunking),
+            "its bytes are released"
+        );
 
         let mut flight = Flight::default();
         let many: Vec<usize> = (0..MAX_DUE).collect();
