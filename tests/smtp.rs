@@ -720,6 +720,47 @@ async fn connections_are_limited_server_wide() {
 }
 
 #[tokio::test]
+async fn a_flood_beyond_max_connections_is_refused_without_a_task_each() {
+    let t = TestServer::start(TestConfig::default().server("max_connections", "3")).await;
+    let held = [t.ehlo().await, t.ehlo().await, t.ehlo().await];
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let before = tasks();
+    // Clients that connect and never read.
+    let mut flood = Vec::new();
+    let mut most = before;
+    for _ in 0..300 {
+        flood.push(tokio::net::TcpStream::connect(t.addr).await.unwrap());
+        most = most.max(tasks());
+    }
+    assert!(
+        most <= before + 5,
+        "alive tasks went from {before} to {most} during the flood"
+    );
+    // Each got its 421 and was closed, without anyone waiting on it.
+    for stream in flood {
+        let mut c = Client::from_stream(stream);
+        c.expect(421).await.assert_status(421, "4.7.0");
+        c.expect_closed().await;
+    }
+    let metrics = t.server.metrics().render(t.spool(), 0);
+    assert!(
+        metrics.contains(r#"mxspool_smtp_rejected_total{reason="limits"} 300"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mxspool_smtp_sessions_active 3"),
+        "{metrics}"
+    );
+    for c in held {
+        c.quit().await;
+    }
+}
+
+#[tokio::test]
 async fn denied_addresses_are_refused_at_connect() {
     let t = TestServer::start(TestConfig::default().server("deny", r#"["127.0.0.0/8"]"#)).await;
     let mut c = Client::connect(t.addr).await;

@@ -238,13 +238,19 @@ pub async fn listen(
             },
             () = shutdown.wait() => return,
         };
+        // The limit is checked before anything is spawned: a flood of
+        // connections beyond it costs a write and a close each, not a task.
+        let Ok(slot) = inbound.slots.clone().try_acquire_owned() else {
+            over_limit(stream, &inbound);
+            continue;
+        };
         let inbound = inbound.clone();
         let shutdown = shutdown.clone();
         let running = running.clone();
         let span = tracing::info_span!("smtp", client = %peer);
         tokio::spawn(
             async move {
-                admit(stream, peer, inbound, shutdown).await;
+                admit(stream, peer, slot, inbound, shutdown).await;
                 drop(running);
             }
             .instrument(span),
@@ -252,7 +258,30 @@ pub async fn listen(
     }
 }
 
-async fn admit(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>, shutdown: Shutdown) {
+/// Answers a connection beyond `max_connections` with 421 and closes it, at
+/// once: the reply goes into the fresh socket's empty send buffer or not at
+/// all, so nothing here waits for the client.
+fn over_limit(stream: TcpStream, inbound: &Inbound) {
+    inbound.metrics.reject("limits");
+    let hostname = inbound.policy().hostname.clone();
+    let mut out = Vec::new();
+    Reply::new(
+        421,
+        "4.7.0",
+        format!("{hostname} Error: too many connections"),
+    )
+    .write_to(&mut out);
+    let _ = stream.try_write(&out);
+    tracing::debug!("too many connections; refused");
+}
+
+async fn admit(
+    stream: TcpStream,
+    peer: SocketAddr,
+    _slot: OwnedSemaphorePermit,
+    inbound: Arc<Inbound>,
+    shutdown: Shutdown,
+) {
     let _ = stream.set_nodelay(true);
     let ip = peer.ip().to_canonical();
     // A primary that connects to us is up again (RFC 5321 §4.5.4.1).
@@ -284,21 +313,6 @@ async fn admit(stream: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>, shutd
         .await;
         return;
     }
-    let Ok(_slot): Result<OwnedSemaphorePermit, _> = inbound.slots.clone().try_acquire_owned()
-    else {
-        warn!("too many connections");
-        inbound.metrics.reject("limits");
-        refuse(
-            stream,
-            Reply::new(
-                421,
-                "4.7.0",
-                format!("{hostname} Error: too many connections"),
-            ),
-        )
-        .await;
-        return;
-    };
     let Some(_ip_slot) = inbound.enter(ip) else {
         warn!("too many connections from this address");
         inbound.metrics.reject("limits");
