@@ -198,7 +198,7 @@ impl Metrics {
             ),
             quarantined: gauge(
                 "mxspool_spool_quarantined",
-                "Spool records that could not be decoded and were set aside",
+                "Spool records set aside for an operator: undecodable, or their body missing",
             ),
             registry,
         };

@@ -443,24 +443,47 @@ pub(super) async fn finish(
 }
 
 /// The message's envelope and body, unless it left the queue or was put on hold.
+/// A message whose body is gone (a damaged spool) can never be delivered: it
+/// is moved to quarantine, not retried forever.
 async fn load(ctx: &Ctx, job: &Job) -> Option<(Envelope, Vec<u8>)> {
     let spool = ctx.spool.clone();
     let id = job.id;
     let loaded = tokio::task::spawn_blocking(move || {
         if spool.is_held(id).unwrap_or(true) {
-            return None;
+            return Loaded::Gone;
         }
-        let env = spool.envelope(id).ok()??;
-        let body = spool.body(id).ok()??;
-        Some((env, body))
+        let Ok(Some(env)) = spool.envelope(id) else {
+            return Loaded::Gone;
+        };
+        match spool.body(id) {
+            Ok(Some(body)) => Loaded::Message(env, body),
+            Ok(None) => Loaded::NoBody,
+            Err(_) => Loaded::Gone,
+        }
     })
     .await
-    .ok()
-    .flatten();
-    if loaded.is_none() {
-        tracing::debug!(queue_id = %id, "no longer queued, skipped");
+    .unwrap_or(Loaded::Gone);
+    match loaded {
+        Loaded::Message(env, body) => return Some((env, body)),
+        Loaded::Gone => tracing::debug!(queue_id = %id, "no longer queued, skipped"),
+        Loaded::NoBody => match ctx.spool.change(id, Change::Quarantine, Vec::new()).await {
+            Ok(_) => tracing::error!(
+                queue_id = %id,
+                "message body missing from the spool; envelope moved to quarantine"
+            ),
+            Err(e) => warn!(queue_id = %id, error = %e, "cannot quarantine a message without body"),
+        },
     }
-    loaded
+    None
+}
+
+/// What [`load`] found.
+enum Loaded {
+    Message(Envelope, Vec<u8>),
+    /// Not queued (any more), held, or unreadable right now.
+    Gone,
+    /// Queued, but its body is missing.
+    NoBody,
 }
 
 /// Writes the attempt's results (and the notices they call for) to the spool,

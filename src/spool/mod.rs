@@ -9,7 +9,9 @@
 //! Tables: `messages` (envelope records by ID), `bodies` (written once, by ID),
 //! `due` (`(next attempt ms, ID)`, so a range scan yields due mail in order),
 //! `held` and `dead` (places a message moves to, not flags), `quarantine`
-//! (records that did not decode, kept for inspection), `meta`.
+//! (envelopes that did not decode or lost their body, kept for inspection), `meta`.
+//! The file is untrusted input: the open sets right what disagrees inside it
+//! and logs the queue IDs concerned.
 //!
 //! The spool never speaks SMTP and never decides policy.
 
@@ -17,7 +19,7 @@ mod id;
 mod record;
 mod writer;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, mpsc};
@@ -110,7 +112,7 @@ pub struct Stats {
     pub bytes: u64,
     pub held: u64,
     pub dead: u64,
-    /// Records that did not decode and were moved aside.
+    /// Envelopes moved aside: undecodable, or their body missing.
     pub quarantined: u64,
 }
 
@@ -198,7 +200,14 @@ impl Spool {
                 });
             }
             Ok(Err(DatabaseError::Storage(redb::StorageError::Io(e)))) => {
-                return Err(io(e.to_string()));
+                return Err(match e.kind() {
+                    // How redb reports a file that does not start like a database.
+                    std::io::ErrorKind::InvalidData => corrupt(e.to_string()),
+                    std::io::ErrorKind::UnexpectedEof => {
+                        corrupt(format!("the file ends early (truncated?): {e}"))
+                    }
+                    _ => io(e.to_string()),
+                });
             }
             Ok(Err(e)) => return Err(corrupt(e.to_string())),
             Err(_) => return Err(corrupt("the storage engine failed while reading it".into())),
@@ -237,12 +246,7 @@ impl Spool {
             .name("spool-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| io(format!("cannot start the writer thread: {e}")))?;
-        if scan.quarantined_now > 0 {
-            tracing::warn!(
-                count = scan.quarantined_now,
-                "moved undecodable spool records to quarantine"
-            );
-        }
+        scan.repairs.log(path);
         Ok(Spool {
             inner: Arc::new(Inner {
                 db,
@@ -607,8 +611,71 @@ struct Scan {
     held: u64,
     dead: u64,
     quarantined: u64,
-    quarantined_now: u64,
+    repairs: Repairs,
     largest_id: u64,
+}
+
+/// What the open found wrong inside the file and set right, by queue ID.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Repairs {
+    /// Envelopes that did not decode: moved to quarantine.
+    quarantined: Vec<u64>,
+    /// Due-index entries that matched no queued message (none, or one due at
+    /// another time): removed.
+    stale_due: Vec<u64>,
+    /// Queued messages missing from the due index: put back.
+    restored_due: Vec<u64>,
+    /// Hold marks of messages that are not queued: removed.
+    stale_held: Vec<u64>,
+}
+
+impl Repairs {
+    /// IDs named per kind in the log; a damaged file may hold thousands.
+    const NAMED: usize = 100;
+
+    fn log(&self, path: &Path) {
+        let path = path.display().to_string();
+        // (IDs, what was done, whether mail is affected and an operator should look)
+        let kinds = [
+            (
+                &self.quarantined,
+                "undecodable envelopes moved to quarantine",
+                true,
+            ),
+            (
+                &self.stale_due,
+                "due-index entries matching no queued message removed",
+                false,
+            ),
+            (
+                &self.restored_due,
+                "queued messages missing from the due index put back",
+                false,
+            ),
+            (
+                &self.stale_held,
+                "hold marks of messages not in the queue removed",
+                false,
+            ),
+        ];
+        for (ids, what, lost) in kinds {
+            if ids.is_empty() {
+                continue;
+            }
+            let count = ids.len();
+            let named: Vec<String> = ids
+                .iter()
+                .take(Self::NAMED)
+                .map(|id| QueueId(*id).to_string())
+                .collect();
+            let ids = named.join(" ");
+            if lost {
+                tracing::error!(spool = %path, count, %ids, "{what}");
+            } else {
+                tracing::warn!(spool = %path, count, %ids, "{what}");
+            }
+        }
+    }
 }
 
 enum PrepareError {
@@ -626,7 +693,9 @@ where
 }
 
 /// Creates missing tables, checks the layout version, moves undecodable message
-/// records to quarantine and totals what is queued.
+/// records to quarantine, makes the due index and hold marks agree with the
+/// envelopes, and totals what is queued. (A missing body is found when the
+/// message is next loaded: checking here would read the whole file.)
 fn prepare(db: &Database, labeler: &Labeler) -> Result<Scan, PrepareError> {
     let txn = db.begin_write()?;
     let mut scan = Scan {
@@ -637,7 +706,7 @@ fn prepare(db: &Database, labeler: &Labeler) -> Result<Scan, PrepareError> {
         held: 0,
         dead: 0,
         quarantined: 0,
-        quarantined_now: 0,
+        repairs: Repairs::default(),
         largest_id: 0,
     };
     {
@@ -654,11 +723,15 @@ fn prepare(db: &Database, labeler: &Labeler) -> Result<Scan, PrepareError> {
         // Bodies of quarantined records stay where they are, for manual recovery.
         txn.open_table(BODIES)?;
         let mut due = txn.open_table(DUE)?;
-        let held = txn.open_table(HELD)?;
+        let mut held = txn.open_table(HELD)?;
         let dead = txn.open_table(DEAD)?;
         let mut quarantine = txn.open_table(QUARANTINE)?;
         txn.open_table(LEARNED)?;
 
+        // The due index is derived from the envelopes: each queued message
+        // that is not held has exactly one entry, at its next due time.
+        let mut queued: HashSet<u64> = HashSet::new();
+        let mut wanted_due: HashSet<(u64, u64)> = HashSet::new();
         let mut bad = Vec::new();
         for row in messages.iter()? {
             let (id, raw) = row?;
@@ -673,25 +746,53 @@ fn prepare(db: &Database, labeler: &Labeler) -> Result<Scan, PrepareError> {
                         entry.messages += 1;
                         *entry.arrivals.entry(env.arrived_ms).or_default() += 1;
                     }
+                    queued.insert(id);
+                    if let Some(at) = env.next_due_ms()
+                        && held.get(id)?.is_none()
+                    {
+                        wanted_due.insert((at, id));
+                    }
                 }
                 Err(_) => bad.push((id, raw.value().to_vec())),
-            }
-        }
-        if !bad.is_empty() {
-            let due_keys: Vec<(u64, u64)> = due
-                .iter()?
-                .filter_map(|r| r.ok().map(|(k, _)| k.value()))
-                .filter(|(_, id)| bad.iter().any(|(b, _)| b == id))
-                .collect();
-            for key in due_keys {
-                due.remove(key)?;
             }
         }
         for (id, raw) in &bad {
             quarantine.insert(*id, raw.as_slice())?;
             messages.remove(*id)?;
         }
-        scan.quarantined_now = bad.len() as u64;
+        scan.repairs.quarantined = bad.into_iter().map(|(id, _)| id).collect();
+
+        let mut stale_due = Vec::new();
+        for row in due.iter()? {
+            let (key, _) = row?;
+            let key = key.value();
+            if !wanted_due.remove(&key) {
+                stale_due.push(key);
+            }
+        }
+        for key in &stale_due {
+            due.remove(*key)?;
+        }
+        let mut restored: Vec<(u64, u64)> = wanted_due.into_iter().collect();
+        restored.sort_unstable_by_key(|&(_, id)| id);
+        for key in &restored {
+            due.insert(*key, ())?;
+        }
+        scan.repairs.stale_due = stale_due.into_iter().map(|(_, id)| id).collect();
+        scan.repairs.restored_due = restored.into_iter().map(|(_, id)| id).collect();
+
+        let mut stale_held = Vec::new();
+        for row in held.iter()? {
+            let (id, _) = row?;
+            if !queued.contains(&id.value()) {
+                stale_held.push(id.value());
+            }
+        }
+        for id in &stale_held {
+            held.remove(*id)?;
+        }
+        scan.repairs.stale_held = stale_held;
+
         scan.quarantined = quarantine.len()?;
         scan.held = held.len()?;
         for row in dead.iter()? {
@@ -826,6 +927,90 @@ mod tests {
         assert!(spool.next_id(0) > QueueId(7));
     }
 
+    #[tokio::test]
+    async fn the_due_index_and_hold_marks_are_set_right_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let spool = Spool::open(&path, 1 << 20).unwrap();
+        for id in 1..=4 {
+            spool.commit(message(id, b"x\r\n")).await.unwrap();
+        }
+        spool
+            .change(QueueId(4), Change::Hold, vec![])
+            .await
+            .unwrap();
+        spool
+            .write_raw_record_for_tests(QueueId(5), &[1, 0xff])
+            .unwrap();
+        {
+            let txn = spool.inner.db.begin_write().unwrap();
+            {
+                let mut due = txn.open_table(DUE).unwrap();
+                due.remove((1_000, 1)).unwrap(); // 1 lost its entry
+                due.remove((1_000, 2)).unwrap(); // 2 has one at the wrong time
+                due.insert((7, 2), ()).unwrap();
+                due.insert((5, 99), ()).unwrap(); // 99 does not exist
+                due.insert((5, 5), ()).unwrap(); // 5 will be quarantined
+                let mut held = txn.open_table(HELD).unwrap();
+                held.insert(98, ()).unwrap();
+                held.insert(5, ()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        spool.close();
+        drop(spool);
+
+        let spool = Spool::open(&path, 1 << 20).unwrap();
+        assert_eq!(
+            spool.due().unwrap(),
+            vec![
+                (1_000, QueueId(1)),
+                (1_000, QueueId(2)),
+                (1_000, QueueId(3))
+            ]
+        );
+        assert_eq!(spool.stats().held, 1);
+        assert!(spool.is_held(QueueId(4)).unwrap());
+        assert!(!spool.is_held(QueueId(98)).unwrap());
+        assert_eq!(spool.stats().quarantined, 1);
+        assert_eq!(spool.stats().messages, 4);
+        spool.close();
+        drop(spool);
+
+        // A healthy file needs nothing set right.
+        let db = open_database(&path).unwrap().unwrap();
+        let scan = prepare(&db, &Options::new(0).labeler).ok().unwrap();
+        assert_eq!(scan.repairs, Repairs::default());
+    }
+
+    #[tokio::test]
+    async fn a_message_can_be_quarantined_and_leaves_the_totals() {
+        let (_dir, spool) = two_messages().await;
+        spool
+            .change(QueueId(1), Change::Hold, vec![])
+            .await
+            .unwrap();
+        let env = spool
+            .change(QueueId(1), Change::Quarantine, vec![])
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(spool.envelope(QueueId(1)).unwrap().is_none());
+        assert!(spool.body(QueueId(1)).unwrap().is_none());
+        let q = spool.quarantined().unwrap();
+        assert_eq!(q, vec![(QueueId(1), env.encode())]);
+        assert_eq!(spool.due().unwrap(), vec![(1_000, QueueId(2))]);
+        let stats = spool.stats();
+        assert_eq!(
+            (stats.messages, stats.held, stats.quarantined, stats.bytes),
+            (1, 0, 1, 5)
+        );
+        assert_eq!(
+            spool.queue_by_label(),
+            vec![("example.com".into(), 1, Some(1_000))]
+        );
+    }
+
     #[test]
     fn a_second_opener_gets_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
@@ -842,6 +1027,7 @@ mod tests {
         let path = dir.path().join("s.redb");
         std::fs::write(&path, vec![0x5a; 64 * 1024]).unwrap();
         let err = Spool::open(&path, 1 << 20).err().unwrap();
+        assert!(matches!(err, OpenError::Corrupt { .. }), "{err}");
         assert!(
             err.to_string().contains(&path.display().to_string()),
             "{err}"

@@ -38,6 +38,9 @@ pub enum Change {
     Unbury { now_ms: u64 },
     /// Remove the message (queued, held or dead) and its body.
     Delete,
+    /// Move a queued message that cannot be delivered as stored (its body is
+    /// missing) to quarantine, for an operator to inspect.
+    Quarantine,
 }
 
 /// What becomes of a message once no recipient is left queued.
@@ -141,6 +144,7 @@ struct Delta {
     bytes: i64,
     dead: i64,
     held: i64,
+    quarantined: i64,
     /// (label, arrival, +1 or -1)
     labels: Vec<(String, u64, i64)>,
 }
@@ -243,6 +247,7 @@ impl Writer {
                 }
                 apply(&self.totals.dead, delta.dead);
                 apply(&self.totals.held, delta.held);
+                apply(&self.totals.quarantined, delta.quarantined);
                 let elapsed = started.elapsed();
                 if let Some(observe) = &self.on_commit {
                     observe(elapsed);
@@ -384,7 +389,12 @@ impl Tables<'_, '_> {
 
     /// Reads a record from `messages` or `dead`; an undecodable one is moved to
     /// quarantine and treated as absent.
-    fn load(&mut self, id: QueueId, dead: bool) -> Result<Option<Envelope>, redb::Error> {
+    fn load(
+        &mut self,
+        id: QueueId,
+        dead: bool,
+        delta: &mut Delta,
+    ) -> Result<Option<Envelope>, redb::Error> {
         let table = if dead { &self.dead } else { &self.messages };
         let Some(raw) = table.get(id.0)?.map(|v| v.value().to_vec()) else {
             return Ok(None);
@@ -394,6 +404,7 @@ impl Tables<'_, '_> {
             Err(e) => {
                 tracing::error!(queue_id = %id, error = %e, "undecodable spool record quarantined");
                 self.quarantine.insert(id.0, raw.as_slice())?;
+                delta.quarantined += 1;
                 if dead {
                     self.dead.remove(id.0)?;
                 } else {
@@ -412,7 +423,7 @@ impl Tables<'_, '_> {
     ) -> Result<Option<Envelope>, redb::Error> {
         let dead = matches!(change, Change::Unbury { .. })
             || (matches!(change, Change::Delete) && self.messages.get(id.0)?.is_none());
-        let Some(mut env) = self.load(id, dead)? else {
+        let Some(mut env) = self.load(id, dead, delta)? else {
             return Ok(None);
         };
         let held = self.held.get(id.0)?.is_some();
@@ -477,6 +488,17 @@ impl Tables<'_, '_> {
                     self.held.remove(id.0)?;
                     delta.held -= 1;
                 }
+                self.bodies.remove(id.0)?;
+                delta.bytes -= env.size as i64;
+            }
+            Change::Quarantine => {
+                self.messages.remove(id.0)?;
+                if held {
+                    self.held.remove(id.0)?;
+                    delta.held -= 1;
+                }
+                self.quarantine.insert(id.0, env.encode().as_slice())?;
+                delta.quarantined += 1;
                 self.bodies.remove(id.0)?;
                 delta.bytes -= env.size as i64;
             }
