@@ -54,6 +54,7 @@ fn envelope(rcpts: &[&str]) -> Envelope {
                 last_reply: None,
                 unreachable: false,
                 delay_notified: false,
+                suspect: false,
             })
             .collect(),
     }

@@ -531,6 +531,7 @@ impl Session {
                 last_reply: None,
                 unreachable: false,
                 delay_notified: false,
+                suspect: false,
             });
         }
         Ok(Reply::new(250, "2.1.5", "Ok"))

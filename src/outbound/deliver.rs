@@ -427,6 +427,7 @@ mod tests {
                     last_reply: None,
                     unreachable: false,
                     delay_notified: false,
+                    suspect: false,
                 })
                 .collect(),
         }

@@ -1065,6 +1065,7 @@ mod tests {
             last_reply: None,
             unreachable: false,
             delay_notified: false,
+            suspect: false,
         };
         let env = Envelope {
             id: QueueId(1),

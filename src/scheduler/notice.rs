@@ -156,6 +156,7 @@ fn notice_message(
                 last_reply: None,
                 unreachable: false,
                 delay_notified: false,
+                suspect: false,
             }],
         },
         body,
@@ -195,6 +196,7 @@ mod tests {
                 last_reply: Some("550 5.1.1 unknown".into()),
                 unreachable: false,
                 delay_notified: false,
+                suspect: false,
             });
         }
         env

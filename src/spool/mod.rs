@@ -9,9 +9,10 @@
 //! Tables: `messages` (envelope records by ID), `bodies` (written once, by ID),
 //! `due` (`(next attempt ms, ID)`, so a range scan yields due mail in order),
 //! `held` and `dead` (places a message moves to, not flags), `quarantine`
-//! (envelopes that did not decode or lost their body, kept for inspection), `meta`.
-//! The file is untrusted input: the open sets right what disagrees inside it
-//! and logs the queue IDs concerned.
+//! (envelopes that did not decode or lost their body, kept for inspection),
+//! `learned`, `paused` (relay domains whose delivery is paused, so a pause
+//! outlives a restart), `meta`. The file is untrusted input: the open sets
+//! right what disagrees inside it and logs the queue IDs concerned.
 //!
 //! The spool never speaks SMTP and never decides policy.
 
@@ -33,7 +34,10 @@ use redb::{
 use tokio::sync::oneshot;
 
 pub use id::{IdGen, ParseIdError, QueueId};
-pub use record::{BodyType, Client, DecodeError, Envelope, Notify, RcptStatus, Recipient, Ret};
+pub use record::{
+    BodyType, Client, DecodeError, Envelope, Notify, PARKED, Pause, PausedBy, RcptStatus,
+    Recipient, Ret,
+};
 pub use writer::{Change, CommitObserver, Finished, Labeler};
 use writer::{Job, LabelTotals, Totals, Writer, labels_of};
 
@@ -50,10 +54,15 @@ pub const TRUST_EXISTS: Duration = Duration::from_secs(30 * 24 * 3600);
 /// for a day at most.
 pub const TRUST_MISSING: Duration = Duration::from_secs(24 * 3600);
 const LEARNED: TableDefinition<&str, (bool, u64)> = TableDefinition::new("learned");
+/// Paused relay domains: name -> [`Pause`] as a row (see `Pause::to_row`).
+const PAUSED: TableDefinition<&str, (u8, u64)> = TableDefinition::new("paused");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Layout version of the tables above, stored in `meta` and checked at open.
-const SCHEMA: u64 = 1;
+/// 2 added `paused` and envelope records of layout 2; a spool of layout 1 is
+/// upgraded when opened (its records still decode), and an older mxspool
+/// refuses a spool of layout 2 instead of quarantining records it cannot read.
+const SCHEMA: u64 = 2;
 /// redb's page cache. Its 1 GiB default would dwarf the rest of the process; the
 /// hot data (recent envelopes, the due index) is small.
 const CACHE_BYTES: usize = 8 * 1024 * 1024;
@@ -350,6 +359,30 @@ impl Spool {
             exists_before: now_ms.saturating_sub(TRUST_EXISTS.as_millis() as u64),
             missing_before: now_ms.saturating_sub(TRUST_MISSING.as_millis() as u64),
         });
+    }
+
+    /// Records durably that delivery to relay domain `domain` is paused
+    /// (`Some`), or no longer is (`None`).
+    pub async fn set_pause(&self, domain: &str, pause: Option<Pause>) -> Result<(), CommitError> {
+        let (done, result) = oneshot::channel();
+        self.send(Job::Pause {
+            domain: domain.to_owned(),
+            pause,
+            done,
+        })?;
+        result.await.unwrap_or(Err(CommitError::Closed))
+    }
+
+    /// Every paused domain as recorded, by name.
+    pub fn pauses(&self) -> Result<Vec<(String, Pause)>, ReadError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(PAUSED).map_err(read_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(read_err)? {
+            let (domain, row) = row.map_err(read_err)?;
+            out.push((domain.value().to_owned(), Pause::from_row(row.value())));
+        }
+        Ok(out)
     }
 
     /// The last verdict on `address` and when it was learned.
@@ -713,7 +746,8 @@ fn prepare(db: &Database, labeler: &Labeler) -> Result<Scan, PrepareError> {
         let mut meta = txn.open_table(META)?;
         let found = meta.get("schema")?.map(|v| v.value());
         match found {
-            None => {
+            // Layout 1 differs only by what layout 2 added.
+            None | Some(1) => {
                 meta.insert("schema", SCHEMA)?;
             }
             Some(SCHEMA) => {}
@@ -727,6 +761,7 @@ fn prepare(db: &Database, labeler: &Labeler) -> Result<Scan, PrepareError> {
         let dead = txn.open_table(DEAD)?;
         let mut quarantine = txn.open_table(QUARANTINE)?;
         txn.open_table(LEARNED)?;
+        txn.open_table(PAUSED)?;
 
         // The due index is derived from the envelopes: each queued message
         // that is not held has exactly one entry, at its next due time.
@@ -826,6 +861,99 @@ mod tests {
             envelope,
             body: body.to_vec(),
         }
+    }
+
+    #[tokio::test]
+    async fn pauses_are_kept_cleared_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let spool = Spool::open(&path, 1 << 20).unwrap();
+        assert!(spool.pauses().unwrap().is_empty());
+        let guard = Pause {
+            by: PausedBy::Guard,
+            since_ms: 10,
+        };
+        let operator = Pause {
+            by: PausedBy::Operator,
+            since_ms: 20,
+        };
+        spool.set_pause("a.example", Some(guard)).await.unwrap();
+        spool.set_pause("b.example", Some(operator)).await.unwrap();
+        spool.set_pause("c.example", Some(operator)).await.unwrap();
+        spool.set_pause("c.example", None).await.unwrap();
+        // Clearing what is not paused is no error.
+        spool.set_pause("d.example", None).await.unwrap();
+        spool.close();
+        drop(spool);
+        let spool = Spool::open(&path, 1 << 20).unwrap();
+        assert_eq!(
+            spool.pauses().unwrap(),
+            vec![
+                ("a.example".to_string(), guard),
+                ("b.example".to_string(), operator)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn parked_mail_stays_queued_but_is_never_due() {
+        let (_dir, spool) = two_messages().await;
+        spool
+            .change(
+                QueueId(1),
+                Change::Edit(Box::new(|env| {
+                    for r in &mut env.recipients {
+                        r.next_attempt_ms = PARKED;
+                    }
+                    Finished::Remove
+                })),
+                vec![],
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            spool.due_until(now_far(), 10).unwrap(),
+            vec![(1_000, QueueId(2))]
+        );
+        assert_eq!(spool.next_due_after(1_000).unwrap(), Some(PARKED));
+        // Still queued and counted: a pause holds mail, it does not drop it.
+        assert_eq!(spool.stats().messages, 2);
+        assert_eq!(spool.queue_by_label()[0].1, 2);
+        assert!(spool.envelope(QueueId(1)).unwrap().is_some());
+    }
+
+    /// A time far in the future, yet before [`PARKED`].
+    fn now_far() -> u64 {
+        PARKED - 1
+    }
+
+    #[tokio::test]
+    async fn a_layout_1_spool_is_upgraded_and_an_unknown_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let set_schema = |value: u64| {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema", value)
+                .unwrap();
+            txn.commit().unwrap();
+        };
+        let spool = Spool::open(&path, 1 << 20).unwrap();
+        spool.commit(message(1, b"x")).await.unwrap();
+        spool.close();
+        drop(spool);
+        set_schema(1);
+        let spool = Spool::open(&path, 1 << 20).unwrap();
+        assert_eq!(spool.envelopes().unwrap().len(), 1);
+        assert!(spool.pauses().unwrap().is_empty());
+        spool.close();
+        drop(spool);
+        set_schema(3);
+        let err = Spool::open(&path, 1 << 20).err().unwrap();
+        assert!(matches!(err, OpenError::Schema { found: 3, .. }), "{err}");
     }
 
     #[tokio::test]

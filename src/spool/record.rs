@@ -1,7 +1,8 @@
 //! What the spool stores about a message besides its body: the envelope, with a
-//! state per recipient. Records carry a version byte so a future layout can be
-//! read beside this one, and anything that does not decode is reported as such
-//! (the spool quarantines it) instead of panicking.
+//! state per recipient. Records carry a version byte so an older layout is
+//! still read beside this one (layout 1 lacked [`Recipient::suspect`]), and
+//! anything that does not decode is reported as such (the spool quarantines
+//! it) instead of panicking. Also the record of a paused relay domain.
 
 use std::net::IpAddr;
 
@@ -10,7 +11,14 @@ use serde::{Deserialize, Serialize};
 use super::id::QueueId;
 
 /// First byte of every stored envelope.
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// The layout before [`Recipient::suspect`]: still read, never written.
+const VERSION_1: u8 = 1;
+
+/// `next_attempt_ms` of a recipient whose domain is paused: later than any
+/// real time, so the due index never hands it out and expiry never judges it
+/// until a resume makes it due again.
+pub const PARKED: u64 = u64::MAX;
 
 /// RFC 3461 `RET=`: how much of the message a failure notice may include.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +82,11 @@ pub struct Recipient {
     pub unreachable: bool,
     /// A "delayed" DSN was sent for this recipient (at most one is).
     pub delay_notified: bool,
+    /// The primary refused this recipient permanently while its domain was
+    /// paused (see `scheduler::guard`): the refusal is kept in `last_reply`
+    /// instead of being bounced, for an operator to judge. The next attempt's
+    /// result replaces it.
+    pub suspect: bool,
 }
 
 /// The SMTP client that handed us the message, for `Received:`, logs and DSNs.
@@ -123,12 +136,124 @@ impl Envelope {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+        let malformed = |e: postcard::Error| DecodeError::Malformed(e.to_string());
         match bytes.split_first() {
             None => Err(DecodeError::Empty),
-            Some((&VERSION, rest)) => {
-                postcard::from_bytes(rest).map_err(|e| DecodeError::Malformed(e.to_string()))
-            }
+            Some((&VERSION, rest)) => postcard::from_bytes(rest).map_err(malformed),
+            Some((&VERSION_1, rest)) => postcard::from_bytes::<v1::Envelope>(rest)
+                .map(Envelope::from)
+                .map_err(malformed),
             Some((&v, _)) => Err(DecodeError::UnknownVersion(v)),
+        }
+    }
+}
+
+/// Layout 1, as spools written before the drain guard hold it. Postcard
+/// records are not self-describing, so the old shape is spelled out here.
+mod v1 {
+    use serde::{Deserialize, Serialize};
+
+    use super::{BodyType, Client, Notify, QueueId, RcptStatus, Ret};
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Recipient {
+        pub address: String,
+        pub orcpt: Option<String>,
+        pub notify: Notify,
+        pub status: RcptStatus,
+        pub attempts: u32,
+        pub next_attempt_ms: u64,
+        pub last_reply: Option<String>,
+        pub unreachable: bool,
+        pub delay_notified: bool,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Envelope {
+        pub id: QueueId,
+        pub sender: String,
+        pub ret: Ret,
+        pub envid: Option<String>,
+        pub body_type: BodyType,
+        pub smtputf8: bool,
+        pub has_8bit: bool,
+        pub arrived_ms: u64,
+        pub size: u64,
+        pub client: Client,
+        pub recipients: Vec<Recipient>,
+    }
+}
+
+impl From<v1::Envelope> for Envelope {
+    fn from(old: v1::Envelope) -> Envelope {
+        Envelope {
+            id: old.id,
+            sender: old.sender,
+            ret: old.ret,
+            envid: old.envid,
+            body_type: old.body_type,
+            smtputf8: old.smtputf8,
+            has_8bit: old.has_8bit,
+            arrived_ms: old.arrived_ms,
+            size: old.size,
+            client: old.client,
+            recipients: old
+                .recipients
+                .into_iter()
+                .map(|r| Recipient {
+                    address: r.address,
+                    orcpt: r.orcpt,
+                    notify: r.notify,
+                    status: r.status,
+                    attempts: r.attempts,
+                    next_attempt_ms: r.next_attempt_ms,
+                    last_reply: r.last_reply,
+                    unreachable: r.unreachable,
+                    delay_notified: r.delay_notified,
+                    suspect: false,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Who paused delivery to a relay domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PausedBy {
+    /// By hand (`mxspool queue pause`, the admin API), e.g. before maintenance.
+    Operator,
+    /// The drain guard, after a run of permanent refusals from the primary.
+    Guard,
+}
+
+/// A paused relay domain: nothing is delivered to it until it is resumed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pause {
+    pub by: PausedBy,
+    /// Unix milliseconds.
+    pub since_ms: u64,
+}
+
+impl Pause {
+    /// The stored row: (who: 0 operator, 1 guard; since).
+    pub(super) fn to_row(self) -> (u8, u64) {
+        let by = match self.by {
+            PausedBy::Operator => 0,
+            PausedBy::Guard => 1,
+        };
+        (by, self.since_ms)
+    }
+
+    /// A stored row. An unknown `by` still pauses, as an operator's pause:
+    /// reading a damaged row as "not paused" could bounce the backlog.
+    pub(super) fn from_row((by, since_ms): (u8, u64)) -> Pause {
+        Pause {
+            by: if by == 1 {
+                PausedBy::Guard
+            } else {
+                PausedBy::Operator
+            },
+            since_ms,
         }
     }
 }
@@ -172,6 +297,7 @@ pub(crate) fn sample(id: u64, rcpts: &[&str]) -> Envelope {
                 last_reply: None,
                 unreachable: false,
                 delay_notified: false,
+                suspect: false,
             })
             .collect(),
     }
@@ -205,6 +331,64 @@ mod tests {
             Envelope::decode(&[VERSION, 0xff, 0xff, 0xff]),
             Err(DecodeError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn layout_1_records_still_decode() {
+        let env = sample(42, &["a@example.com", "b@example.com"]);
+        let old = v1::Envelope {
+            id: env.id,
+            sender: env.sender.clone(),
+            ret: env.ret,
+            envid: env.envid.clone(),
+            body_type: env.body_type,
+            smtputf8: env.smtputf8,
+            has_8bit: env.has_8bit,
+            arrived_ms: env.arrived_ms,
+            size: env.size,
+            client: env.client.clone(),
+            recipients: env
+                .recipients
+                .iter()
+                .map(|r| v1::Recipient {
+                    address: r.address.clone(),
+                    orcpt: r.orcpt.clone(),
+                    notify: r.notify,
+                    status: r.status,
+                    attempts: r.attempts,
+                    next_attempt_ms: r.next_attempt_ms,
+                    last_reply: r.last_reply.clone(),
+                    unreachable: r.unreachable,
+                    delay_notified: r.delay_notified,
+                })
+                .collect(),
+        };
+        let mut bytes = vec![VERSION_1];
+        bytes.extend(postcard::to_allocvec(&old).unwrap());
+        assert_eq!(Envelope::decode(&bytes), Ok(env.clone()));
+
+        // A suspect recipient survives the current layout's round trip.
+        let mut suspect = env;
+        suspect.recipients[1].suspect = true;
+        suspect.recipients[1].next_attempt_ms = PARKED;
+        let encoded = suspect.encode();
+        assert_eq!(encoded[0], VERSION);
+        assert_eq!(Envelope::decode(&encoded), Ok(suspect));
+    }
+
+    #[test]
+    fn pause_rows_round_trip_and_unknown_reasons_still_pause() {
+        for by in [PausedBy::Operator, PausedBy::Guard] {
+            let pause = Pause { by, since_ms: 77 };
+            assert_eq!(Pause::from_row(pause.to_row()), pause);
+        }
+        assert_eq!(
+            Pause::from_row((9, 5)),
+            Pause {
+                by: PausedBy::Operator,
+                since_ms: 5
+            }
+        );
     }
 
     #[test]

@@ -11,8 +11,8 @@ use redb::{ReadableTable, Table};
 use tokio::sync::oneshot;
 
 use super::{
-    BODIES, CommitError, DEAD, DUE, Envelope, HELD, LEARNED, MESSAGES, NewMessage, QUARANTINE,
-    QueueId, RcptStatus,
+    BODIES, CommitError, DEAD, DUE, Envelope, HELD, LEARNED, MESSAGES, NewMessage, PAUSED, Pause,
+    QUARANTINE, QueueId, RcptStatus,
 };
 
 /// Most jobs one transaction takes; bounds the memory a batch holds.
@@ -74,6 +74,12 @@ pub(super) enum Job {
     Forget {
         exists_before: u64,
         missing_before: u64,
+    },
+    /// Record (`Some`) or clear (`None`) the pause of a relay domain.
+    Pause {
+        domain: String,
+        pause: Option<Pause>,
+        done: Done<()>,
     },
 }
 
@@ -209,6 +215,7 @@ struct Tables<'t, 'l> {
     dead: Table<'t, u64, &'static [u8]>,
     quarantine: Table<'t, u64, &'static [u8]>,
     learned: Table<'t, &'static str, (bool, u64)>,
+    paused: Table<'t, &'static str, (u8, u64)>,
 }
 
 impl Writer {
@@ -291,6 +298,7 @@ impl Writer {
                 dead: txn.open_table(DEAD).map_err(|e| io(e.into()))?,
                 quarantine: txn.open_table(QUARANTINE).map_err(|e| io(e.into()))?,
                 learned: txn.open_table(LEARNED).map_err(|e| io(e.into()))?,
+                paused: txn.open_table(PAUSED).map_err(|e| io(e.into()))?,
             };
             let mut room = self
                 .max_size
@@ -362,6 +370,25 @@ impl Writer {
                                 failure = Some(io(e.into()));
                             }
                         }
+                    }
+                    Job::Pause {
+                        domain,
+                        pause,
+                        done,
+                    } => {
+                        let r = if failure.is_some() {
+                            Ok(())
+                        } else {
+                            match pause {
+                                Some(p) => t.paused.insert(domain.as_str(), p.to_row()).map(drop),
+                                None => t.paused.remove(domain.as_str()).map(drop),
+                            }
+                            .map_err(|e| io(e.into()))
+                        };
+                        if let Err(e) = &r {
+                            failure = Some(e.clone());
+                        }
+                        outcomes.push(Outcome::Commit(done, r));
                     }
                 }
             }
