@@ -77,6 +77,9 @@ pub struct DeliveryConfig {
     pub retry_jitter: f64,
     /// While mail waits for an unreachable primary, probe it this often.
     pub probe_interval: Duration,
+    /// Permanent refusals in a row from a domain's primary, with no delivery
+    /// between, after which the domain is paused; 0: never.
+    pub drain_guard: u32,
     pub max_queue_lifetime: Duration,
     /// `None` ("off"): no "delayed" notices.
     pub delay_warning_after: Option<Duration>,
@@ -298,6 +301,7 @@ mod file {
         pub retry_max: String,
         pub retry_jitter: f64,
         pub probe_interval: String,
+        pub drain_guard: u32,
         pub max_queue_lifetime: String,
         pub delay_warning_after: String,
         pub connections_per_domain: usize,
@@ -317,6 +321,7 @@ mod file {
                 retry_max: "1h".into(),
                 retry_jitter: 0.2,
                 probe_interval: "5s".into(),
+                drain_guard: 10,
                 max_queue_lifetime: "5d".into(),
                 delay_warning_after: "off".into(),
                 connections_per_domain: 20,
@@ -453,6 +458,7 @@ impl Config {
                 retry_max: format_duration(d.retry_max),
                 retry_jitter: d.retry_jitter,
                 probe_interval: format_duration(d.probe_interval),
+                drain_guard: d.drain_guard,
                 max_queue_lifetime: format_duration(d.max_queue_lifetime),
                 delay_warning_after: d
                     .delay_warning_after
@@ -790,6 +796,7 @@ impl Validator<'_> {
             retry_max,
             retry_jitter: d.retry_jitter,
             probe_interval,
+            drain_guard: d.drain_guard,
             max_queue_lifetime,
             delay_warning_after,
             connections_per_domain: d.connections_per_domain,
@@ -1056,6 +1063,7 @@ mod tests {
         assert_eq!(d.retry_max, Duration::from_secs(3600));
         assert_eq!(d.retry_jitter, 0.2);
         assert_eq!(d.probe_interval, Duration::from_secs(5));
+        assert_eq!(d.drain_guard, 10);
         assert_eq!(d.max_queue_lifetime, Duration::from_secs(5 * 86_400));
         assert_eq!(d.delay_warning_after, None);
         assert_eq!(d.connections_per_domain, 20);
@@ -1192,6 +1200,18 @@ mod tests {
             ),
             ("[delivery]\nretry_jitter = 2.0\n", "delivery.retry_jitter"),
             (
+                "[delivery]\ndrain_guard = -1\n",
+                "delivery.drain_guard: invalid value",
+            ),
+            (
+                "[delivery]\ndrain_guard = \"10\"\n",
+                "delivery.drain_guard: invalid type",
+            ),
+            (
+                "[delivery]\ndrain_guard = 1.5\n",
+                "delivery.drain_guard: invalid type",
+            ),
+            (
                 "[delivery]\ntls = \"sometimes\"\n",
                 "delivery.tls: \"sometimes\" is not one of",
             ),
@@ -1277,6 +1297,7 @@ mod tests {
             delay_warning_after = "4h"
             max_queue_lifetime = "1d 12h"
             retry_jitter = 0.0
+            drain_guard = 0
             [http]
             admin_token_file = "/etc/mxspool/admin-token"
             [tls]

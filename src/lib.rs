@@ -133,17 +133,26 @@ impl Server {
             }),
         };
         let path = config.spool.path.clone();
-        let spool = tokio::task::spawn_blocking(move || Spool::open_with(&path, options))
-            .await
-            .map_err(|e| OpenError::Io {
-                path: config.spool.path.clone(),
+        let (spool, paused) = tokio::task::spawn_blocking(move || {
+            let spool = Spool::open_with(&path, options)?;
+            // A pause that could not be read must not be taken for none.
+            let paused = spool.pauses().map_err(|e| OpenError::Io {
+                path: path.clone(),
                 reason: e.to_string(),
-            })??;
+            })?;
+            Ok::<_, OpenError>((spool, paused))
+        })
+        .await
+        .map_err(|e| OpenError::Io {
+            path: config.spool.path.clone(),
+            reason: e.to_string(),
+        })??;
 
         let (trigger, shutdown) = shutdown::channel();
         let (scheduler, delivery) = Scheduler::new(
             &config,
             spool.clone(),
+            paused,
             outbound,
             metrics.clone(),
             shutdown.clone(),

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub failed: IntCounterVec,
     pub dsn_sent: IntCounterVec,
     pub primary_up: IntGaugeVec,
+    /// 1 while a configured domain is paused (by an operator or the drain guard).
+    pub domain_paused: IntGaugeVec,
     /// Open delivery connections per destination (see [`Metrics::connections`]).
     delivery_connections: IntGaugeVec,
     pub sessions: IntGauge,
@@ -155,6 +157,11 @@ impl Metrics {
                 "1 while the domain's primary is reachable (or not known to be down)",
                 &["domain"],
             ),
+            domain_paused: gauge_vec(
+                "mxspool_domain_paused",
+                "1 while delivery to the domain is paused, by an operator or the drain guard",
+                &["domain"],
+            ),
             delivery_connections: gauge_vec(
                 "mxspool_delivery_connections",
                 "Delivery connections open (or opening) to the domain's primary",
@@ -221,6 +228,7 @@ impl Metrics {
         }
         for (name, _) in &metrics.domains {
             metrics.primary_up.with_label_values(&[name]).set(1);
+            metrics.domain_paused.with_label_values(&[name]).set(0);
         }
         for reason in REJECT_REASONS {
             metrics.rejected.with_label_values(&[reason]);

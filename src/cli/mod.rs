@@ -69,6 +69,24 @@ pub enum QueueCommand {
         /// Queue ID, as `list` shows it.
         id: String,
     },
+    /// Per relay domain: the primary's state, whether delivery is paused
+    /// (and by whom), queue depth and the oldest message's age.
+    Domains {
+        /// Print the server's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop delivery to a relay domain (e.g. before maintenance of its
+    /// primary); mail is still accepted and queued, and none expires.
+    Pause {
+        /// A configured domain, as `domains` shows it.
+        domain: String,
+    },
+    /// Restart delivery to a paused relay domain: its queued mail is due now.
+    Resume {
+        /// A configured domain, as `domains` shows it.
+        domain: String,
+    },
 }
 
 /// Mail that could neither be delivered nor bounced.
@@ -209,6 +227,33 @@ pub fn queue(config: &Config, command: QueueCommand, out: &mut dyn Write) -> Res
             let answer = api.act(&id, |c| c.post(&message_path(&id, "/release"), None))?;
             format!("released {}: due now\n", answer.id("released", &id))
         }
+        QueueCommand::Domains { json } => {
+            let body = api.call(None, |c| c.get("/api/domains", &[]))?;
+            if json {
+                pretty(&body)?
+            } else {
+                render::domains(&parse(&body)?, now_ms())
+            }
+        }
+        QueueCommand::Pause { domain } => {
+            let answer: Answer =
+                parse(&api.call(None, |c| c.post(&domain_path(&domain, "/pause"), None))?)?;
+            let name = render::one_line(answer.get("paused").unwrap_or(&domain));
+            format!(
+                "paused {name}: mail is accepted and queued, nothing is delivered until \
+                 `mxspool queue resume {name}`\n"
+            )
+        }
+        QueueCommand::Resume { domain } => {
+            let answer: Answer =
+                parse(&api.call(None, |c| c.post(&domain_path(&domain, "/resume"), None))?)?;
+            let name = render::one_line(answer.get("resumed").unwrap_or(&domain));
+            let by = match answer.get("paused_by") {
+                Some("guard") => " (paused by the drain guard)",
+                _ => "",
+            };
+            format!("resumed {name}{by}: its queued mail is due now\n")
+        }
         QueueCommand::Bounce { id } => {
             let answer: serde_json::Value =
                 parse(&api.call(Some(&id), |c| c.post(&message_path(&id, "/bounce"), None))?)?;
@@ -342,6 +387,10 @@ fn token(config: &Config) -> Result<Option<String>, ConfigError> {
 
 fn message_path(id: &str, action: &str) -> String {
     format!("/api/queue/{}{action}", segment(id))
+}
+
+fn domain_path(domain: &str, action: &str) -> String {
+    format!("/api/domains/{}{action}", segment(domain))
 }
 
 fn dead_path(id: &str, action: &str) -> String {

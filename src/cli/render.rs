@@ -48,9 +48,31 @@ pub struct Recipient {
     #[serde(default)]
     pub waiting_for_primary: bool,
     #[serde(default)]
+    pub waiting_for_resume: bool,
+    #[serde(default)]
+    pub suspect: bool,
+    #[serde(default)]
     pub orcpt: Option<String>,
     #[serde(default)]
     pub notify: Option<Vec<String>>,
+}
+
+/// `{"domains": [...], "count": N}` from `GET /api/domains`.
+#[derive(Debug, Deserialize)]
+pub struct DomainList {
+    pub domains: Vec<Domain>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Domain {
+    pub domain: String,
+    pub primary: String,
+    pub primary_since_ms: u64,
+    #[serde(default)]
+    pub paused_by: Option<String>,
+    pub queued: u64,
+    #[serde(default)]
+    pub oldest_age_seconds: Option<u64>,
 }
 
 /// How much of a last reply fits on a table line; `queue show` has it all.
@@ -144,6 +166,29 @@ pub fn list(list: &MessageList, what: Listing) -> String {
     out
 }
 
+/// `queue domains`: one line per relay domain.
+pub fn domains(list: &DomainList, now_ms: u64) -> String {
+    if list.domains.is_empty() {
+        return "no relay domains\n".to_owned();
+    }
+    let mut rows =
+        vec![["DOMAIN", "PRIMARY", "SINCE", "PAUSED", "QUEUED", "OLDEST"].map(String::from)];
+    for d in &list.domains {
+        rows.push([
+            one_line(&d.domain),
+            one_line(&d.primary),
+            age(now_ms.saturating_sub(d.primary_since_ms) / 1000),
+            match &d.paused_by {
+                None => "no".to_owned(),
+                Some(by) => format!("by {}", one_line(by)),
+            },
+            d.queued.to_string(),
+            d.oldest_age_seconds.map_or_else(|| "-".to_owned(), age),
+        ]);
+    }
+    table(&rows)
+}
+
 /// `queue show`: the envelope, each recipient, then the headers as stored.
 pub fn message(m: &Message, now_ms: u64) -> String {
     let mut out = String::new();
@@ -183,8 +228,13 @@ pub fn message(m: &Message, now_ms: u64) -> String {
         if r.waiting_for_primary {
             state.push_str(", waiting for the primary");
         }
+        if r.suspect {
+            state.push_str(", suspect: refused while its domain was paused");
+        }
         detail("status", state);
-        if let Some(next) = r.next_attempt_ms.filter(|_| r.status == "queued") {
+        if r.waiting_for_resume && r.status == "queued" {
+            detail("next attempt", "when its domain is resumed".to_owned());
+        } else if let Some(next) = r.next_attempt_ms.filter(|_| r.status == "queued") {
             detail(
                 "next attempt",
                 if m.held {
@@ -516,6 +566,8 @@ mod tests {
             next_attempt_ms: (status == "queued").then_some(1_795_412_945_678),
             last_reply: reply.map(Into::into),
             waiting_for_primary: reply.is_some() && status == "queued",
+            waiting_for_resume: false,
+            suspect: false,
             orcpt: None,
             notify: None,
         }
@@ -618,6 +670,54 @@ Received: from a
 \tby b
 Subject: hi\\u{1b}[31m
 "
+        );
+    }
+
+    #[test]
+    fn domains_table() {
+        let now = 10_000_000;
+        let list: DomainList = serde_json::from_str(
+            r#"{"domains": [
+                {"domain": "example.com", "primary": "down", "primary_since_ms": 2800000,
+                 "paused": true, "paused_by": "guard", "paused_since_ms": 9000000,
+                 "queued": 1234, "oldest_arrived_ms": 1, "oldest_age_seconds": 9999},
+                {"domain": "example.org", "primary": "up", "primary_since_ms": 9958000,
+                 "paused": false, "paused_by": null, "paused_since_ms": null,
+                 "queued": 0, "oldest_arrived_ms": null, "oldest_age_seconds": null}
+            ], "count": 2}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            domains(&list, now),
+            "\
+DOMAIN       PRIMARY  SINCE  PAUSED    QUEUED  OLDEST
+example.com  down     2h00m  by guard  1234    2h46m
+example.org  up       42s    no        0       -
+"
+        );
+        assert_eq!(
+            domains(&DomainList { domains: vec![] }, now),
+            "no relay domains\n"
+        );
+    }
+
+    #[test]
+    fn a_paused_domains_recipient_waits_for_the_resume() {
+        let mut m = sample();
+        m.recipients[0].waiting_for_primary = false;
+        m.recipients[0].waiting_for_resume = true;
+        m.recipients[0].suspect = true;
+        m.recipients[0].next_attempt_ms = None;
+        let text = message(&m, 0);
+        assert!(
+            text.contains(
+                "status:       queued, 3 attempts, suspect: refused while its domain was paused\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("next attempt: when its domain is resumed\n"),
+            "{text}"
         );
     }
 

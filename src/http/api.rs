@@ -11,8 +11,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::AppState;
-use crate::scheduler::{domain_of, now_ms};
-use crate::spool::{Change, CommitError, Envelope, Notify, QueueId, RcptStatus, Ret};
+use crate::scheduler::guard::PauseError;
+use crate::scheduler::{DomainError, DomainStatus, domain_of, now_ms};
+use crate::spool::{
+    Change, CommitError, Envelope, Notify, PARKED, PausedBy, QueueId, RcptStatus, Ret,
+};
 
 /// An error answer: a status and one line of text.
 pub struct ApiError(StatusCode, String);
@@ -90,6 +93,11 @@ struct RecipientView {
     next_attempt_ms: Option<u64>,
     last_reply: Option<String>,
     waiting_for_primary: bool,
+    /// Its domain is paused: it waits for the resume, not for a time.
+    waiting_for_resume: bool,
+    /// The primary refused it while its domain was paused; the refusal was
+    /// kept (`last_reply`) instead of bounced.
+    suspect: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     orcpt: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -118,31 +126,37 @@ fn view(env: &Envelope, held: bool, now: u64, detailed: bool) -> MessageView {
         recipients: env
             .recipients
             .iter()
-            .map(|r| RecipientView {
-                address: r.address.clone(),
-                domain: domain_of(&r.address),
-                status: match r.status {
-                    RcptStatus::Queued => "queued",
-                    RcptStatus::Delivered => "delivered",
-                    RcptStatus::Failed => "failed",
-                },
-                attempts: r.attempts,
-                next_attempt_ms: (r.status == RcptStatus::Queued).then_some(r.next_attempt_ms),
-                last_reply: r.last_reply.clone(),
-                waiting_for_primary: r.status == RcptStatus::Queued && r.unreachable,
-                orcpt: if detailed { r.orcpt.clone() } else { None },
-                notify: detailed.then(|| {
-                    [
-                        (Notify::SUCCESS, "success"),
-                        (Notify::FAILURE, "failure"),
-                        (Notify::DELAY, "delay"),
-                        (Notify::NEVER, "never"),
-                    ]
-                    .into_iter()
-                    .filter(|(bit, _)| r.notify.has(*bit))
-                    .map(|(_, name)| name)
-                    .collect()
-                }),
+            .map(|r| {
+                let queued = r.status == RcptStatus::Queued;
+                let parked = queued && r.next_attempt_ms == PARKED;
+                RecipientView {
+                    address: r.address.clone(),
+                    domain: domain_of(&r.address),
+                    status: match r.status {
+                        RcptStatus::Queued => "queued",
+                        RcptStatus::Delivered => "delivered",
+                        RcptStatus::Failed => "failed",
+                    },
+                    attempts: r.attempts,
+                    next_attempt_ms: (queued && !parked).then_some(r.next_attempt_ms),
+                    last_reply: r.last_reply.clone(),
+                    waiting_for_primary: queued && r.unreachable,
+                    waiting_for_resume: parked,
+                    suspect: queued && r.suspect,
+                    orcpt: if detailed { r.orcpt.clone() } else { None },
+                    notify: detailed.then(|| {
+                        [
+                            (Notify::SUCCESS, "success"),
+                            (Notify::FAILURE, "failure"),
+                            (Notify::DELAY, "delay"),
+                            (Notify::NEVER, "never"),
+                        ]
+                        .into_iter()
+                        .filter(|(bit, _)| r.notify.has(*bit))
+                        .map(|(_, name)| name)
+                        .collect()
+                    }),
+                }
             })
             .collect(),
     }
@@ -396,6 +410,93 @@ pub async fn dead_delete(
         return Err(no_such(id));
     }
     apply(&state, id, Change::Delete, "deleted").await
+}
+
+fn paused_by(by: PausedBy) -> &'static str {
+    match by {
+        PausedBy::Operator => "operator",
+        PausedBy::Guard => "guard",
+    }
+}
+
+#[derive(Serialize)]
+struct DomainView {
+    domain: String,
+    /// "up" (or not known to be down) | "down".
+    primary: &'static str,
+    primary_since_ms: u64,
+    paused: bool,
+    /// "operator" | "guard" | null.
+    paused_by: Option<&'static str>,
+    paused_since_ms: Option<u64>,
+    /// Queued messages with a recipient at the domain.
+    queued: u64,
+    oldest_arrived_ms: Option<u64>,
+    oldest_age_seconds: Option<u64>,
+}
+
+fn domain_view(d: DomainStatus, now: u64) -> DomainView {
+    DomainView {
+        primary: if d.primary_up { "up" } else { "down" },
+        primary_since_ms: d.primary_since_ms,
+        paused: d.pause.is_some(),
+        paused_by: d.pause.map(|p| paused_by(p.by)),
+        paused_since_ms: d.pause.map(|p| p.since_ms),
+        queued: d.queued,
+        oldest_arrived_ms: d.oldest_arrived_ms,
+        oldest_age_seconds: d.oldest_arrived_ms.map(|at| now.saturating_sub(at) / 1000),
+        domain: d.name,
+    }
+}
+
+pub async fn domains(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
+    authorise(&state, &headers)?;
+    let now = now_ms();
+    let domains: Vec<DomainView> = state
+        .delivery
+        .domains()
+        .into_iter()
+        .map(|d| domain_view(d, now))
+        .collect();
+    let count = domains.len();
+    Ok(Json(json!({ "domains": domains, "count": count })).into_response())
+}
+
+/// A domain as written in a path: case and a final dot do not matter.
+fn domain_name(text: &str) -> String {
+    text.trim().trim_end_matches('.').to_lowercase()
+}
+
+fn from_domain(e: DomainError) -> ApiError {
+    match e {
+        DomainError::Refused(e @ PauseError::Unknown(_)) => {
+            ApiError(StatusCode::NOT_FOUND, e.to_string())
+        }
+        DomainError::Refused(e) => ApiError(StatusCode::CONFLICT, e.to_string()),
+        DomainError::Spool(e) => from_commit(e),
+    }
+}
+
+pub async fn pause_domain(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(domain): Path<String>,
+) -> ApiResult {
+    authorise(&state, &headers)?;
+    let domain = domain_name(&domain);
+    let pause = state.delivery.pause(&domain).await.map_err(from_domain)?;
+    Ok(Json(json!({ "paused": domain, "since_ms": pause.since_ms })).into_response())
+}
+
+pub async fn resume_domain(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(domain): Path<String>,
+) -> ApiResult {
+    authorise(&state, &headers)?;
+    let domain = domain_name(&domain);
+    let ended = state.delivery.resume(&domain).await.map_err(from_domain)?;
+    Ok(Json(json!({ "resumed": domain, "paused_by": paused_by(ended.by) })).into_response())
 }
 
 pub async fn method_not_allowed() -> ApiError {

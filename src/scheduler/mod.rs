@@ -15,10 +15,16 @@
 //! waited because it was unreachable. Mail a live primary deferred keeps its
 //! own backoff.
 //!
+//! Pauses: a configured domain paused by an operator or by the drain guard
+//! (see `guard.rs`) gets no delivery. Its mail that comes due is parked
+//! without an attempt (out of the due order, never expiring), and a resume
+//! makes all of it due at once.
+//!
 //! The scheduler never speaks SMTP and never decides what a reply means.
 
 pub mod backoff;
 mod callout;
+pub mod guard;
 pub mod notice;
 pub mod outcome;
 mod worker;
@@ -37,7 +43,9 @@ use crate::metrics::Metrics;
 use crate::outbound;
 use crate::route::{Identity, Router};
 use crate::shutdown::Shutdown;
-use crate::spool::{Change, Envelope, Finished, QueueId, RcptStatus, Spool};
+use crate::spool::{
+    Change, CommitError, Envelope, Finished, PARKED, Pause, QueueId, RcptStatus, Spool,
+};
 use backoff::Backoff;
 pub use callout::Verdict;
 use outcome::{Result as RcptResult, Rules};
@@ -114,6 +122,34 @@ pub(crate) enum Event {
         domain: Arc<str>,
         ips: Vec<IpAddr>,
     },
+    /// Configured domain `domain` was paused: take its jobs out of delivery.
+    Paused {
+        domain: Arc<str>,
+    },
+}
+
+/// Why an operator's pause or resume did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum DomainError {
+    #[error(transparent)]
+    Refused(#[from] guard::PauseError),
+    #[error(transparent)]
+    Spool(#[from] CommitError),
+}
+
+/// A configured domain as operators see it (`GET /api/domains`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DomainStatus {
+    pub name: String,
+    /// Its primary's last known state (up until an attempt or probe failed
+    /// to reach it), and since when, in Unix ms: the last change, or the
+    /// start of the server.
+    pub primary_up: bool,
+    pub primary_since_ms: u64,
+    pub pause: Option<Pause>,
+    /// Queued messages with a recipient here, and the arrival of the oldest.
+    pub queued: u64,
+    pub oldest_arrived_ms: Option<u64>,
 }
 
 /// Requests from the rest of the server.
@@ -135,6 +171,16 @@ impl Handle {
     /// connection attempt. Returns those destinations (tell [`Handle::waiting`]
     /// once the message is committed).
     pub fn suspend_new(&self, env: &mut Envelope) -> Vec<String> {
+        // Mail for a paused domain waits for the resume from the start.
+        {
+            let guard = self.ctx.guard.lock();
+            for r in &mut env.recipients {
+                let label = self.ctx.metrics.label(&domain_of(&r.address));
+                if r.status == RcptStatus::Queued && guard.paused(label).is_some() {
+                    r.next_attempt_ms = PARKED;
+                }
+            }
+        }
         let Ok(down) = self.down.read() else {
             return Vec::new();
         };
@@ -151,7 +197,10 @@ impl Handle {
         };
         for (i, r) in env.recipients.iter().enumerate() {
             let domain = domain_of(&r.address);
-            if r.status == RcptStatus::Queued && down.contains(&domain) {
+            if r.status == RcptStatus::Queued
+                && r.next_attempt_ms != PARKED
+                && down.contains(&domain)
+            {
                 results.push((i, suspended.clone()));
                 if !domains.contains(&domain) {
                     domains.push(domain);
@@ -261,6 +310,80 @@ impl Handle {
     /// New mail was committed.
     pub fn queued(&self) -> Arc<Notify> {
         self.queued.clone()
+    }
+
+    /// An operator pauses configured domain `domain`: nothing more is
+    /// delivered to it (what is in flight finishes) until it is resumed; its
+    /// mail is still accepted and queued. Durable before it returns.
+    pub async fn pause(&self, domain: &str) -> Result<Pause, DomainError> {
+        let pause = self.ctx.guard.lock().pause(domain, now_ms())?;
+        if let Err(e) = self.ctx.publish_pause(domain, pause).await {
+            // Not durable, so not done: undo it, and release what was parked.
+            let _ = self.ctx.guard.lock().resume(domain);
+            self.flush(Some(domain.to_owned()));
+            return Err(e.into());
+        }
+        info!(%domain, "delivery paused by the operator; mail is still accepted and queued");
+        Ok(pause)
+    }
+
+    /// An operator resumes configured domain `domain`, however it was
+    /// paused: its queued mail is due at once (including what waited past
+    /// its lifetime: that now expires as usual), and the drain guard counts
+    /// from zero. Returns the pause that ended.
+    pub async fn resume(&self, domain: &str) -> Result<Pause, DomainError> {
+        self.ctx
+            .guard
+            .lock()
+            .paused_or_unknown(domain)?
+            .ok_or_else(|| guard::PauseError::NotPaused(domain.to_owned()))?;
+        // Durable first: a resume that does not outlive a restart did not happen.
+        self.ctx.spool.set_pause(domain, None).await?;
+        let ended = self.ctx.guard.lock().resume(domain)?;
+        self.ctx
+            .metrics
+            .domain_paused
+            .with_label_values(&[domain])
+            .set(0);
+        info!(%domain, paused_by = ?ended.by, "delivery resumed; the domain's queued mail is due now");
+        self.flush(Some(domain.to_owned()));
+        Ok(ended)
+    }
+
+    /// Every configured domain: its primary, pause and queue, in the
+    /// config's order. From running totals, not a scan of the spool.
+    pub fn domains(&self) -> Vec<DomainStatus> {
+        let queues: HashMap<String, (u64, Option<u64>)> = self
+            .ctx
+            .spool
+            .queue_by_label()
+            .into_iter()
+            .map(|(label, messages, oldest)| (label, (messages, oldest)))
+            .collect();
+        let primaries = self
+            .ctx
+            .primaries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let guard = self.ctx.guard.lock();
+        self.dests
+            .configured
+            .iter()
+            .map(|d| {
+                let (primary_up, primary_since_ms) =
+                    primaries.get(&d.name).copied().unwrap_or((true, 0));
+                let (queued, oldest_arrived_ms) = queues.get(&d.name).copied().unwrap_or((0, None));
+                DomainStatus {
+                    name: d.name.clone(),
+                    primary_up,
+                    primary_since_ms,
+                    pause: guard.paused(&d.name),
+                    queued,
+                    oldest_arrived_ms,
+                }
+            })
+            .collect()
     }
 
     /// Fails every queued recipient of `id` now (the operator's "return to
@@ -379,11 +502,13 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Builds the scheduler for `config`; `settings` carries the outbound
-    /// client's defaults (tests shorten timeouts and add roots).
+    /// Builds the scheduler for `config`; `paused` are the domain pauses the
+    /// spool kept; `settings` carries the outbound client's defaults (tests
+    /// shorten timeouts and add roots).
     pub fn new(
         config: &Config,
         spool: Spool,
+        paused: Vec<(String, Pause)>,
         settings: outbound::Settings,
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
@@ -406,6 +531,17 @@ impl Scheduler {
             lifetime: d.max_queue_lifetime,
             delay_warning: d.delay_warning_after,
         };
+        let names: Vec<String> = config.domains.iter().map(|d| d.name.clone()).collect();
+        let guard = guard::Guard::new(d.drain_guard, names.iter().cloned(), paused);
+        for name in &names {
+            if let Some(pause) = guard.paused(name) {
+                metrics.domain_paused.with_label_values(&[name]).set(1);
+                warn!(domain = %name, by = ?pause.by, since_ms = pause.since_ms,
+                    "delivery to the domain is paused; `mxspool queue resume {name}` resumes it");
+            }
+        }
+        let started = now_ms();
+        let primaries = names.iter().map(|n| (n.clone(), (true, started))).collect();
         let (events_tx, events) = mpsc::unbounded_channel();
         let (flush_tx, flush) = mpsc::unbounded_channel();
         let (hints_tx, hints) = mpsc::unbounded_channel();
@@ -429,6 +565,9 @@ impl Scheduler {
                 .map(|d| (d.name.clone(), d.include_subdomains))
                 .collect(),
             metrics,
+            guard: guard::Shared::new(guard),
+            drain_guard: d.drain_guard,
+            primaries: std::sync::Mutex::new(primaries),
         });
         let scheduler = Scheduler {
             ctx,
@@ -537,6 +676,26 @@ impl Scheduler {
             .ok()
             .and_then(Result::ok)
             .unwrap_or_default();
+        // Parked for a pause that no longer holds (its record was lost, or
+        // the domain left the config): due again, or it would wait forever.
+        let ctx = self.ctx.clone();
+        let stranded = move |r: &crate::spool::Recipient| {
+            r.status == RcptStatus::Queued
+                && r.next_attempt_ms == PARKED
+                && !ctx.is_paused(&domain_of(&r.address))
+        };
+        let unparked: Vec<QueueId> = envelopes
+            .iter()
+            .filter(|env| env.recipients.iter().any(&stranded))
+            .map(|env| env.id)
+            .collect();
+        if !unparked.is_empty() {
+            info!(
+                messages = unparked.len(),
+                "releasing mail parked for a pause that ended"
+            );
+            self.release(unparked, stranded);
+        }
         for env in envelopes {
             for r in &env.recipients {
                 if r.status == RcptStatus::Queued && r.unreachable {
@@ -592,6 +751,7 @@ impl Scheduler {
             }
         };
         let mut suspended: Vec<Job> = Vec::new();
+        let mut parked: Vec<Job> = Vec::new();
         let mut touched: HashSet<Arc<str>> = HashSet::new();
         for env in envelopes {
             for (domain, rcpts) in due_recipients(&env, now) {
@@ -607,6 +767,10 @@ impl Scheduler {
                     domain: domain.clone(),
                     rcpts,
                 };
+                if self.ctx.is_paused(&domain) {
+                    parked.push(job);
+                    continue;
+                }
                 let state = self.domains.get_mut(&domain).expect("created above");
                 if state.down.is_some() {
                     state.waiting.insert(env.id);
@@ -623,14 +787,24 @@ impl Scheduler {
         if !suspended.is_empty() {
             self.suspend(suspended);
         }
-        if let Some(next) = next {
+        self.park(parked);
+        // Parked mail is never due: nothing to wake up for.
+        if let Some(next) = next.filter(|&at| at != PARKED) {
             let wait = Duration::from_millis(next.saturating_sub(now_ms()));
             self.rescan_soon(wait);
         }
     }
 
-    /// Starts workers for `domain` while it has queued jobs and free slots.
+    /// Starts workers for `domain` while it has queued jobs and free slots;
+    /// parks them instead while it is paused.
     fn dispatch(&mut self, domain: &Arc<str>) {
+        if self.ctx.is_paused(domain) {
+            if let Some(state) = self.domains.get(domain) {
+                let jobs = worker::drain(&state.queue);
+                self.park(jobs);
+            }
+            return;
+        }
         let dest = self.destination(domain);
         let cap = self.connections_per_domain;
         let Some(state) = self.domains.get_mut(domain) else {
@@ -652,6 +826,15 @@ impl Scheduler {
                 state.queue.clone(),
             ));
         }
+    }
+
+    /// Parks, without an attempt, jobs for paused domains (in the background).
+    fn park(&self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move { worker::park(&ctx, jobs).await });
     }
 
     /// Defers, without a connection attempt, mail for destinations that are down.
@@ -750,6 +933,17 @@ impl Scheduler {
             Event::PrimaryAddresses { domain, ips } => {
                 if let Some(state) = self.domains.get_mut(&domain) {
                     state.primary_ips = ips;
+                }
+            }
+            Event::Paused { domain: label } => {
+                let affected: Vec<Arc<str>> = self
+                    .domains
+                    .keys()
+                    .filter(|d| self.ctx.metrics.label(d) == &*label)
+                    .cloned()
+                    .collect();
+                for domain in affected {
+                    self.dispatch(&domain);
                 }
             }
         }

@@ -2,11 +2,13 @@
 //! next hop answered" and "the spool records it". Decides the new state, the next
 //! attempt (backoff), expiry, and which notices (DSNs) are owed. Takes `now` and
 //! the random sample as arguments; touches neither the clock nor the spool.
+//! Whether a domain is paused is the drain guard's business (`guard.rs`): it
+//! turns results into [`Result::Paused`] before they get here.
 
 use std::time::Duration;
 
 use super::backoff::{Backoff, expired};
-use crate::spool::{Envelope, Notify, RcptStatus, Recipient};
+use crate::spool::{Envelope, Notify, PARKED, RcptStatus, Recipient};
 
 /// The result of one attempt for one recipient.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +35,16 @@ pub enum Result {
         /// The primary could not be reached at all: release this recipient as
         /// soon as it answers again.
         unreachable: bool,
+    },
+    /// The recipient's domain is paused: whatever the answer, the recipient
+    /// stays queued, out of the due order until a resume, and does not expire
+    /// meanwhile.
+    Paused {
+        /// The answer, kept as the last reply.
+        reply: String,
+        /// The answer was a permanent refusal from the primary, held back
+        /// instead of bounced: mark the recipient suspect.
+        suspect: bool,
     },
 }
 
@@ -103,6 +115,7 @@ pub fn apply(
                 r.status = RcptStatus::Delivered;
                 r.last_reply = Some(reply.clone());
                 r.unreachable = false;
+                r.suspect = false;
                 if *relayed && r.notify.has(Notify::SUCCESS) {
                     applied.notices.push(notice(
                         NoticeKind::Relayed,
@@ -120,6 +133,7 @@ pub fn apply(
                 r.status = RcptStatus::Failed;
                 r.last_reply = Some(reply.clone());
                 r.unreachable = false;
+                r.suspect = false;
                 applied
                     .notices
                     .push(notice(NoticeKind::Failed, status, remote, reply));
@@ -131,6 +145,7 @@ pub fn apply(
                 unreachable,
             } => {
                 r.last_reply = Some(reply.clone());
+                r.suspect = false;
                 if expired(env.arrived_ms, now_ms, rules.lifetime) {
                     r.status = RcptStatus::Failed;
                     r.unreachable = false;
@@ -153,6 +168,12 @@ pub fn apply(
                             .push(notice(NoticeKind::Delayed, status, remote, reply));
                     }
                 }
+            }
+            Result::Paused { reply, suspect } => {
+                r.last_reply = Some(reply.clone());
+                r.next_attempt_ms = PARKED;
+                r.unreachable = false;
+                r.suspect = *suspect;
             }
         }
         applied.recipients.push((*index, r));
@@ -328,6 +349,44 @@ mod tests {
         assert_eq!(a.notices[0].index, 0);
         let b = apply(&env, &[(0, relayed(false))], 0, &rules(), 0.0);
         assert!(b.notices.is_empty());
+    }
+
+    #[test]
+    fn a_paused_result_parks_without_notice_or_expiry() {
+        let mut env = envelope(2);
+        env.recipients[1].unreachable = true;
+        let long_after = 30 * 1440 * MIN;
+        let paused = |suspect| Result::Paused {
+            reply: "550 5.1.1 no such user".into(),
+            suspect,
+        };
+        let a = apply(
+            &env,
+            &[(0, paused(true)), (1, paused(false))],
+            long_after,
+            &rules(),
+            0.0,
+        );
+        assert!(a.notices.is_empty(), "{a:?}");
+        for (i, r) in &a.recipients {
+            assert_eq!(
+                r.status,
+                RcptStatus::Queued,
+                "past the lifetime, still queued"
+            );
+            assert_eq!(r.next_attempt_ms, PARKED);
+            assert_eq!(r.attempts, 1);
+            assert!(!r.unreachable);
+            assert_eq!(r.suspect, *i == 0);
+            assert_eq!(r.last_reply.as_deref(), Some("550 5.1.1 no such user"));
+        }
+
+        // The next real answer replaces the mark.
+        let mut again = envelope(1);
+        again.recipients[0] = a.recipients[0].1.clone();
+        let b = apply(&again, &[(0, deferred(false))], 0, &rules(), 0.0);
+        assert!(!b.recipients[0].1.suspect);
+        assert_ne!(b.recipients[0].1.next_attempt_ms, PARKED);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use super::guard;
 use super::notice;
 use super::outcome::{self, NoticeKind, Result as RcptResult, Rules};
 use crate::config::{BouncePolicy, DomainConfig, Route};
@@ -19,7 +20,9 @@ use crate::metrics::Metrics;
 use crate::outbound::{self, Connection, Hop, Outcome, Progress, SessionError, Ticket};
 use crate::route::{RouteError, Router};
 use crate::shutdown::Shutdown;
-use crate::spool::{Change, Envelope, Finished, RcptStatus, Recipient, Spool};
+use crate::spool::{
+    Change, CommitError, Envelope, Finished, PARKED, Pause, RcptStatus, Recipient, Spool,
+};
 
 use super::{Event, Job};
 
@@ -103,10 +106,18 @@ pub(super) struct Ctx {
     /// Domains with `verify_recipients`: (name, include_subdomains).
     pub verified: Vec<(String, bool)>,
     pub metrics: Arc<Metrics>,
+    /// The drain guard and the domains paused, by configured domain.
+    pub guard: guard::Shared,
+    /// `delivery.drain_guard`, for the warning when it trips.
+    pub drain_guard: u32,
+    /// Per configured domain: whether its primary is up (as the gauge says)
+    /// and since when, in Unix ms: the last change, or the server's start.
+    pub primaries: Mutex<HashMap<String, (bool, u64)>>,
 }
 
 impl Ctx {
-    /// `mxspool_primary_up` for the configured domain `domain` belongs to.
+    /// `mxspool_primary_up` for the configured domain `domain` belongs to,
+    /// and the time of the change when it is one.
     pub fn set_primary_up(&self, domain: &str, up: bool) {
         let label = self.metrics.label(domain);
         if label != crate::metrics::OTHER {
@@ -114,7 +125,34 @@ impl Ctx {
                 .primary_up
                 .with_label_values(&[label])
                 .set(i64::from(up));
+            let mut primaries = self.primaries.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(state) = primaries.get_mut(label)
+                && state.0 != up
+            {
+                *state = (up, now_ms());
+            }
         }
+    }
+
+    /// Whether delivery to `domain` (any recipient domain) is paused.
+    pub fn is_paused(&self, domain: &str) -> bool {
+        self.guard.paused(self.metrics.label(domain)).is_some()
+    }
+
+    /// Makes a pause of configured domain `domain`, already in the guard,
+    /// durable and visible: the spool (so it outlives a restart), the gauge,
+    /// and the scheduler, which takes the domain's waiting jobs out of
+    /// delivery.
+    pub async fn publish_pause(&self, domain: &str, pause: Pause) -> Result<(), CommitError> {
+        let _ = self.events.send(Event::Paused {
+            domain: Arc::from(domain),
+        });
+        self.spool.set_pause(domain, Some(pause)).await?;
+        self.metrics
+            .domain_paused
+            .with_label_values(&[domain])
+            .set(1);
+        Ok(())
     }
 
     /// Whether the primary's answers about `domain`'s recipients are kept.
@@ -174,7 +212,7 @@ fn pop(queue: &Queue) -> Option<Job> {
     queue.jobs().pop_front()
 }
 
-fn drain(queue: &Queue) -> Vec<Job> {
+pub(super) fn drain(queue: &Queue) -> Vec<Job> {
     queue.jobs().drain(..).collect()
 }
 
@@ -185,6 +223,11 @@ pub(super) async fn work(ctx: Arc<Ctx>, domain: Arc<str>, dest: Arc<Destination>
 }
 
 async fn run(ctx: &Arc<Ctx>, domain: &Arc<str>, dest: &Destination, queue: &Queue) {
+    if ctx.is_paused(domain) {
+        // Paused since this worker was started: the scheduler parks the jobs
+        // when it hears of the exit.
+        return;
+    }
     let Some(first) = pop(queue) else {
         return;
     };
@@ -291,7 +334,11 @@ async fn carry(
     // not kept waiting for our fsync. A crash before a write only means that
     // delivery is repeated (at least once).
     let mut recording = Recording::default();
-    let more = |submitted: usize| submitted < ctx.messages_per_connection && !ctx.shutdown.is_set();
+    // A pause stops the connection after what is in flight: the rest of the
+    // queue is parked by the scheduler when this worker exits.
+    let more = |submitted: usize| {
+        submitted < ctx.messages_per_connection && !ctx.shutdown.is_set() && !ctx.is_paused(domain)
+    };
     loop {
         while connection.has_room() && more(submitted) {
             let next = match loaded.take() {
@@ -487,16 +534,31 @@ enum Loaded {
 }
 
 /// Writes the attempt's results (and the notices they call for) to the spool,
-/// then tells the scheduler the job is done.
+/// then tells the scheduler the job is done. The drain guard sees the results
+/// first: while the domain is paused nothing fails or expires.
 pub(super) async fn record(
     ctx: &Ctx,
     job: &Job,
     env: &Envelope,
     body: &[u8],
-    results: Vec<(usize, RcptResult)>,
+    mut results: Vec<(usize, RcptResult)>,
     tried: bool,
 ) {
     let now = now_ms();
+    let label = ctx.metrics.label(&job.domain).to_owned();
+    let tripped = ctx.guard.lock().judge(&label, &mut results, now);
+    if let Some(pause) = tripped {
+        warn!(
+            domain = %label,
+            refusals = ctx.drain_guard,
+            "drain guard: the primary refused this many recipients in a row; delivery to the \
+             domain is paused and its refusals are kept instead of bounced until an operator \
+             resumes it (mxspool queue resume {label})"
+        );
+        if let Err(e) = ctx.publish_pause(&label, pause).await {
+            warn!(domain = %label, error = %e, "cannot record the pause; it holds until a restart");
+        }
+    }
     let applied = outcome::apply(env, &results, now, &ctx.rules, fastrand::f64());
     let mut after = env.clone();
     for (i, r) in &applied.recipients {
@@ -516,6 +578,10 @@ pub(super) async fn record(
         let outcome = match r.status {
             RcptStatus::Delivered => "delivered",
             RcptStatus::Failed => "failed",
+            RcptStatus::Queued if r.next_attempt_ms == PARKED && r.suspect => {
+                "refusal held: domain paused"
+            }
+            RcptStatus::Queued if r.next_attempt_ms == PARKED => "parked: domain paused",
             RcptStatus::Queued => "deferred",
         };
         info!(
@@ -570,8 +636,15 @@ pub(super) async fn record(
         .iter()
         .any(|(_, r)| r.status == RcptStatus::Delivered);
     let patches = applied.recipients;
+    let guard = ctx.guard.clone();
     let change = Change::Edit(Box::new(move |env: &mut Envelope| {
-        for (i, r) in patches {
+        // Resumed since the results were judged: what would wait for the
+        // resume is due now instead (the resume's own release may have run).
+        let resumed = guard.paused(&label).is_none();
+        for (i, mut r) in patches {
+            if resumed && r.next_attempt_ms == PARKED {
+                r.next_attempt_ms = now;
+            }
             // Only recipients still waiting: an operator may have acted meanwhile.
             if let Some(slot) = env.recipients.get_mut(i)
                 && slot.status == RcptStatus::Queued
@@ -603,6 +676,50 @@ pub(super) async fn record(
     }
     let delivered = tried && patches_delivered;
     done(ctx, job, waits_for_primary, delivered);
+}
+
+/// Takes jobs of a paused domain out of the due order without an attempt:
+/// their recipients wait, parked, for the resume, which makes them due. A job
+/// whose domain was resumed by the time it is written stays due.
+pub(super) async fn park(ctx: &Ctx, jobs: Vec<Job>) {
+    let changes = jobs
+        .iter()
+        .map(|job| {
+            let guard = ctx.guard.clone();
+            let label = ctx.metrics.label(&job.domain).to_owned();
+            let rcpts = job.rcpts.clone();
+            let edit = move |env: &mut Envelope| {
+                if guard.paused(&label).is_some() {
+                    for i in rcpts {
+                        if let Some(r) = env.recipients.get_mut(i)
+                            && r.status == RcptStatus::Queued
+                        {
+                            r.next_attempt_ms = PARKED;
+                            r.unreachable = false;
+                        }
+                    }
+                }
+                Finished::Remove
+            };
+            (job.id, Change::Edit(Box::new(edit)))
+        })
+        .collect();
+    let results = ctx.spool.change_many(changes).await;
+    let mut failed = false;
+    for (job, result) in jobs.iter().zip(&results) {
+        if let Err(e) = result {
+            warn!(queue_id = %job.id, domain = %job.domain, error = %e,
+                "cannot park mail of a paused domain");
+            failed = true;
+        }
+    }
+    if failed {
+        // Typically a full disk: the jobs come due again; not at once.
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    for job in &jobs {
+        done(ctx, job, false, false);
+    }
 }
 
 /// Bumps the delivery counters for one recorded attempt.
