@@ -37,6 +37,7 @@ const EXPECTED_EMPTY: &[(&str, &str)] = &[
     ("MxspoolDown", "mxspool is up"),
     ("MxspoolSpoolErrors", "the spool is healthy"),
     ("MxspoolRoutingLoop", "there is no routing loop"),
+    ("MxspoolDomainPaused", "no domain is paused"),
 ];
 
 fn tool(name: &str) -> String {
