@@ -88,6 +88,7 @@ fn message(id: QueueId, token: &str) -> NewMessage {
                 last_reply: None,
                 unreachable: false,
                 delay_notified: false,
+                suspect: false,
             }],
         },
         body,

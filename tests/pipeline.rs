@@ -412,8 +412,11 @@ async fn with_chunking_several_messages_share_a_round_trip() {
         "one connection carries the mail: turns per connection {:?}",
         w.relay.turns_per_connection()
     );
+    // Unloaded, about 4; by DATA it takes 24 (one per message, plus greeting,
+    // EHLO, the last body and QUIT). A loaded machine splits reads, so the
+    // bound only asks for fewer round trips than messages.
     assert!(
-        turns[0] <= 20 / 2,
+        turns[0] < 20,
         "{} round trips for 20 messages by BDAT (several per round trip expected)",
         turns[0]
     );
