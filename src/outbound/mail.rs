@@ -15,7 +15,7 @@ use crate::spool::{BodyType, Envelope, Notify, Ret};
 
 /// What to send for one message, and what is already decided.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Plan {
+pub struct Plan {
     /// Recipients that get no `RCPT TO`: their outcome is known already.
     pub settled: Vec<(usize, Outcome)>,
     /// The `MAIL FROM` line, CRLF included; meaningless if `rcpts` is empty.

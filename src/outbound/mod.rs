@@ -16,11 +16,14 @@
 //! - `pipeline.rs`: messages in flight and which reply answers what (pure).
 //! - `tls.rs`: the stream type and rustls configuration.
 //! - `deliver.rs`: submitting messages and reading their outcomes.
+//! - `fuzz.rs`: entry points for the fuzz targets in `fuzz/` (not an API).
 //! - this file: connecting, greeting, EHLO/HELO, STARTTLS, RSET, QUIT.
 
 mod body;
 mod deliver;
 mod error;
+#[doc(hidden)]
+pub mod fuzz;
 mod mail;
 mod outcome;
 mod pipeline;
