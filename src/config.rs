@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use crate::address::is_domain_name;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The file this came from: errors and reloads name it.
@@ -986,22 +988,6 @@ fn parse_route(text: &str, default_port: u16) -> Result<Route, String> {
 fn normalise_name(name: &str) -> String {
     let name = name.trim();
     name.strip_suffix('.').unwrap_or(name).to_lowercase()
-}
-
-/// Labels of letters, digits and hyphens (any Unicode letter, for IDNs), 1–63
-/// characters, not starting or ending with a hyphen; 253 characters at most.
-fn is_domain_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .chars()
-                    .all(|c| c.is_alphanumeric() || c == '-' || c == '_')
-        })
 }
 
 fn one_of(got: &str, allowed: &[&str]) -> String {

@@ -5,6 +5,7 @@
 //!
 //! # Layout (in the order mail flows)
 //! - [`config`]: the TOML file, validated into a typed [`config::Config`].
+//! - [`address`]: the syntax of addresses and domain names, shared by all.
 //! - [`inbound`]: (1) SMTP in. Sessions, relay policy, DATA handling; commits
 //!   finished messages to the spool and says 250 only after the fsync.
 //! - [`spool`]: (2) the durable queue on redb: envelopes, bodies, the due index.
@@ -23,6 +24,7 @@
 //! and calls [`Server::start`]; tests do the same on `127.0.0.1:0`.
 #![forbid(unsafe_code)]
 
+pub mod address;
 pub mod cli;
 pub mod config;
 pub mod dsn;

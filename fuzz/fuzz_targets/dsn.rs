@@ -123,6 +123,7 @@ fuzz_target!(|bytes: &[u8]| {
             last_reply: r.diagnostic.map(Into::into),
             unreachable: false,
             delay_notified: false,
+            suspect: false,
         })
         .collect();
     let envelope = Envelope {

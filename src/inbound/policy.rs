@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use crate::address::is_domain_name;
 use crate::config::{Config, ConfigError, UnknownRecipients};
 
 #[derive(Debug, Clone)]
@@ -120,6 +121,12 @@ impl Policy {
             return Err(Refusal::Syntax);
         }
         let relay = self.find(&domain).ok_or(Refusal::Relay)?;
+        // A subdomain matched by `include_subdomains` may still be no domain
+        // name (`a!b.example.org`): delivery could not write it in a path, so
+        // taking it would only owe the sender a bounce.
+        if !is_domain_name(&domain) {
+            return Err(Refusal::Syntax);
+        }
         // `user%other@us`, `other!user@us` and `"user@other"@us` (which arrives as
         // `user@other@us`) ask us to route onward: the classic open-relay tricks.
         if local.contains(['@', '%', '!']) {

@@ -31,6 +31,7 @@ use smtp_proto::{
 use super::data::{ChunkReader, Data, count_received};
 use super::policy::{Policy, Refusal};
 use super::reply::Reply;
+use crate::address;
 use crate::config::UnknownRecipients;
 use crate::spool::{BodyType, Notify, RcptStatus, Recipient, Ret};
 
@@ -348,6 +349,13 @@ impl Session {
         {
             return Reply::new(555, "5.5.4", "Error: unsupported MAIL parameter");
         }
+        if from
+            .env_id
+            .as_deref()
+            .is_some_and(|v| !is_dsn_text(v, MAX_ENVID))
+        {
+            return Reply::new(501, "5.5.4", "Error: bad ENVID parameter");
+        }
         if has_control(&from.address) {
             // RFC 5321 paths hold no control characters; the next hop would
             // refuse the address, and we would owe a bounce.
@@ -361,6 +369,15 @@ impl Session {
                 "Error: must declare SMTPUTF8 to send unicode address",
             );
         }
+        // `a@example.com.` means `a@example.com`; anything else must be what
+        // delivery can write as a path, or every recipient would fail there.
+        let mut sender = from.address;
+        if sender.ends_with('.') && sender.contains('@') {
+            sender.pop();
+        }
+        if address::path(&sender, smtputf8).is_none() {
+            return Reply::new(501, "5.1.7", "Error: bad sender address syntax");
+        }
         let size = from.size as u64;
         if size > env.policy.max_message_size {
             return too_big();
@@ -369,7 +386,7 @@ impl Session {
             return Reply::new(452, "4.3.1", "Error: insufficient system storage");
         }
         self.transaction = Some(Transaction {
-            sender: from.address,
+            sender,
             ret: if from.flags & MAIL_RET_FULL != 0 {
                 Ret::Full
             } else if from.flags & MAIL_RET_HDRS != 0 {
@@ -413,6 +430,13 @@ impl Session {
                 "5.5.4",
                 "Error: unsupported RCPT parameter",
             ));
+        }
+        if to
+            .orcpt
+            .as_deref()
+            .is_some_and(|v| !is_dsn_text(v, MAX_ORCPT))
+        {
+            return Ok(Reply::new(501, "5.5.4", "Error: bad ORCPT parameter"));
         }
         if has_control(&to.address) {
             return Ok(Reply::new(
@@ -471,6 +495,13 @@ impl Session {
                 }
             }
         };
+        if address::path(&address, transaction.smtputf8).is_none_or(|p| p.is_empty()) {
+            return Ok(Reply::new(
+                501,
+                "5.1.3",
+                "Error: bad recipient address syntax",
+            ));
+        }
         // A backup MX without the primary's user list would accept mail it can
         // only bounce later (backscatter): use what the primary told us.
         let (local, _) = address.rsplit_once('@').unwrap_or(("", ""));
@@ -681,6 +712,20 @@ impl Session {
 
 /// Whether a path holds a control character (C0 or DEL), which smtp-proto
 /// lets through inside quoted local parts.
+/// RFC 3461 §4.4 and §4.2: an ENVID is at most 100 characters, an ORCPT
+/// (address type included) at most 500 (smtp-proto already stops at 256).
+const MAX_ENVID: usize = 100;
+const MAX_ORCPT: usize = 500;
+
+/// Whether a decoded `ENVID`/`ORCPT` value is printable US-ASCII within `max`
+/// characters, as RFC 3461 requires. smtp-proto decodes the xtext and turns raw
+/// 8-bit octets into U+FFFD and `+XX` escapes above 127 into Latin-1
+/// characters: passed on, such a value would be re-encoded as other octets, or
+/// grow past the limit and make the next hop refuse every recipient.
+fn is_dsn_text(value: &str, max: usize) -> bool {
+    value.len() <= max && value.bytes().all(|b| (b' '..=b'~').contains(&b))
+}
+
 fn has_control(address: &str) -> bool {
     address.chars().any(|c| c.is_ascii_control())
 }
@@ -927,6 +972,81 @@ mod tests {
             ]
         );
         assert_eq!(t.recipients[0].notify, Notify(Notify::NEVER));
+    }
+
+    #[test]
+    fn envid_and_orcpt_must_be_printable_ascii_within_rfc_3461_limits() {
+        // Found by the smtp_params fuzz target: 8-bit values were accepted and
+        // then re-encoded as other octets (or grew past 100 characters), so a
+        // DSN-capable next hop refused every recipient and we owed bounces.
+        let p = policy::sample();
+        let long_envid = format!("MAIL FROM:<a@b.test> ENVID={}", "x".repeat(101));
+        let long_orcpt = format!("RCPT TO:<x@example.com> ORCPT=rfc822;{}@b", "y".repeat(500));
+        let mut s = local();
+        run(
+            &mut s,
+            &p,
+            &[
+                ("EHLO c", 250),
+                ("MAIL FROM:<a@b.test> ENVID=j+C3+B6rg", 501),
+                (&long_envid, 501),
+                ("MAIL FROM:<a@b.test> ENVID=a+20b+2Bc", 250),
+                (
+                    "RCPT TO:<x@example.com> ORCPT=rfc822;j+C3+B6rg@example.com",
+                    501,
+                ),
+                (
+                    "RCPT TO:<x@example.com> ORCPT=rfc822;a+01b@example.com",
+                    501,
+                ),
+                (&long_orcpt, 501),
+                (
+                    "RCPT TO:<x@example.com> ORCPT=rfc822;a+2Bb@example.com",
+                    250,
+                ),
+            ],
+        );
+        let t = s.transaction.clone().unwrap();
+        assert_eq!(t.envid.as_deref(), Some("a b+c"));
+        assert_eq!(t.recipients.len(), 1);
+        // Raw 8-bit octets, which reach us as U+FFFD.
+        let env = plain(&p);
+        let mut s = local();
+        run(&mut s, &p, &[("EHLO c", 250)]);
+        let step = s.command(b"MAIL FROM:<a@b.test> ENVID=a\xff\xfe\r\n", &env);
+        assert!(matches!(&step, Step::Reply(r) if r.code == 501), "{step:?}");
+    }
+
+    #[test]
+    fn takes_only_addresses_that_delivery_can_write_as_a_path() {
+        // Found by the smtp_session fuzz target: with include_subdomains,
+        // `alice@a!b.example.org` passed the relay check, and delivery then
+        // failed it with 5.1.3: a bounce for mail we had taken.
+        let p = policy::sample();
+        let label64 = "l".repeat(64);
+        let long_rcpt = format!("RCPT TO:<alice@{label64}.example.org>");
+        let long_sender = format!("MAIL FROM:<a@{label64}.test>");
+        let mut s = local();
+        run(
+            &mut s,
+            &p,
+            &[
+                ("EHLO c", 250),
+                (&long_sender, 501),
+                ("MAIL FROM:<a@b!c.test>", 501),
+                ("MAIL FROM:<a@b..c.test>", 501),
+                ("MAIL FROM:<a@b.test.>", 250),
+                ("RCPT TO:<alice@a!b.example.org>", 501),
+                ("RCPT TO:<alice@-a.example.org>", 501),
+                (&long_rcpt, 501),
+                ("RCPT TO:<alice@a_b.example.org>", 250),
+                ("RCPT TO:<alice@sub.example.org.>", 250),
+            ],
+        );
+        let t = s.transaction.clone().unwrap();
+        assert_eq!(t.sender, "a@b.test");
+        let addrs: Vec<&str> = t.recipients.iter().map(|r| r.address.as_str()).collect();
+        assert_eq!(addrs, ["alice@a_b.example.org", "alice@sub.example.org"]);
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub fn capabilities(raw: &[u8]) -> Capabilities {
 
 /// `address` written as the inside of an RFC 5321 path, if it can be.
 pub fn path(address: &str, utf8: bool) -> Option<String> {
-    mail::path(address, utf8)
+    crate::address::path(address, utf8)
 }
 
 /// The `MAIL FROM` and `RCPT TO` lines for a message, and the recipients

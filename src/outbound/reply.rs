@@ -2,7 +2,7 @@
 //! and parsing it with smtp-proto's client side. Pure: the session reads the
 //! bytes, this module only looks at them.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 
 use smtp_proto::response::parser::ResponseReceiver;
 use smtp_proto::{
@@ -45,8 +45,9 @@ impl Reply {
     }
 }
 
-/// One line, fit for a log field or a DSN's `Diagnostic-Code:`: the lines of a
-/// multi-line reply are joined by spaces.
+/// One line, fit for a log field, `last_reply` or a DSN's `Diagnostic-Code:`:
+/// the lines of a multi-line reply are joined by spaces, and any other control
+/// character the next hop sent (a bare CR, a tab, NUL) is shown as `?`.
 impl fmt::Display for Reply {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.code)?;
@@ -54,7 +55,10 @@ impl fmt::Display for Reply {
             write!(f, " {enhanced}")?;
         }
         for line in self.text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-            write!(f, " {line}")?;
+            f.write_str(" ")?;
+            for c in line.chars() {
+                f.write_char(if c.is_control() { '?' } else { c })?;
+            }
         }
         Ok(())
     }
@@ -134,6 +138,23 @@ mod tests {
                 "{:?}",
                 String::from_utf8_lossy(input)
             );
+        }
+    }
+
+    #[test]
+    fn renders_control_characters_in_the_text_as_question_marks() {
+        // Found by the next_hop_reply fuzz target: a bare CR inside a line
+        // reached the outcome, `last_reply`, the logs and `queue show`.
+        for (input, want) in [
+            (&b"450 4\r.example.com\r\n"[..], "450 4?.example.com"),
+            (
+                b"450-4.2.0 busy\tnow\x00\r\n450 4.2.0 more\x1b[0m\r\n",
+                "450 4.2.0 busy?now? more?[0m",
+            ),
+        ] {
+            let line = parse(input).unwrap().to_string();
+            assert_eq!(line, want);
+            assert!(!line.chars().any(char::is_control), "{line:?}");
         }
     }
 
