@@ -29,6 +29,14 @@ fn is_label(label: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || !c.is_ascii())
 }
 
+/// The recipient's domain, lower-cased: the unit of routing and health.
+pub fn domain_of(address: &str) -> String {
+    address
+        .rsplit_once('@')
+        .map(|(_, d)| d.trim_end_matches('.').to_lowercase())
+        .unwrap_or_default()
+}
+
 /// `address` written as the inside of an RFC 5321 path, or `None` if it cannot
 /// be written as one. The inbound parser strips quotes (`"a b"@x` arrives as
 /// `a b@x`), so a local part that is not a dot-atom is quoted again here; an

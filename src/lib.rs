@@ -4,21 +4,27 @@
 //! never relays for anyone else.
 //!
 //! # Layout (in the order mail flows)
-//! - [`config`]: the TOML file, validated into a typed [`config::Config`].
-//! - [`address`]: the syntax of addresses and domain names, shared by all.
 //! - [`inbound`]: (1) SMTP in. Sessions, relay policy, DATA handling; commits
 //!   finished messages to the spool and says 250 only after the fsync.
+//! - [`knowledge`]: what the primaries said about recipients (learned
+//!   verdicts, served from memory) and callouts; inbound asks it.
 //! - [`spool`]: (2) the durable queue on redb: envelopes, bodies, the due index.
-//! - [`outbound`]: (5) SMTP out: one connection to a next hop, one message at a
-//!   time, a result per recipient.
+//! - [`scheduler`]: (3) when: the due index, per-destination queues and
+//!   workers, probes of down primaries, backoff, notices, pauses.
+//! - [`route`]: (4) where: MX planning, the resolver, each destination's
+//!   route and client settings.
+//! - [`outbound`]: (5) SMTP out: connections to a next hop, pipelined
+//!   transactions, a result per recipient.
 //! - [`dsn`]: (6) delivery status notifications: a report about a message's
 //!   recipients in, the RFC 3464 notice's bytes out (pure).
-//! - [`scheduler`]: (3) when: the due index, per-destination queues and
-//!   workers, primary health and probes, backoff, notices.
-//! - [`route`]: (4) where: MX planning and the resolver.
 //! - [`http`], [`metrics`]: (7) `/metrics`, health, and the admin API.
-//! - [`shutdown`]: the signal every task watches.
 //! - [`cli`]: the operator's `queue`, `dead`, `health`: an admin API client.
+//!
+//! Leaf modules, used by any stage: [`config`] (the TOML file, validated into
+//! a typed [`config::Config`]), [`address`] (the syntax of addresses and
+//! domain names), [`health`] (whether each primary is up, since when, and its
+//! recent changes: delivery reports, everyone else reads), [`shutdown`] (the
+//! signal every task watches).
 //!
 //! [`Server`] wires these together: the binary binds sockets, loads the config,
 //! and calls [`Server::start`]; tests do the same on `127.0.0.1:0`.
@@ -28,8 +34,10 @@ pub mod address;
 pub mod cli;
 pub mod config;
 pub mod dsn;
+pub mod health;
 pub mod http;
 pub mod inbound;
+pub mod knowledge;
 pub mod metrics;
 pub mod outbound;
 pub mod route;
@@ -48,9 +56,13 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use config::{Config, ConfigError};
+use health::Health;
 use inbound::policy::Policy;
 use inbound::{Inbound, Limits};
+use knowledge::Learned;
+use knowledge::callout::Callouts;
 use metrics::Metrics;
+use route::{Destinations, Router};
 use scheduler::Scheduler;
 use spool::{OpenError, Spool};
 
@@ -135,14 +147,16 @@ impl Server {
             }),
         };
         let path = config.spool.path.clone();
-        let (spool, paused) = tokio::task::spawn_blocking(move || {
+        let (spool, paused, learned) = tokio::task::spawn_blocking(move || {
             let spool = Spool::open_with(&path, options)?;
-            // A pause that could not be read must not be taken for none.
-            let paused = spool.pauses().map_err(|e| OpenError::Io {
+            let unreadable = |e: spool::ReadError| OpenError::Io {
                 path: path.clone(),
                 reason: e.to_string(),
-            })?;
-            Ok::<_, OpenError>((spool, paused))
+            };
+            // A pause that could not be read must not be taken for none.
+            let paused = spool.pauses().map_err(unreadable)?;
+            let learned = Learned::load(spool.clone()).map_err(unreadable)?;
+            Ok::<_, OpenError>((spool, paused, learned))
         })
         .await
         .map_err(|e| OpenError::Io {
@@ -151,17 +165,36 @@ impl Server {
         })??;
 
         let (trigger, shutdown) = shutdown::channel();
+        let router = Arc::new(Router::for_config(&config)?);
+        let dests = Arc::new(Destinations::for_config(&config, outbound));
+        let health = Arc::new(Health::new(
+            config.domains.iter().map(|d| d.name.clone()),
+            metrics.clone(),
+            scheduler::now_ms(),
+        ));
+        let learned = Arc::new(learned);
+        let callouts = Arc::new(Callouts::new(
+            learned.clone(),
+            health.clone(),
+            router.clone(),
+            dests.clone(),
+            metrics.clone(),
+        ));
         let (scheduler, delivery) = Scheduler::new(
             &config,
-            spool.clone(),
-            paused,
-            outbound,
-            metrics.clone(),
-            shutdown.clone(),
-        )?;
+            scheduler::Parts {
+                spool: spool.clone(),
+                paused,
+                router,
+                dests,
+                health: health.clone(),
+                learned: learned.clone(),
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
+            },
+        );
         let scheduler = tokio::spawn(scheduler.run());
         let inbound = Arc::new(Inbound::new(
-            spool,
             policy,
             Limits {
                 max_connections: config.server.max_connections,
@@ -169,8 +202,14 @@ impl Server {
                 max_connection_rate_per_ip: config.server.max_connection_rate_per_ip,
             },
             tls,
-            delivery.clone(),
-            metrics.clone(),
+            inbound::Services {
+                spool,
+                delivery: delivery.clone(),
+                health,
+                learned,
+                callouts,
+                metrics: metrics.clone(),
+            },
         ));
         let (running_tx, running) = mpsc::channel(1);
         let mut smtp_addrs = Vec::new();

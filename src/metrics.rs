@@ -236,7 +236,7 @@ impl Metrics {
         for kind in ["failed", "delayed", "relayed"] {
             metrics.dsn_sent.with_label_values(&[kind]);
         }
-        for verdict in crate::scheduler::Verdict::ALL {
+        for verdict in crate::knowledge::Verdict::ALL {
             metrics.callouts.with_label_values(&[verdict.label()]);
         }
         Arc::new(metrics)

@@ -1246,11 +1246,13 @@ async fn one_delay_warning_however_many_retries() {
         .set("delivery", "retry_max", r#""500ms""#)
         .set("delivery", "retry_jitter", "0.0");
     let t = TestServer::start(config).await;
+    let sent = std::time::Instant::now();
     let id = send(&t, SENDER, &["user@example.com"], &tagged("slow")).await;
     // No warning before the second is up (the notice is recorded with the
-    // attempt that calls for it).
+    // attempt that calls for it). Seen within the second, the attempt was
+    // too; a slow machine may make the second attempt later.
     let r = wait_attempts(&t, id, "user@example.com", 2).await;
-    if r.attempts == 2 {
+    if r.attempts == 2 && sent.elapsed() < Duration::from_millis(900) {
         assert!(!r.delay_notified, "warned too early: {r:?}");
     }
     // Several retries after the warning was due.

@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::AppState;
+use crate::address::domain_of;
 use crate::scheduler::guard::PauseError;
-use crate::scheduler::{DomainError, DomainStatus, domain_of, now_ms};
+use crate::scheduler::{DomainError, DomainStatus, now_ms};
 use crate::spool::{
     Change, CommitError, Envelope, Notify, PARKED, PausedBy, QueueId, RcptStatus, Ret,
 };

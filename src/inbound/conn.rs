@@ -21,10 +21,11 @@ use super::data::{Data, DataReader};
 use super::policy::Policy;
 use super::received::Trace;
 use super::reply::Reply;
-use super::session::{Chunked, Env, Knowledge, Session, Step, Tls, Transaction};
-use crate::scheduler::Verdict;
+use super::session::{Chunked, Env, Session, Step, Tls, Transaction};
+use crate::address::domain_of;
+use crate::knowledge::{Knowledge, Verdict};
 use crate::shutdown::Shutdown;
-use crate::spool::{Client, CommitError, Envelope, NewMessage, TRUST_EXISTS, TRUST_MISSING};
+use crate::spool::{Client, CommitError, Envelope, NewMessage};
 
 /// Longest command line we read (Postfix's `line_length_limit`); longer lines
 /// are discarded up to their end and refused with 500 5.5.2.
@@ -309,13 +310,11 @@ where
                 let knowledge = |address: &str| match answer(address) {
                     Some(Verdict::Exists) => Knowledge::Exists,
                     Some(Verdict::DoesNotExist) => Knowledge::DoesNotExist,
-                    _ => knowledge(inbound, address, now),
+                    _ => inbound.learned.lookup(address, now),
                 };
                 let primary_down = |address: &str| {
                     answer(address) == Some(Verdict::Unreachable)
-                        || inbound
-                            .delivery()
-                            .is_down(&crate::scheduler::domain_of(address))
+                        || inbound.health.is_down(&domain_of(address))
                 };
                 let may_call_out = |_: &str| asked.is_none();
                 let env = Env {
@@ -348,7 +347,8 @@ where
             };
             match step {
                 Step::Verify(address) if asked.is_none() => {
-                    let verdict = inbound.delivery().verify(&address).await;
+                    let now = crate::scheduler::now_ms();
+                    let verdict = inbound.callouts.verify(&address, now).await;
                     debug!(%address, ?verdict, "callout");
                     asked = Some((address, verdict));
                 }
@@ -508,19 +508,6 @@ async fn store(
         recipients,
     };
     commit(inbound, envelope, body).await
-}
-
-/// What the spool remembers of the primary's answer about `address`.
-fn knowledge(inbound: &Inbound, address: &str, now_ms: u64) -> Knowledge {
-    match inbound.spool.learned(address) {
-        Ok(Some((true, at))) if now_ms.saturating_sub(at) < TRUST_EXISTS.as_millis() as u64 => {
-            Knowledge::Exists
-        }
-        Ok(Some((false, at))) if now_ms.saturating_sub(at) < TRUST_MISSING.as_millis() as u64 => {
-            Knowledge::DoesNotExist
-        }
-        _ => Knowledge::Unseen,
-    }
 }
 
 fn out_of_sync() -> Reply {

@@ -1,5 +1,7 @@
 //! (1) SMTP in: accept connections, hold SMTP conversations, and hand finished
-//! messages to the spool. Inbound never resolves DNS and never delivers.
+//! messages to the spool. Inbound never resolves DNS and never delivers: it
+//! reads primary health ([`crate::health`]) and asks recipient knowledge
+//! ([`crate::knowledge`]), which may call out to a primary.
 //!
 //! - `policy.rs`: relay domains, recipient lists, connection lists, limits.
 //! - `session.rs`: the pure SMTP state machine.
@@ -27,10 +29,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 
-use crate::metrics::Metrics;
-use crate::scheduler;
 use tracing::{Instrument, info, warn};
 
+use crate::health::Health;
+use crate::knowledge::Learned;
+use crate::knowledge::callout::Callouts;
+use crate::metrics::Metrics;
+use crate::scheduler;
 use crate::shutdown::Shutdown;
 use crate::spool::Spool;
 use policy::Policy;
@@ -52,6 +57,9 @@ pub struct Inbound {
     rate: Mutex<RateLimit>,
     /// The delivery side: told about new mail, ETRN, and who connects.
     delivery: scheduler::Handle,
+    pub health: Arc<Health>,
+    pub learned: Arc<Learned>,
+    pub callouts: Arc<Callouts>,
     pub metrics: Arc<Metrics>,
     /// Wakes the delivery side when new mail is committed.
     queued: Arc<Notify>,
@@ -65,15 +73,31 @@ pub struct Limits {
     pub max_connection_rate_per_ip: u32,
 }
 
+/// The rest of the server, as sessions use it.
+pub struct Services {
+    pub spool: Spool,
+    pub delivery: scheduler::Handle,
+    pub health: Arc<Health>,
+    pub learned: Arc<Learned>,
+    pub callouts: Arc<Callouts>,
+    pub metrics: Arc<Metrics>,
+}
+
 impl Inbound {
     pub fn new(
-        spool: Spool,
         policy: Policy,
         limits: Limits,
         tls: Option<TlsAcceptor>,
-        delivery: scheduler::Handle,
-        metrics: Arc<Metrics>,
+        services: Services,
     ) -> Inbound {
+        let Services {
+            spool,
+            delivery,
+            health,
+            learned,
+            callouts,
+            metrics,
+        } = services;
         let queued = delivery.queued();
         Inbound {
             spool,
@@ -87,6 +111,9 @@ impl Inbound {
                 RATE_WINDOW,
             )),
             delivery,
+            health,
+            learned,
+            callouts,
             metrics,
             queued,
         }

@@ -33,6 +33,7 @@ use super::policy::{Policy, Refusal};
 use super::reply::Reply;
 use crate::address;
 use crate::config::UnknownRecipients;
+pub use crate::knowledge::Knowledge;
 use crate::spool::{BodyType, Notify, RcptStatus, Recipient, Ret};
 
 /// Errors a client may make before we hang up (Postfix's `smtpd_hard_error_limit`).
@@ -91,17 +92,6 @@ pub struct Env<'a> {
     pub primary_down: &'a dyn Fn(&str) -> bool,
     /// Whether the primary may be asked about a never-seen recipient now.
     pub may_call_out: &'a dyn Fn(&str) -> bool,
-}
-
-/// What the primary said about a recipient.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Knowledge {
-    /// It accepted the address.
-    Exists,
-    /// It said 5.1.1: no such user.
-    DoesNotExist,
-    /// Never seen (or forgotten).
-    Unseen,
 }
 
 /// A mail transaction in progress: MAIL, then RCPTs.

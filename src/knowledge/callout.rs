@@ -1,8 +1,9 @@
 //! Callouts: while a `verify_recipients` domain's primary is up, a recipient
 //! never seen before is checked with the primary (MAIL FROM:<>, RCPT TO, QUIT)
 //! while the client waits, so that mail for a mailbox the primary does not
-//! have is refused at RCPT instead of bounced later. Answers are kept in the
-//! spool like those learned while delivering, which makes them the cache.
+//! have is refused at RCPT instead of bounced later. Answers are learned
+//! like those of deliveries (see [`super::Learned`]), which makes them the
+//! cache.
 //!
 //! Callouts are bounded three ways: each has a short deadline, they are
 //! rate-limited server-wide (a spammer walking a dictionary through us must
@@ -10,10 +11,17 @@
 //! asked again for a while.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use super::Learned;
+use crate::address::domain_of;
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::outbound;
+use crate::route::{Destinations, Router};
 
 /// Longest a client waits for the primary's answer.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
@@ -57,8 +65,88 @@ impl Verdict {
     }
 }
 
+/// Asks primaries about recipients, within the bounds above.
+pub struct Callouts {
+    gate: Gate,
+    learned: Arc<Learned>,
+    health: Arc<Health>,
+    router: Arc<Router>,
+    dests: Arc<Destinations>,
+    metrics: Arc<Metrics>,
+}
+
+impl Callouts {
+    pub fn new(
+        learned: Arc<Learned>,
+        health: Arc<Health>,
+        router: Arc<Router>,
+        dests: Arc<Destinations>,
+        metrics: Arc<Metrics>,
+    ) -> Callouts {
+        Callouts {
+            gate: Gate::new(Instant::now()),
+            learned,
+            health,
+            router,
+            dests,
+            metrics,
+        }
+    }
+
+    /// Asks the primary of `address`'s domain whether it has that mailbox
+    /// (MAIL FROM:<>, RCPT TO, QUIT, within [`TIMEOUT`]), and remembers a
+    /// definite answer as of `now_ms`.
+    pub async fn verify(&self, address: &str, now_ms: u64) -> Verdict {
+        let domain = domain_of(address);
+        if self.health.is_down(&domain) {
+            return Verdict::Unreachable;
+        }
+        if let Err(verdict) = self.gate.admit(&domain, Instant::now()) {
+            return verdict;
+        }
+        let verdict = self.ask(&domain, address, now_ms).await;
+        self.metrics
+            .callouts
+            .with_label_values(&[verdict.label()])
+            .inc();
+        verdict
+    }
+
+    async fn ask(&self, domain: &str, address: &str, now_ms: u64) -> Verdict {
+        let dest = self.dests.get(domain);
+        let ask = async {
+            let hops = self.router.hops(domain, dest.route.as_ref()).await.ok()?;
+            for hop in &hops {
+                match outbound::verify(hop, &dest.settings, address).await {
+                    Ok(answer) => return Some(answer),
+                    Err(e) => {
+                        tracing::debug!(%domain, hop = %hop.name, error = %e, "callout failed")
+                    }
+                }
+            }
+            None
+        };
+        match tokio::time::timeout(TIMEOUT, ask).await {
+            Ok(Some(Some(exists))) => {
+                self.learned
+                    .learn(vec![(address.to_owned(), exists)], now_ms);
+                if exists {
+                    Verdict::Exists
+                } else {
+                    Verdict::DoesNotExist
+                }
+            }
+            Ok(Some(None)) => Verdict::Unknown,
+            Ok(None) | Err(_) => {
+                self.gate.silent(domain, Instant::now());
+                Verdict::Unreachable
+            }
+        }
+    }
+}
+
 /// Which callouts may start now.
-pub(super) struct Gate {
+struct Gate {
     state: Mutex<GateState>,
 }
 

@@ -9,8 +9,10 @@
 mod resolver;
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
-use crate::config::{Route, RouteHost};
+use crate::config::{Config, DomainConfig, Route, RouteHost};
+use crate::outbound;
 pub use crate::outbound::Hop;
 use resolver::{Dns, normalise};
 
@@ -140,6 +142,18 @@ pub struct Router {
 }
 
 impl Router {
+    /// The router `config` describes: its nameservers, our names
+    /// (`server.hostname`, `also_known_as`) and the delivery port.
+    pub fn for_config(config: &Config) -> Result<Router, RouteError> {
+        let mut names = vec![config.server.hostname.clone()];
+        names.extend(config.server.also_known_as.iter().cloned());
+        Router::new(
+            &config.delivery.nameservers,
+            Identity { names },
+            config.delivery.port,
+        )
+    }
+
     pub fn new(
         nameservers: &[SocketAddr],
         identity: Identity,
@@ -211,6 +225,55 @@ impl Router {
             .into_iter()
             .map(|h| h.addr.ip().to_canonical())
             .collect())
+    }
+}
+
+/// How to reach one destination: its static route, if any, and the client
+/// settings (the TLS policy may differ per domain).
+pub struct Destination {
+    pub route: Option<Route>,
+    pub settings: outbound::Settings,
+}
+
+/// Every configured domain's route and client settings.
+pub struct Destinations {
+    pub configured: Vec<DomainConfig>,
+    /// Client settings for destinations without an override.
+    pub default_settings: outbound::Settings,
+}
+
+impl Destinations {
+    /// `config`'s domains, reached with `settings` (tests shorten timeouts
+    /// and add roots) and `delivery.tls`.
+    pub fn for_config(config: &Config, settings: outbound::Settings) -> Self {
+        Destinations::new(
+            config.domains.clone(),
+            outbound::Settings {
+                tls: config.delivery.tls,
+                ..settings
+            },
+        )
+    }
+
+    pub fn new(configured: Vec<DomainConfig>, default_settings: outbound::Settings) -> Self {
+        Destinations {
+            configured,
+            default_settings,
+        }
+    }
+
+    /// How to reach `domain`: the route and TLS override of the configured
+    /// domain it belongs to (exactly, or as a subdomain), if any.
+    pub fn get(&self, domain: &str) -> Arc<Destination> {
+        let configured = self.configured.iter().find(|d| d.covers(domain));
+        let mut settings = self.default_settings.clone();
+        if let Some(tls) = configured.and_then(|d| d.tls) {
+            settings.tls = tls;
+        }
+        Arc::new(Destination {
+            route: configured.and_then(|d| d.route.clone()),
+            settings,
+        })
     }
 }
 

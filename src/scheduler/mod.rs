@@ -23,7 +23,6 @@
 //! The scheduler never speaks SMTP and never decides what a reply means.
 
 pub mod backoff;
-mod callout;
 pub mod guard;
 pub mod notice;
 pub mod outcome;
@@ -31,26 +30,28 @@ mod worker;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::address::domain_of;
 use crate::config::Config;
+use crate::health::Health;
+use crate::knowledge::Learned;
 use crate::metrics::Metrics;
 use crate::outbound;
-use crate::route::{Identity, Router};
+use crate::route::{Destination, Destinations, Router};
 use crate::shutdown::Shutdown;
 use crate::spool::{
     Change, CommitError, Envelope, Finished, PARKED, Pause, QueueId, RcptStatus, Spool,
 };
 use backoff::Backoff;
-pub use callout::Verdict;
 use outcome::{Result as RcptResult, Rules};
 pub use worker::now_ms;
-use worker::{Ctx, Destination, Destinations, Queue};
+use worker::{Ctx, Queue};
 
 /// Connections a destination starts with; more follow as deliveries succeed.
 const INITIAL_CONNECTIONS: usize = 5;
@@ -159,9 +160,7 @@ pub struct Handle {
     hints: mpsc::UnboundedSender<IpAddr>,
     queued: Arc<Notify>,
     ctx: Arc<Ctx>,
-    down: Arc<RwLock<HashSet<String>>>,
     dests: Arc<Destinations>,
-    callouts: Arc<callout::Gate>,
     waiting: mpsc::UnboundedSender<(QueueId, Vec<String>)>,
 }
 
@@ -181,10 +180,8 @@ impl Handle {
                 }
             }
         }
-        let Ok(down) = self.down.read() else {
-            return Vec::new();
-        };
-        if down.is_empty() {
+        let health = &self.ctx.health;
+        if !health.any_down() {
             return Vec::new();
         }
         let mut domains: Vec<String> = Vec::new();
@@ -199,7 +196,7 @@ impl Handle {
             let domain = domain_of(&r.address);
             if r.status == RcptStatus::Queued
                 && r.next_attempt_ms != PARKED
-                && down.contains(&domain)
+                && health.is_down(&domain)
             {
                 results.push((i, suspended.clone()));
                 if !domains.contains(&domain) {
@@ -207,7 +204,6 @@ impl Handle {
                 }
             }
         }
-        drop(down);
         if results.is_empty() {
             return domains;
         }
@@ -232,59 +228,6 @@ impl Handle {
         let _ = self.waiting.send((id, domains));
     }
 
-    /// Asks the primary of `address`'s domain whether it has that mailbox (a
-    /// callout; see `callout.rs`), and remembers a definite answer.
-    pub async fn verify(&self, address: &str) -> Verdict {
-        let domain = domain_of(address);
-        if self.is_down(&domain) {
-            return Verdict::Unreachable;
-        }
-        if let Err(verdict) = self.callouts.admit(&domain, Instant::now()) {
-            return verdict;
-        }
-        let dest = self.dests.get(&domain);
-        let ask = async {
-            let hops = self
-                .ctx
-                .router
-                .hops(&domain, dest.route.as_ref())
-                .await
-                .ok()?;
-            for hop in &hops {
-                match outbound::verify(hop, &dest.settings, address).await {
-                    Ok(answer) => return Some(answer),
-                    Err(e) => {
-                        tracing::debug!(%domain, hop = %hop.name, error = %e, "callout failed")
-                    }
-                }
-            }
-            None
-        };
-        let verdict = match tokio::time::timeout(callout::TIMEOUT, ask).await {
-            Ok(Some(Some(exists))) => {
-                self.ctx
-                    .spool
-                    .learn(vec![(address.to_owned(), exists)], now_ms());
-                if exists {
-                    Verdict::Exists
-                } else {
-                    Verdict::DoesNotExist
-                }
-            }
-            Ok(Some(None)) => Verdict::Unknown,
-            Ok(None) | Err(_) => {
-                self.callouts.silent(&domain, Instant::now());
-                Verdict::Unreachable
-            }
-        };
-        self.ctx
-            .metrics
-            .callouts
-            .with_label_values(&[verdict.label()])
-            .inc();
-        verdict
-    }
-
     /// Make a destination's mail (or all mail, for `None`) due now (ETRN, the
     /// admin API's flush).
     pub fn flush(&self, domain: Option<String>) {
@@ -294,17 +237,9 @@ impl Handle {
     /// A client connected from `ip`: if that is a down primary, it is back.
     pub fn hint(&self, ip: IpAddr) {
         // Every connection calls this: wake the scheduler only when it matters.
-        if self.down.read().map(|d| !d.is_empty()).unwrap_or(true) {
+        if self.ctx.health.any_down() {
             let _ = self.hints.send(ip);
         }
-    }
-
-    /// Whether the primary of `domain` is marked down right now.
-    pub fn is_down(&self, domain: &str) -> bool {
-        self.down
-            .read()
-            .map(|d| d.contains(domain))
-            .unwrap_or(false)
     }
 
     /// New mail was committed.
@@ -360,19 +295,16 @@ impl Handle {
             .into_iter()
             .map(|(label, messages, oldest)| (label, (messages, oldest)))
             .collect();
-        let primaries = self
-            .ctx
-            .primaries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
         let guard = self.ctx.guard.lock();
         self.dests
             .configured
             .iter()
             .map(|d| {
-                let (primary_up, primary_since_ms) =
-                    primaries.get(&d.name).copied().unwrap_or((true, 0));
+                let (primary_up, primary_since_ms) = self
+                    .ctx
+                    .health
+                    .primary(&d.name)
+                    .map_or((true, 0), |p| (p.up, p.since_ms));
                 let (queued, oldest_arrived_ms) = queues.get(&d.name).copied().unwrap_or((0, None));
                 DomainStatus {
                     name: d.name.clone(),
@@ -497,29 +429,34 @@ pub struct Scheduler {
     queued: Arc<Notify>,
     shutdown: Shutdown,
     rescan_at: Option<Instant>,
-    /// Destinations marked down, for inbound recipient checks.
-    down: Arc<RwLock<HashSet<String>>>,
+}
+
+/// What the scheduler shares with the rest of the server.
+pub struct Parts {
+    pub spool: Spool,
+    /// The domain pauses the spool kept.
+    pub paused: Vec<(String, Pause)>,
+    pub router: Arc<Router>,
+    pub dests: Arc<Destinations>,
+    pub health: Arc<Health>,
+    pub learned: Arc<Learned>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: Shutdown,
 }
 
 impl Scheduler {
-    /// Builds the scheduler for `config`; `paused` are the domain pauses the
-    /// spool kept; `settings` carries the outbound client's defaults (tests
-    /// shorten timeouts and add roots).
-    pub fn new(
-        config: &Config,
-        spool: Spool,
-        paused: Vec<(String, Pause)>,
-        settings: outbound::Settings,
-        metrics: Arc<Metrics>,
-        shutdown: Shutdown,
-    ) -> Result<(Scheduler, Handle), crate::route::RouteError> {
-        let mut names = vec![config.server.hostname.clone()];
-        names.extend(config.server.also_known_as.iter().cloned());
-        let router = Router::new(
-            &config.delivery.nameservers,
-            Identity { names },
-            config.delivery.port,
-        )?;
+    /// Builds the scheduler for `config` around the server's shared parts.
+    pub fn new(config: &Config, parts: Parts) -> (Scheduler, Handle) {
+        let Parts {
+            spool,
+            paused,
+            router,
+            dests,
+            health,
+            learned,
+            metrics,
+            shutdown,
+        } = parts;
         let d = &config.delivery;
         let rules = Rules {
             backoff: Backoff {
@@ -540,8 +477,6 @@ impl Scheduler {
                     "delivery to the domain is paused; `mxspool queue resume {name}` resumes it");
             }
         }
-        let started = now_ms();
-        let primaries = names.iter().map(|n| (n.clone(), (true, started))).collect();
         let (events_tx, events) = mpsc::unbounded_channel();
         let (flush_tx, flush) = mpsc::unbounded_channel();
         let (hints_tx, hints) = mpsc::unbounded_channel();
@@ -567,18 +502,13 @@ impl Scheduler {
             metrics,
             guard: guard::Shared::new(guard),
             drain_guard: d.drain_guard,
-            primaries: std::sync::Mutex::new(primaries),
+            health,
+            learned,
         });
         let scheduler = Scheduler {
             ctx,
             domains: HashMap::new(),
-            dests: Arc::new(Destinations::new(
-                config.domains.clone(),
-                outbound::Settings {
-                    tls: d.tls,
-                    ..settings
-                },
-            )),
+            dests,
             probe_interval: d.probe_interval,
             connections_per_domain: d.connections_per_domain,
             in_flight: HashSet::new(),
@@ -589,35 +519,26 @@ impl Scheduler {
             queued: queued.clone(),
             shutdown,
             rescan_at: None,
-            down: Arc::new(RwLock::new(HashSet::new())),
         };
         let handle = Handle {
             flush: flush_tx,
             hints: hints_tx,
             queued,
             ctx: scheduler.ctx.clone(),
-            down: scheduler.down.clone(),
             dests: scheduler.dests.clone(),
-            callouts: Arc::new(callout::Gate::new(Instant::now())),
             waiting: waiting_tx,
         };
-        Ok((scheduler, handle))
+        (scheduler, handle)
     }
 
     fn destination(&self, domain: &str) -> Arc<Destination> {
         self.dests.get(domain)
     }
 
-    /// Publishes a destination's health to inbound (and to the gauge).
-    fn publish(&self, domain: &str, up: bool) {
-        self.ctx.set_primary_up(domain, up);
-        if let Ok(mut down) = self.down.write() {
-            if up {
-                down.remove(domain);
-            } else {
-                down.insert(domain.to_owned());
-            }
-        }
+    /// Reports a destination's health (inbound, callouts, the gauge and the
+    /// admin API read it).
+    fn publish(&self, domain: &str, up: bool, reason: Option<&str>) {
+        self.ctx.health.report(domain, up, reason, now_ms());
     }
 
     fn domain(&mut self, name: &str) -> (Arc<str>, &mut DomainState) {
@@ -647,7 +568,7 @@ impl Scheduler {
                 Some((id, domains)) = self.waiting.recv() => self.note_waiting(id, domains),
                 () = self.queued.notified() => self.rescan_soon(Duration::ZERO),
                 _ = probe_tick.tick() => self.probe_down_domains(),
-                _ = forget_tick.tick() => self.ctx.spool.forget_stale(now_ms()),
+                _ = forget_tick.tick() => self.ctx.learned.forget_stale(now_ms()),
                 () = tokio::time::sleep_until(wake) => {
                     self.rescan_at = None;
                     self.scan().await;
@@ -705,7 +626,7 @@ impl Scheduler {
                         .down
                         .get_or_insert_with(|| "unreachable at the last attempt".into());
                     let domain = domain_of(&r.address);
-                    self.publish(&domain, false);
+                    self.publish(&domain, false, Some("unreachable at the last attempt"));
                 }
             }
         }
@@ -955,12 +876,12 @@ impl Scheduler {
         };
         if state.down.is_none() {
             warn!(%domain, %reason, "primary unreachable; probing every {:?}", self.probe_interval);
-            state.down = Some(reason);
+            state.down = Some(reason.clone());
             // When it comes back, start slowly again.
             state.concurrency = 0;
             state.congested = false;
             state.credit = 0;
-            self.publish(domain, false);
+            self.publish(domain, false, Some(&reason));
             // Learn its addresses so an inbound connection from it is recognised.
             let ctx = self.ctx.clone();
             let route = self.destination(domain).route.clone();
@@ -984,7 +905,7 @@ impl Scheduler {
         state.looping = false;
         state.primary_ips.clear();
         let waiting: Vec<QueueId> = state.waiting.drain().collect();
-        self.publish(domain, true);
+        self.publish(domain, true, None);
         if waiting.is_empty() {
             return;
         }
@@ -1192,14 +1113,6 @@ async fn make_due(
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(30));
     }
-}
-
-/// The recipient's domain, lower-cased: the unit of routing and health.
-pub fn domain_of(address: &str) -> String {
-    address
-        .rsplit_once('@')
-        .map(|(_, d)| d.trim_end_matches('.').to_lowercase())
-        .unwrap_or_default()
 }
 
 /// Queued recipients of `env` due at `now_ms`, grouped by destination.

@@ -15,10 +15,12 @@ use tracing::{info, warn};
 use super::guard;
 use super::notice;
 use super::outcome::{self, NoticeKind, Result as RcptResult, Rules};
-use crate::config::{BouncePolicy, DomainConfig, Route};
+use crate::config::BouncePolicy;
+use crate::health::Health;
+use crate::knowledge::Learned;
 use crate::metrics::Metrics;
 use crate::outbound::{self, Connection, Hop, Outcome, Progress, SessionError, Ticket};
-use crate::route::{RouteError, Router};
+use crate::route::{Destination, RouteError, Router};
 use crate::shutdown::Shutdown;
 use crate::spool::{
     Change, CommitError, Envelope, Finished, PARKED, Pause, RcptStatus, Recipient, Spool,
@@ -93,7 +95,7 @@ impl Lane {
 /// Everything workers share.
 pub(super) struct Ctx {
     pub spool: Spool,
-    pub router: Router,
+    pub router: Arc<Router>,
     pub rules: Rules,
     pub bounce: BouncePolicy,
     pub postmaster: String,
@@ -110,30 +112,13 @@ pub(super) struct Ctx {
     pub guard: guard::Shared,
     /// `delivery.drain_guard`, for the warning when it trips.
     pub drain_guard: u32,
-    /// Per configured domain: whether its primary is up (as the gauge says)
-    /// and since when, in Unix ms: the last change, or the server's start.
-    pub primaries: Mutex<HashMap<String, (bool, u64)>>,
+    /// Primary health, reported to as workers find primaries up or down.
+    pub health: Arc<Health>,
+    /// Recipient verdicts learned from deliveries.
+    pub learned: Arc<Learned>,
 }
 
 impl Ctx {
-    /// `mxspool_primary_up` for the configured domain `domain` belongs to,
-    /// and the time of the change when it is one.
-    pub fn set_primary_up(&self, domain: &str, up: bool) {
-        let label = self.metrics.label(domain);
-        if label != crate::metrics::OTHER {
-            self.metrics
-                .primary_up
-                .with_label_values(&[label])
-                .set(i64::from(up));
-            let mut primaries = self.primaries.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(state) = primaries.get_mut(label)
-                && state.0 != up
-            {
-                *state = (up, now_ms());
-            }
-        }
-    }
-
     /// Whether delivery to `domain` (any recipient domain) is paused.
     pub fn is_paused(&self, domain: &str) -> bool {
         self.guard.paused(self.metrics.label(domain)).is_some()
@@ -160,43 +145,6 @@ impl Ctx {
         self.verified
             .iter()
             .any(|(name, subdomains)| crate::config::covers(name, *subdomains, domain))
-    }
-}
-
-/// How to reach one destination: its static route, if any, and the client
-/// settings (the TLS policy may differ per domain).
-pub(super) struct Destination {
-    pub route: Option<Route>,
-    pub settings: outbound::Settings,
-}
-
-/// Every configured domain's route and client settings.
-pub(super) struct Destinations {
-    pub configured: Vec<DomainConfig>,
-    /// Client settings for destinations without an override.
-    pub default_settings: outbound::Settings,
-}
-
-impl Destinations {
-    pub fn new(configured: Vec<DomainConfig>, default_settings: outbound::Settings) -> Self {
-        Destinations {
-            configured,
-            default_settings,
-        }
-    }
-
-    /// How to reach `domain`: the route and TLS override of the configured
-    /// domain it belongs to (exactly, or as a subdomain), if any.
-    pub fn get(&self, domain: &str) -> Arc<Destination> {
-        let configured = self.configured.iter().find(|d| d.covers(domain));
-        let mut settings = self.default_settings.clone();
-        if let Some(tls) = configured.and_then(|d| d.tls) {
-            settings.tls = tls;
-        }
-        Arc::new(Destination {
-            route: configured.and_then(|d| d.route.clone()),
-            settings,
-        })
     }
 }
 
@@ -623,7 +571,7 @@ pub(super) async fn record(
                 }
             })
             .collect();
-        ctx.spool.learn(verdicts, now);
+        ctx.learned.learn(verdicts, now);
     }
     let has_notices = !notices.is_empty();
     let waits_for_primary = applied

@@ -53,7 +53,10 @@ pub const TRUST_EXISTS: Duration = Duration::from_secs(30 * 24 * 3600);
 /// How long its "no such user" is trusted: a mailbox created since is refused
 /// for a day at most.
 pub const TRUST_MISSING: Duration = Duration::from_secs(24 * 3600);
-const LEARNED: TableDefinition<&str, (bool, u64)> = TableDefinition::new("learned");
+const LEARNED: TableDefinition<&str, LearnedRow> = TableDefinition::new("learned");
+/// A learned verdict: whether the mailbox exists, and when that was learned
+/// (Unix ms).
+pub type LearnedRow = (bool, u64);
 /// Paused relay domains: name -> [`Pause`] as a row (see `Pause::to_row`).
 const PAUSED: TableDefinition<&str, (u8, u64)> = TableDefinition::new("paused");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -385,8 +388,20 @@ impl Spool {
         Ok(out)
     }
 
+    /// Every learned verdict, by lower-cased address.
+    pub fn learned_all(&self) -> Result<Vec<(String, LearnedRow)>, ReadError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(LEARNED).map_err(read_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(read_err)? {
+            let (address, verdict) = row.map_err(read_err)?;
+            out.push((address.value().to_owned(), verdict.value()));
+        }
+        Ok(out)
+    }
+
     /// The last verdict on `address` and when it was learned.
-    pub fn learned(&self, address: &str) -> Result<Option<(bool, u64)>, ReadError> {
+    pub fn learned(&self, address: &str) -> Result<Option<LearnedRow>, ReadError> {
         let txn = self.inner.db.begin_read()?;
         let table = txn.open_table(LEARNED).map_err(read_err)?;
         let key = address.to_lowercase();
