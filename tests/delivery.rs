@@ -1181,6 +1181,13 @@ async fn one_connection_carries_the_queued_messages_back_to_back() {
         "{} connections",
         primary.connections()
     );
+    // The outcomes are recorded before the idle connection says QUIT.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while primary.commands().last().map(String::as_str) != Some("QUIT")
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let commands = primary.commands();
     let sessions: Vec<&[String]> = commands
         .split(|l| l.to_ascii_uppercase().starts_with("EHLO"))

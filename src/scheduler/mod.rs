@@ -33,7 +33,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -129,6 +130,24 @@ pub(crate) enum Event {
     },
 }
 
+/// What the rest of the server asks of the scheduler: one channel, handled
+/// in order. (New mail rings [`Handle::queued`] instead: a doorbell that
+/// coalesces thousands of commits a second into one wake-up.)
+pub(crate) enum Command {
+    /// Make a destination's mail (or all mail) due now: ETRN, an operator's
+    /// flush.
+    Flush(Option<String>),
+    /// A client connected from this address (perhaps a down primary).
+    Hint(IpAddr),
+    /// A message was stored already waiting for these down destinations.
+    Waiting(QueueId, Vec<String>),
+    /// An operator returns a message to its sender.
+    Bounce {
+        id: QueueId,
+        done: oneshot::Sender<Result<Option<usize>, CommitError>>,
+    },
+}
+
 /// Why an operator's pause or resume did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum DomainError {
@@ -156,12 +175,10 @@ pub struct DomainStatus {
 /// Requests from the rest of the server.
 #[derive(Clone)]
 pub struct Handle {
-    flush: mpsc::UnboundedSender<Option<String>>,
-    hints: mpsc::UnboundedSender<IpAddr>,
+    commands: mpsc::UnboundedSender<Command>,
     queued: Arc<Notify>,
     ctx: Arc<Ctx>,
     dests: Arc<Destinations>,
-    waiting: mpsc::UnboundedSender<(QueueId, Vec<String>)>,
 }
 
 impl Handle {
@@ -225,20 +242,20 @@ impl Handle {
 
     /// A message stored by [`Handle::suspend_new`] waits for these destinations.
     pub fn waiting(&self, id: QueueId, domains: Vec<String>) {
-        let _ = self.waiting.send((id, domains));
+        let _ = self.commands.send(Command::Waiting(id, domains));
     }
 
     /// Make a destination's mail (or all mail, for `None`) due now (ETRN, the
     /// admin API's flush).
     pub fn flush(&self, domain: Option<String>) {
-        let _ = self.flush.send(domain);
+        let _ = self.commands.send(Command::Flush(domain));
     }
 
     /// A client connected from `ip`: if that is a down primary, it is back.
     pub fn hint(&self, ip: IpAddr) {
         // Every connection calls this: wake the scheduler only when it matters.
         if self.ctx.health.any_down() {
-            let _ = self.hints.send(ip);
+            let _ = self.commands.send(Command::Hint(ip));
         }
     }
 
@@ -321,39 +338,12 @@ impl Handle {
     /// Fails every queued recipient of `id` now (the operator's "return to
     /// sender") with the notices NOTIFY= asks for. Returns how many
     /// recipients, or `None` if there is no such message.
-    pub async fn bounce(&self, id: QueueId) -> Result<Option<usize>, crate::spool::CommitError> {
-        let spool = self.ctx.spool.clone();
-        let loaded = tokio::task::spawn_blocking(move || {
-            let env = spool.envelope(id).ok().flatten()?;
-            let body = spool.body(id).ok().flatten()?;
-            Some((env, body))
-        })
-        .await
-        .ok()
-        .flatten();
-        let Some((env, body)) = loaded else {
-            return Ok(None);
-        };
-        let rcpts: Vec<usize> = env
-            .recipients
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.status == RcptStatus::Queued)
-            .map(|(i, _)| i)
-            .collect();
-        let result = RcptResult::Failed {
-            status: "5.0.0".into(),
-            reply: "returned to the sender by the operator".into(),
-            remote: None,
-        };
-        let results = rcpts.iter().map(|&i| (i, result.clone())).collect();
-        let job = Job {
-            id,
-            domain: Arc::from(crate::metrics::OTHER),
-            rcpts: rcpts.clone(),
-        };
-        worker::record(&self.ctx, &job, &env, &body, results, false).await;
-        Ok(Some(rcpts.len()))
+    pub async fn bounce(&self, id: QueueId) -> Result<Option<usize>, CommitError> {
+        let (done, result) = oneshot::channel();
+        self.commands
+            .send(Command::Bounce { id, done })
+            .map_err(|_| CommitError::Closed)?;
+        result.await.unwrap_or(Err(CommitError::Closed))
     }
 }
 
@@ -422,11 +412,11 @@ pub struct Scheduler {
     connections_per_domain: usize,
     in_flight: HashSet<(QueueId, Arc<str>)>,
     events: mpsc::UnboundedReceiver<Event>,
-    flush: mpsc::UnboundedReceiver<Option<String>>,
-    hints: mpsc::UnboundedReceiver<IpAddr>,
-    /// New messages stored already waiting for a down destination.
-    waiting: mpsc::UnboundedReceiver<(QueueId, Vec<String>)>,
+    commands: mpsc::UnboundedReceiver<Command>,
     queued: Arc<Notify>,
+    /// Every task the scheduler starts (workers, releases, probes, …):
+    /// joined at shutdown.
+    tasks: JoinSet<()>,
     shutdown: Shutdown,
     rescan_at: Option<Instant>,
 }
@@ -478,9 +468,7 @@ impl Scheduler {
             }
         }
         let (events_tx, events) = mpsc::unbounded_channel();
-        let (flush_tx, flush) = mpsc::unbounded_channel();
-        let (hints_tx, hints) = mpsc::unbounded_channel();
-        let (waiting_tx, waiting_rx) = mpsc::unbounded_channel();
+        let (commands_tx, commands) = mpsc::unbounded_channel();
         let queued = Arc::new(Notify::new());
         let ctx = Arc::new(Ctx {
             spool,
@@ -513,20 +501,17 @@ impl Scheduler {
             connections_per_domain: d.connections_per_domain,
             in_flight: HashSet::new(),
             events,
-            flush,
-            hints,
-            waiting: waiting_rx,
+            commands,
             queued: queued.clone(),
+            tasks: JoinSet::new(),
             shutdown,
             rescan_at: None,
         };
         let handle = Handle {
-            flush: flush_tx,
-            hints: hints_tx,
+            commands: commands_tx,
             queued,
             ctx: scheduler.ctx.clone(),
             dests: scheduler.dests.clone(),
-            waiting: waiting_tx,
         };
         (scheduler, handle)
     }
@@ -563,10 +548,9 @@ impl Scheduler {
             tokio::select! {
                 () = self.shutdown.wait() => break,
                 Some(event) = self.events.recv() => self.handle(event),
-                Some(domain) = self.flush.recv() => self.flush_now(domain),
-                Some(ip) = self.hints.recv() => self.hint(ip),
-                Some((id, domains)) = self.waiting.recv() => self.note_waiting(id, domains),
+                Some(command) = self.commands.recv() => self.command(command),
                 () = self.queued.notified() => self.rescan_soon(Duration::ZERO),
+                Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
                 _ = probe_tick.tick() => self.probe_down_domains(),
                 _ = forget_tick.tick() => self.ctx.learned.forget_stale(now_ms()),
                 () = tokio::time::sleep_until(wake) => {
@@ -576,6 +560,20 @@ impl Scheduler {
             }
         }
         self.wait_for_workers().await;
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Flush(domain) => self.flush_now(domain),
+            Command::Hint(ip) => self.hint(ip),
+            Command::Waiting(id, domains) => self.note_waiting(id, domains),
+            Command::Bounce { id, done } => {
+                let ctx = self.ctx.clone();
+                self.tasks.spawn(async move {
+                    let _ = done.send(bounce(&ctx, id).await);
+                });
+            }
+        }
     }
 
     fn next_wake(&self) -> Instant {
@@ -740,7 +738,7 @@ impl Scheduler {
         while state.workers < wanted && !self.ctx.shutdown.is_set() {
             state.workers += 1;
             self.ctx.metrics.connections(domain).inc();
-            tokio::spawn(worker::work(
+            self.tasks.spawn(worker::work(
                 self.ctx.clone(),
                 domain.clone(),
                 dest.clone(),
@@ -750,12 +748,13 @@ impl Scheduler {
     }
 
     /// Parks, without an attempt, jobs for paused domains (in the background).
-    fn park(&self, jobs: Vec<Job>) {
+    fn park(&mut self, jobs: Vec<Job>) {
         if jobs.is_empty() {
             return;
         }
         let ctx = self.ctx.clone();
-        tokio::spawn(async move { worker::park(&ctx, jobs).await });
+        self.tasks
+            .spawn(async move { worker::park(&ctx, jobs).await });
     }
 
     /// Defers, without a connection attempt, mail for destinations that are down.
@@ -768,7 +767,7 @@ impl Scheduler {
                 Some((j.domain.clone(), down))
             })
             .collect();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             // Several at a time, so they share commits; not all, to bound memory.
             const AT_ONCE: usize = 64;
             let mut tasks = tokio::task::JoinSet::new();
@@ -886,7 +885,7 @@ impl Scheduler {
             let ctx = self.ctx.clone();
             let route = self.destination(domain).route.clone();
             let domain = domain.clone();
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 if let Ok(ips) = ctx.router.addresses(&domain, route.as_ref()).await {
                     let _ = ctx.events.send(Event::PrimaryAddresses { domain, ips });
                 }
@@ -918,12 +917,13 @@ impl Scheduler {
 
     /// Makes the matching queued recipients of `ids` due now, in the background.
     fn release(
-        &self,
+        &mut self,
         ids: Vec<QueueId>,
         matches: impl Fn(&crate::spool::Recipient) -> bool + Send + Sync + 'static,
     ) {
         let ctx = self.ctx.clone();
-        tokio::spawn(async move { make_due(&ctx, ids, matches).await });
+        self.tasks
+            .spawn(async move { make_due(&ctx, ids, matches).await });
     }
 
     /// ETRN or an operator's flush: everything for `domain` (or all) due now.
@@ -941,7 +941,7 @@ impl Scheduler {
         let ctx = self.ctx.clone();
         let dests = self.dests.clone();
         let this_domain = domain.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let spool = ctx.spool.clone();
             let envelopes = tokio::task::spawn_blocking(move || spool.envelopes())
                 .await
@@ -1033,7 +1033,7 @@ impl Scheduler {
         state.probing = true;
         let ctx = self.ctx.clone();
         let domain = domain.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let mut up = false;
             if let Ok(hops) = ctx.router.hops(&domain, dest.route.as_ref()).await {
                 for hop in &hops {
@@ -1052,21 +1052,58 @@ impl Scheduler {
         });
     }
 
+    /// At shutdown: workers finish the message in hand (they watch the
+    /// signal), releases and notices finish their writes; whatever is still
+    /// running after [`WORKER_GRACE`] is cancelled. Nothing it did not
+    /// commit is lost: the spool still has the mail as it was.
     async fn wait_for_workers(&mut self) {
         let deadline = Instant::now() + WORKER_GRACE;
-        while self.domains.values().any(|s| s.workers > 0) {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(event)) => {
-                    if let Event::WorkerExit { domain } = event
-                        && let Some(state) = self.domains.get_mut(&domain)
-                    {
-                        state.workers = state.workers.saturating_sub(1);
-                    }
-                }
-                _ => break,
-            }
+        let tasks = &mut self.tasks;
+        let all = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout_at(deadline, all).await.is_err() {
+            warn!(
+                tasks = self.tasks.len(),
+                "delivery tasks still running after the grace period; cancelling them"
+            );
         }
+        self.tasks.shutdown().await;
     }
+}
+
+/// Fails every queued recipient of `id` now, as an operator asked.
+async fn bounce(ctx: &Arc<Ctx>, id: QueueId) -> Result<Option<usize>, CommitError> {
+    let spool = ctx.spool.clone();
+    let loaded = tokio::task::spawn_blocking(move || {
+        let env = spool.envelope(id).ok().flatten()?;
+        let body = spool.body(id).ok().flatten()?;
+        Some((env, body))
+    })
+    .await
+    .ok()
+    .flatten();
+    let Some((env, body)) = loaded else {
+        return Ok(None);
+    };
+    let rcpts: Vec<usize> = env
+        .recipients
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.status == RcptStatus::Queued)
+        .map(|(i, _)| i)
+        .collect();
+    let result = RcptResult::Failed {
+        status: "5.0.0".into(),
+        reply: "returned to the sender by the operator".into(),
+        remote: None,
+    };
+    let results = rcpts.iter().map(|&i| (i, result.clone())).collect();
+    let job = Job {
+        id,
+        domain: Arc::from(crate::metrics::OTHER),
+        rcpts: rcpts.clone(),
+    };
+    worker::record(ctx, &job, &env, &body, results, false).await;
+    Ok(Some(rcpts.len()))
 }
 
 /// Makes the matching queued recipients of `ids` due now, then has the
