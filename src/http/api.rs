@@ -1,11 +1,12 @@
-//! The admin API's handlers (docs/api.md): authorise, call the spool or the
+//! The admin API's handlers (docs/api.md), behind [`require_token`]: call the spool or the
 //! scheduler, answer JSON. Spool reads run on the blocking pool.
 
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -37,6 +38,20 @@ fn from_commit(e: CommitError) -> ApiError {
     match e {
         CommitError::Full => ApiError(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
         _ => internal(e),
+    }
+}
+
+/// Middleware for every `/api` route: the request goes on only with the
+/// admin token (RFC 6750 bearer). Unknown paths and methods are answered
+/// without it (404, 405), as before any route matched.
+pub async fn require_token(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match authorise(&state, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -169,12 +184,7 @@ pub struct ListQuery {
     state: Option<String>,
 }
 
-pub async fn list(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    uri: axum::http::Uri,
-) -> ApiResult {
-    authorise(&state, &headers)?;
+pub async fn list(State(state): State<Arc<AppState>>, uri: axum::http::Uri) -> ApiResult {
     // Parsed after the token check, so strangers learn nothing from errors.
     let Query(q) = Query::<ListQuery>::try_from_uri(&uri)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
@@ -218,12 +228,7 @@ pub async fn list(
     Ok(Json(json!({ "messages": messages, "count": count })).into_response())
 }
 
-pub async fn show(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> ApiResult {
-    authorise(&state, &headers)?;
+pub async fn show(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult {
     let id = parse_id(&id)?;
     let found = read(&state, move |spool| {
         let Some(env) = spool.envelope(id)? else {
@@ -263,12 +268,7 @@ pub struct FlushBody {
     domain: Option<String>,
 }
 
-pub async fn flush(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> ApiResult {
-    authorise(&state, &headers)?;
+pub async fn flush(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> ApiResult {
     let body: FlushBody = if body.iter().all(u8::is_ascii_whitespace) {
         FlushBody::default()
     } else {
@@ -297,12 +297,7 @@ async fn apply(state: &AppState, id: QueueId, change: Change, key: &str) -> ApiR
     }
 }
 
-pub async fn delete(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> ApiResult {
-    authorise(&state, &headers)?;
+pub async fn delete(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult {
     let id = parse_id(&id)?;
     if read(&state, move |s| s.envelope(id)).await?.is_none() {
         return Err(no_such(id));
@@ -319,12 +314,7 @@ async fn held(state: &AppState, id: QueueId) -> Result<bool, ApiError> {
     if exists { Ok(held) } else { Err(no_such(id)) }
 }
 
-pub async fn hold(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> ApiResult {
-    authorise(&state, &headers)?;
+pub async fn hold(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult {
     let id = parse_id(&id)?;
     let held = held(&state, id).await?;
     if held {
@@ -336,12 +326,7 @@ pub async fn hold(
     apply(&state, id, Change::Hold, "held").await
 }
 
-pub async fn release(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> ApiResult {
-    authorise(&state, &headers)?;
+pub async fn release(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult {
     let id = parse_id(&id)?;
     let held = held(&state, id).await?;
     if !held {
@@ -352,12 +337,7 @@ pub async fn release(
     answer
 }
 
-pub async fn bounce(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> ApiResult {
-    authorise(&state, &headers)?;
+pub async fn bounce(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult {
     let id = parse_id(&id)?;
     match state.delivery.bounce(id).await {
         Ok(Some(n)) => {
@@ -368,8 +348,7 @@ pub async fn bounce(
     }
 }
 
-pub async fn dead_list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
-    authorise(&state, &headers)?;
+pub async fn dead_list(State(state): State<Arc<AppState>>) -> ApiResult {
     let now = now_ms();
     let dead = read(&state, |s| s.dead_letters()).await?;
     let messages: Vec<MessageView> = dead
@@ -385,12 +364,7 @@ async fn dead_exists(state: &AppState, id: QueueId) -> Result<bool, ApiError> {
     Ok(dead.iter().any(|e| e.id == id))
 }
 
-pub async fn dead_requeue(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> ApiResult {
-    authorise(&state, &headers)?;
+pub async fn dead_requeue(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult {
     let id = parse_id(&id)?;
     if !dead_exists(&state, id).await? {
         return Err(no_such(id));
@@ -400,12 +374,7 @@ pub async fn dead_requeue(
     answer
 }
 
-pub async fn dead_delete(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> ApiResult {
-    authorise(&state, &headers)?;
+pub async fn dead_delete(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult {
     let id = parse_id(&id)?;
     if !dead_exists(&state, id).await? {
         return Err(no_such(id));
@@ -450,8 +419,7 @@ fn domain_view(d: DomainStatus, now: u64) -> DomainView {
     }
 }
 
-pub async fn domains(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
-    authorise(&state, &headers)?;
+pub async fn domains(State(state): State<Arc<AppState>>) -> ApiResult {
     let now = now_ms();
     let domains: Vec<DomainView> = state
         .delivery
@@ -480,10 +448,8 @@ fn from_domain(e: DomainError) -> ApiError {
 
 pub async fn pause_domain(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path(domain): Path<String>,
 ) -> ApiResult {
-    authorise(&state, &headers)?;
     let domain = domain_name(&domain);
     let pause = state.delivery.pause(&domain).await.map_err(from_domain)?;
     Ok(Json(json!({ "paused": domain, "since_ms": pause.since_ms })).into_response())
@@ -491,10 +457,8 @@ pub async fn pause_domain(
 
 pub async fn resume_domain(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path(domain): Path<String>,
 ) -> ApiResult {
-    authorise(&state, &headers)?;
     let domain = domain_name(&domain);
     let ended = state.delivery.resume(&domain).await.map_err(from_domain)?;
     Ok(Json(json!({ "resumed": domain, "paused_by": paused_by(ended.by) })).into_response())

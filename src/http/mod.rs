@@ -1,5 +1,6 @@
 //! (7) HTTP: `/healthz`, `/readyz`, `/metrics`, and the admin API under `/api`
-//! (see docs/api.md). Handlers are thin: they read the spool, ask the
+//! (see docs/api.md), every route of which passes the token check
+//! ([`api::require_token`]) first. Handlers are thin: they read the spool, ask the
 //! scheduler, and turn results into JSON. Nothing here changes mail itself
 //! except through the spool's and the scheduler's own operations.
 
@@ -8,11 +9,11 @@ mod api;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
+use axum::{Router, middleware};
 use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
@@ -60,10 +61,7 @@ pub struct AppState {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+    let api = Router::new()
         .route("/api/queue", get(api::list))
         .route("/api/queue/flush", post(api::flush))
         .route("/api/queue/{id}", get(api::show).delete(api::delete))
@@ -76,6 +74,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/domains", get(api::domains))
         .route("/api/domains/{domain}/pause", post(api::pause_domain))
         .route("/api/domains/{domain}/resume", post(api::resume_domain))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            api::require_token,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(api)
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .with_state(state)
