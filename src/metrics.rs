@@ -15,7 +15,21 @@ use prometheus::{
 };
 
 use crate::config::Config;
-use crate::spool::{Labeler, Spool};
+/// Maps a recipient domain to its metric label (the configured relay
+/// domain it belongs to, or "other"), so per-domain gauges stay exact and
+/// their labels bounded.
+pub type Labeler = Arc<dyn Fn(&str) -> String + Send + Sync>;
+
+/// The queue as the gauges show it, read from the spool's running totals.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueGauges {
+    /// Body bytes of queued messages.
+    pub queued_bytes: u64,
+    pub dead: u64,
+    pub quarantined: u64,
+    /// Per label: queued messages, and the arrival of the oldest (Unix ms).
+    pub by_label: Vec<(String, u64, Option<u64>)>,
+}
 
 /// The `domain` label of destinations that are not configured relay domains.
 pub const OTHER: &str = "other";
@@ -277,26 +291,25 @@ impl Metrics {
         self.commit_seconds.observe(elapsed.as_secs_f64());
     }
 
-    /// The Prometheus text exposition, with the queue gauges read fresh from
-    /// the spool's totals.
-    pub fn render(&self, spool: &Spool, now_ms: u64) -> String {
-        let stats = spool.stats();
+    /// The Prometheus text exposition, with the queue gauges set from
+    /// `queue` (the spool's totals, read just before).
+    pub fn render(&self, queue: &QueueGauges, now_ms: u64) -> String {
         for label in self.labels() {
             self.queue_messages.with_label_values(&[label]).set(0);
             self.oldest_age.with_label_values(&[label]).set(0.0);
         }
-        for (label, messages, oldest) in spool.queue_by_label() {
+        for (label, messages, oldest) in &queue.by_label {
             self.queue_messages
-                .with_label_values(&[&label])
-                .set(messages as i64);
+                .with_label_values(&[label])
+                .set(*messages as i64);
             let age = oldest.map_or(0.0, |arrived| {
                 now_ms.saturating_sub(arrived) as f64 / 1000.0
             });
-            self.oldest_age.with_label_values(&[&label]).set(age);
+            self.oldest_age.with_label_values(&[label]).set(age);
         }
-        self.queue_bytes.set(stats.queued_bytes as i64);
-        self.dead_letters.set(stats.dead as i64);
-        self.quarantined.set(stats.quarantined as i64);
+        self.queue_bytes.set(queue.queued_bytes as i64);
+        self.dead_letters.set(queue.dead as i64);
+        self.quarantined.set(queue.quarantined as i64);
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()

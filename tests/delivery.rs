@@ -149,7 +149,7 @@ const LOCALHOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 /// Outbound settings with every timeout set to `limit`.
 /// How many spool transactions (each with its fsync) the server has committed.
 fn commits(t: &TestServer) -> u64 {
-    let text = t.server.metrics().render(t.spool(), 0);
+    let text = t.server.metrics().render(&t.spool().gauges(), 0);
     text.lines()
         .find_map(|l| l.strip_prefix("mxspool_spool_commit_seconds_count "))
         .and_then(|v| v.trim().parse().ok())

@@ -219,7 +219,7 @@ fn paused_gauge(t: &TestServer, domain: &str) -> f64 {
 
 #[track_caller]
 fn sample(t: &TestServer, series: &str) -> f64 {
-    let text = t.server.metrics().render(t.spool(), 0);
+    let text = t.server.metrics().render(&t.spool().gauges(), 0);
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .unwrap_or_else(|| panic!("no {series} in:\n{text}"))

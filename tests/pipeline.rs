@@ -406,19 +406,20 @@ async fn with_chunking_several_messages_share_a_round_trip() {
     let commands = w.relay.commands();
     assert!(!commands.iter().any(|l| verb(l) == "DATA"), "{commands:?}");
     let turns = delivering_turns(&w.relay);
-    assert_eq!(
-        turns.len(),
-        1,
-        "one connection carries the mail: turns per connection {:?}",
+    // One connection at a time (connections_per_domain = 1); a loaded machine
+    // may let the worker find the queue empty once and a second one start.
+    assert!(
+        (1..=2).contains(&turns.len()),
+        "one connection at a time carries the mail: turns per connection {:?}",
         w.relay.turns_per_connection()
     );
     // Unloaded, about 4; by DATA it takes 24 (one per message, plus greeting,
     // EHLO, the last body and QUIT). A loaded machine splits reads, so the
     // bound only asks for fewer round trips than messages.
+    let total: usize = turns.iter().sum();
     assert!(
-        turns[0] < 20,
-        "{} round trips for 20 messages by BDAT (several per round trip expected)",
-        turns[0]
+        total < 20,
+        "{total} round trips for 20 messages by BDAT (several per round trip expected)"
     );
 }
 
@@ -668,7 +669,7 @@ async fn a_dropped_connection_mid_bdat_pipeline_defers_exactly_the_unanswered_me
 
 /// `mxspool_delivery_connections{domain="example.com"}` on /metrics.
 fn connections_gauge(t: &TestServer) -> i64 {
-    let text = t.server.metrics().render(t.spool(), 0);
+    let text = t.server.metrics().render(&t.spool().gauges(), 0);
     text.lines()
         .find_map(|l| l.strip_prefix(r#"mxspool_delivery_connections{domain="example.com"} "#))
         .and_then(|v| v.trim().parse().ok())

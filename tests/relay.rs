@@ -610,7 +610,11 @@ include_subdomains = true
                 ));
             }
         }
-        let metrics = self.server.server.metrics().render(self.server.spool(), 0);
+        let metrics = self
+            .server
+            .server
+            .metrics()
+            .render(&self.server.spool().gauges(), 0);
         let notices: f64 = metrics
             .lines()
             .filter(|l| l.starts_with("mxspool_dsn_sent_total"))

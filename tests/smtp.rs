@@ -702,7 +702,7 @@ async fn connection_rate_per_address_is_limited() {
     let mut fourth = Client::connect(t.addr).await;
     fourth.expect(421).await.assert_status(421, "4.7.0");
     fourth.expect_closed().await;
-    let metrics = t.server.metrics().render(t.spool(), 0);
+    let metrics = t.server.metrics().render(&t.spool().gauges(), 0);
     assert!(
         metrics.contains(r#"mxspool_smtp_rejected_total{reason="limits"} 1"#),
         "the refusal is counted: {metrics}"
@@ -746,7 +746,7 @@ async fn a_flood_beyond_max_connections_is_refused_without_a_task_each() {
         c.expect(421).await.assert_status(421, "4.7.0");
         c.expect_closed().await;
     }
-    let metrics = t.server.metrics().render(t.spool(), 0);
+    let metrics = t.server.metrics().render(&t.spool().gauges(), 0);
     assert!(
         metrics.contains(r#"mxspool_smtp_rejected_total{reason="limits"} 300"#),
         "{metrics}"

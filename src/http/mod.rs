@@ -110,7 +110,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let text = state
         .metrics
-        .render(&state.spool, crate::scheduler::now_ms());
+        .render(&state.spool.gauges(), crate::scheduler::now_ms());
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -288,6 +288,17 @@ impl Spool {
         used.saturating_add(size) <= self.inner.max_size
     }
 
+    /// What the queue gauges of `/metrics` show, from the running totals.
+    pub fn gauges(&self) -> crate::metrics::QueueGauges {
+        let stats = self.stats();
+        crate::metrics::QueueGauges {
+            queued_bytes: stats.queued_bytes,
+            dead: stats.dead,
+            quarantined: stats.quarantined,
+            by_label: self.queue_by_label(),
+        }
+    }
+
     pub fn stats(&self) -> Stats {
         let t = &self.inner.totals;
         Stats {

@@ -83,10 +83,7 @@ pub(super) enum Job {
     },
 }
 
-/// Names the group a recipient domain is counted under (the configured
-/// domain it belongs to, or "other"), so per-domain gauges stay exact and
-/// their labels bounded.
-pub type Labeler = Arc<dyn Fn(&str) -> String + Send + Sync>;
+pub use crate::metrics::Labeler;
 
 /// Running totals the rest of the process reads without touching the file.
 #[derive(Default)]
