@@ -405,21 +405,19 @@ async fn with_chunking_several_messages_share_a_round_trip() {
     assert_bodies(&w, &msgs, &bodies, true);
     let commands = w.relay.commands();
     assert!(!commands.iter().any(|l| verb(l) == "DATA"), "{commands:?}");
-    let turns = delivering_turns(&w.relay);
-    // One connection at a time (connections_per_domain = 1); a loaded machine
-    // may let the worker find the queue empty once and a second one start.
-    assert!(
-        (1..=2).contains(&turns.len()),
-        "one connection at a time carries the mail: turns per connection {:?}",
-        w.relay.turns_per_connection()
-    );
-    // Unloaded, about 4; by DATA it takes 24 (one per message, plus greeting,
-    // EHLO, the last body and QUIT). A loaded machine splits reads, so the
-    // bound only asks for fewer round trips than messages.
-    let total: usize = turns.iter().sum();
+    // Every connection counted, probes (greeting, EHLO, QUIT) included: a
+    // whole batch of BDATs can go out in one write, so a delivering
+    // connection may take no more turns than a probe. Unloaded, about 4 in
+    // all; by DATA it takes 24 (one per message, plus greeting, EHLO, the
+    // last body and QUIT). A loaded machine splits reads and may start a
+    // second connection, so the bound only asks for fewer round trips than
+    // messages.
+    let per_connection = w.relay.turns_per_connection();
+    assert!(per_connection.len() <= 3, "{per_connection:?}");
+    let total: usize = per_connection.iter().sum();
     assert!(
         total < 20,
-        "{total} round trips for 20 messages by BDAT (several per round trip expected)"
+        "{total} round trips for 20 messages by BDAT (several per round trip expected): {per_connection:?}"
     );
 }
 
