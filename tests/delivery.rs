@@ -8,7 +8,7 @@ mod primary;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use common::{Client, POSTMASTER, TestConfig, TestServer, dot_stuff};
+use common::{Client, POSTMASTER, TestConfig, TestServer, dot_stuff, eventually};
 use dns_server::TestDns;
 use hickory_proto::rr::RecordType;
 use mxspool::config::TlsPolicy;
@@ -235,21 +235,6 @@ async fn send(t: &TestServer, from: &str, to: &[&str], content: &[u8]) -> QueueI
     let id = c.send_mail(from, to, content).await.queue_id();
     c.quit().await;
     id
-}
-
-/// Polls `check` every 20 ms until it gives a value; panics with its last
-/// complaint after `within`.
-async fn eventually<T>(within: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        match check() {
-            Ok(value) => return value,
-            Err(why) if Instant::now() >= deadline => {
-                panic!("still not so after {within:?}: {why}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
 }
 
 /// The recipient `address` of queued message `id`, if the message is still queued.

@@ -13,12 +13,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::http::Response;
-use common::{TestConfig, TestServer};
+use common::{TestConfig, TestServer, eventually};
 use dns_server::TestDns;
 use mxspool::spool::{Envelope, PARKED, QueueId, RcptStatus, Recipient};
 use primary::{Mode, Primary, Received};
 use serde_json::{Value, json};
-use tokio::time::Instant;
 
 /// The envelope sender of the test mail; notices to it are routed by MX to
 /// [`Net::bounces`].
@@ -97,21 +96,6 @@ async fn send(t: &TestServer, to: &[&str], subject: &str) -> QueueId {
     let id = c.send_mail(SENDER, to, content.as_bytes()).await.queue_id();
     c.quit().await;
     id
-}
-
-/// Polls `check` until it gives a value; panics with its last complaint
-/// after [`WAIT`].
-async fn eventually<T>(mut check: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match check() {
-            Ok(value) => return value,
-            Err(why) if Instant::now() >= deadline => {
-                panic!("still not so after {WAIT:?}: {why}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
 }
 
 /// Every queued recipient, with its message's ID.
@@ -250,7 +234,7 @@ async fn a_primary_refusing_everyone_after_an_outage_bounces_only_drain_guard_re
         let to: Vec<&str> = pair.iter().map(String::as_str).collect();
         ids.push(send(&t, &to, &format!("backlog-{}", ids.len())).await);
     }
-    eventually(|| {
+    eventually(WAIT, || {
         let q = queued(&t);
         if q.len() == 8 && q.iter().all(|(_, r)| r.attempts >= 1 && r.unreachable) {
             Ok(())
@@ -270,7 +254,7 @@ async fn a_primary_refusing_everyone_after_an_outage_bounces_only_drain_guard_re
 
     // Exactly three recipients fail, with notices to the sender; then the
     // domain is paused and the other five wait, none bounced.
-    let domain = eventually(|| {
+    let domain = eventually(WAIT, || {
         let q = queued(&t);
         if q.len() == 5 && q.iter().all(|(_, r)| parked(r)) {
             Ok(q)
@@ -293,7 +277,7 @@ async fn a_primary_refusing_everyone_after_an_outage_bounces_only_drain_guard_re
         // A suspect is one the primary refused; the rest were never tried again.
         assert_eq!(r.suspect, refused, "{r:?}");
     }
-    let notices = eventually(|| {
+    let notices = eventually(WAIT, || {
         let about = reported(&net.bounces.messages());
         if about.len() >= 3 {
             Ok(about)
@@ -347,7 +331,7 @@ async fn a_primary_refusing_everyone_after_an_outage_bounces_only_drain_guard_re
     // Nothing more goes to the paused domain, new mail neither.
     let commands = transactions(&net.relay);
     let late = send(&t, &["late@example.com"], "late").await;
-    eventually(|| {
+    eventually(WAIT, || {
         let q = queued(&t);
         match q.iter().find(|(id, _)| *id == late) {
             Some((_, r)) if parked(r) => Ok(()),
@@ -375,7 +359,7 @@ async fn a_primary_refusing_everyone_after_an_outage_bounces_only_drain_guard_re
         answer,
         json!({"resumed": "example.com", "paused_by": "guard"})
     );
-    eventually(|| {
+    eventually(WAIT, || {
         let q = queued(&t);
         if q.is_empty() {
             Ok(())
@@ -428,12 +412,14 @@ async fn after_a_resume_refusals_bounce_again_and_the_count_starts_over() {
     }
     // Two refusals in one attempt trip the guard; the second still bounces.
     send(&t, &["a@example.com", "b@example.com"], "first").await;
-    eventually(|| match t.spool().pauses().expect("pauses").as_slice() {
-        [(domain, _)] if domain == "example.com" => Ok(()),
-        other => Err(format!("not paused: {other:?}")),
+    eventually(WAIT, || {
+        match t.spool().pauses().expect("pauses").as_slice() {
+            [(domain, _)] if domain == "example.com" => Ok(()),
+            other => Err(format!("not paused: {other:?}")),
+        }
     })
     .await;
-    eventually(|| {
+    eventually(WAIT, || {
         let n = reported(&net.bounces.messages()).len();
         if n == 2 {
             Ok(())
@@ -448,12 +434,12 @@ async fn after_a_resume_refusals_bounce_again_and_the_count_starts_over() {
         .expect(200);
     // One refusal after the resume bounces normally and does not trip it…
     let one = send(&t, &["c@example.com"], "second").await;
-    eventually(|| match t.spool().envelope(one).expect("read") {
+    eventually(WAIT, || match t.spool().envelope(one).expect("read") {
         None => Ok(()),
         Some(env) => Err(format!("still queued: {env:?}")),
     })
     .await;
-    eventually(|| {
+    eventually(WAIT, || {
         let n = reported(&net.bounces.messages()).len();
         if n == 3 {
             Ok(())
@@ -465,7 +451,7 @@ async fn after_a_resume_refusals_bounce_again_and_the_count_starts_over() {
     assert_eq!(api.domain("example.com").await["paused"], json!(false));
     // …two in a row do.
     send(&t, &["d@example.com", "e@example.com"], "third").await;
-    eventually(|| {
+    eventually(WAIT, || {
         let q = queued(&t);
         match q.as_slice() {
             [(_, r)] if r.address == "e@example.com" && r.suspect && parked(r) => Ok(()),
@@ -486,12 +472,12 @@ async fn with_drain_guard_zero_every_refusal_bounces() {
     }
     let to: Vec<&str> = users.iter().map(String::as_str).collect();
     let id = send(&t, &to, "unguarded").await;
-    eventually(|| match t.spool().envelope(id).expect("read") {
+    eventually(WAIT, || match t.spool().envelope(id).expect("read") {
         None => Ok(()),
         Some(env) => Err(format!("still queued: {env:?}")),
     })
     .await;
-    eventually(|| {
+    eventually(WAIT, || {
         let n = reported(&net.bounces.messages()).len();
         if n == 5 {
             Ok(())
@@ -520,7 +506,7 @@ async fn a_manual_pause_survives_a_restart_and_delivers_nothing_until_resumed() 
 
     // Still accepted and queued, waiting for the resume.
     let id = send(&t, &["user@example.com"], "during-maintenance").await;
-    eventually(|| match t.spool().envelope(id).expect("read") {
+    eventually(WAIT, || match t.spool().envelope(id).expect("read") {
         Some(env) if parked(&env.recipients[0]) => Ok(()),
         other => Err(format!("not waiting for the resume: {other:?}")),
     })
@@ -552,7 +538,7 @@ async fn a_manual_pause_survives_a_restart_and_delivers_nothing_until_resumed() 
         net.relay.wait_for_messages(1, WAIT).await,
         "not delivered after the resume"
     );
-    eventually(|| match t.spool().envelope(id).expect("read") {
+    eventually(WAIT, || match t.spool().envelope(id).expect("read") {
         None => Ok(()),
         Some(env) => Err(format!("still queued: {env:?}")),
     })
@@ -583,14 +569,14 @@ async fn nothing_expires_while_paused_and_expiry_applies_after_the_resume() {
     let t = start(config()).await;
     let api = Api::of(&t);
     let id = send(&t, &["user@example.com"], "expiring").await;
-    eventually(|| match t.spool().envelope(id).expect("read") {
+    eventually(WAIT, || match t.spool().envelope(id).expect("read") {
         Some(env) if env.recipients[0].attempts >= 1 => Ok(()),
         other => Err(format!("not tried yet: {other:?}")),
     })
     .await;
     api.post("/api/domains/example.com/pause").await.expect(200);
     // Well past the lifetime: still queued, parked, no notice.
-    eventually(|| match t.spool().envelope(id).expect("read") {
+    eventually(WAIT, || match t.spool().envelope(id).expect("read") {
         Some(env) if parked(&env.recipients[0]) => Ok(()),
         other => Err(format!("not parked: {other:?}")),
     })
@@ -606,7 +592,7 @@ async fn nothing_expires_while_paused_and_expiry_applies_after_the_resume() {
     api.post("/api/domains/example.com/resume")
         .await
         .expect(200);
-    eventually(|| {
+    eventually(WAIT, || {
         let got = net.bounces.messages();
         if got.is_empty() {
             return Err("no notice after the resume".to_owned());
@@ -618,7 +604,7 @@ async fn nothing_expires_while_paused_and_expiry_applies_after_the_resume() {
     assert_eq!(reported(&got), vec!["user@example.com".to_owned()]);
     let text = String::from_utf8_lossy(&got[0].body).into_owned();
     assert!(text.contains("4.4.7"), "{text}");
-    eventually(|| match t.spool().envelope(id).expect("read") {
+    eventually(WAIT, || match t.spool().envelope(id).expect("read") {
         None => Ok(()),
         Some(env) => Err(format!("still queued: {env:?}")),
     })

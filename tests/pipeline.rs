@@ -14,12 +14,11 @@ mod primary;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::{TestConfig, TestServer, dot_stuff, only_crlf};
+use common::{TestConfig, TestServer, dot_stuff, eventually, only_crlf};
 use mxspool::config::TlsPolicy;
 use mxspool::outbound::{Settings, Timeouts};
 use mxspool::spool::{QueueId, RcptStatus};
 use primary::{Caps, DROP, Mode, Primary, Received};
-use tokio::time::Instant;
 
 /// The envelope sender of all test mail. `origin.test` is routed to its own
 /// primary ([`World::bounces`]), where failure notices arrive.
@@ -199,21 +198,6 @@ fn counts(primary: &Primary) -> HashMap<String, usize> {
         *counts.entry(subject(&m)).or_insert(0) += 1;
     }
     counts
-}
-
-/// Polls `check` every 20 ms until it gives a value; panics with its last
-/// complaint after `within`.
-async fn eventually<T>(within: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        match check() {
-            Ok(value) => return value,
-            Err(why) if Instant::now() >= deadline => {
-                panic!("still not so after {within:?}: {why}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
 }
 
 /// The command's verb, upper-cased.

@@ -531,3 +531,18 @@ impl Client {
         self.reply().await
     }
 }
+
+/// Polls `check` every 20 ms until it gives a value; panics with its last
+/// complaint after `within`.
+pub async fn eventually<T>(within: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(why) if tokio::time::Instant::now() >= deadline => {
+                panic!("still not so after {within:?}: {why}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
