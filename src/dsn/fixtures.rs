@@ -4,44 +4,29 @@
 use mail_parser::{MessageParser, MimeHeaders};
 
 use super::{Action, RecipientReport, Report};
-use crate::spool::{BodyType, Client, Envelope, Notify, QueueId, RcptStatus, Recipient, Ret};
+use crate::spool::{BodyType, Envelope, Notify, QueueId, Recipient, Ret, testing};
 
 pub(super) const HOST: &str = "mx2.example.net";
 pub(super) const ORIGINAL: &[u8] = b"Received: from client.example.org ([192.0.2.7])\r\n\tby mx2.example.net (mxspool) with ESMTP id 0000000000001; Tue, 24 Nov 2026 10:00:00 +0000\r\nFrom: Sender <sender@example.org>\r\nTo: alice@example.com\r\nSubject: Quarterly figures\r\nMessage-ID: <orig-1@example.org>\r\n\r\nHello Alice,\r\n\r\nthe figures are attached.\r\n";
 
 pub(super) fn envelope(ret: Ret, smtputf8: bool) -> Envelope {
-    Envelope {
-        id: QueueId(0x0123_4567_89ab),
-        sender: "sender@example.org".into(),
-        ret,
-        envid: Some("QQ314159".into()),
-        body_type: BodyType::SevenBit,
-        smtputf8,
-        has_8bit: false,
-        arrived_ms: 1_795_000_000_000,
-        size: ORIGINAL.len() as u64,
-        client: Client {
-            ip: "192.0.2.7".parse().unwrap(),
-            helo: "client.example.org".into(),
-            tls: false,
-        },
-        recipients: vec![],
-    }
+    let mut env = testing::envelope("sender@example.org", &[]);
+    env.id = QueueId(0x0123_4567_89ab);
+    env.ret = ret;
+    env.envid = Some("QQ314159".into());
+    env.body_type = BodyType::SevenBit;
+    env.smtputf8 = smtputf8;
+    env.arrived_ms = 1_795_000_000_000;
+    env.size = ORIGINAL.len() as u64;
+    env
 }
 
 pub(super) fn recipient(address: &str, orcpt: Option<&str>, notify: u8) -> Recipient {
-    Recipient {
-        address: address.into(),
-        orcpt: orcpt.map(Into::into),
-        notify: Notify(notify),
-        status: RcptStatus::Queued,
-        attempts: 3,
-        next_attempt_ms: 0,
-        last_reply: None,
-        unreachable: false,
-        delay_notified: false,
-        suspect: false,
-    }
+    let mut r = testing::recipient(address);
+    r.orcpt = orcpt.map(Into::into);
+    r.notify = Notify(notify);
+    r.attempts = 3;
+    r
 }
 
 pub(super) fn failed(r: &Recipient) -> RecipientReport<'_> {

@@ -397,40 +397,10 @@ mod tests {
 
     use super::super::{Capabilities, Hop, Timeouts};
     use super::*;
-    use crate::spool::{BodyType, Client, QueueId, RcptStatus, Recipient, Ret};
+    use crate::spool::testing;
 
     fn envelope(rcpts: &[&str]) -> Envelope {
-        Envelope {
-            id: QueueId(1),
-            sender: "s@example.org".into(),
-            ret: Ret::Unset,
-            envid: None,
-            body_type: BodyType::Unset,
-            smtputf8: false,
-            has_8bit: false,
-            arrived_ms: 0,
-            size: 0,
-            client: Client {
-                ip: "192.0.2.7".parse().unwrap(),
-                helo: "c.example.org".into(),
-                tls: false,
-            },
-            recipients: rcpts
-                .iter()
-                .map(|a| Recipient {
-                    address: (*a).into(),
-                    orcpt: None,
-                    notify: Notify::default(),
-                    status: RcptStatus::Queued,
-                    attempts: 0,
-                    next_attempt_ms: 0,
-                    last_reply: None,
-                    unreachable: false,
-                    delay_notified: false,
-                    suspect: false,
-                })
-                .collect(),
-        }
+        testing::envelope("s@example.org", rcpts)
     }
 
     /// A connection over an in-memory pipe to a peer that answers the n-th

@@ -187,40 +187,17 @@ fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> &'a str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spool::{Client, QueueId, RcptStatus, Recipient};
+    use crate::spool::testing;
 
     fn envelope(rcpts: &[&str]) -> Envelope {
-        Envelope {
-            id: QueueId(1),
-            sender: "sender@example.org".into(),
-            ret: Ret::Headers,
-            envid: Some("env 1".into()),
-            body_type: BodyType::Unset,
-            smtputf8: false,
-            has_8bit: false,
-            arrived_ms: 0,
-            size: 0,
-            client: Client {
-                ip: "192.0.2.7".parse().unwrap(),
-                helo: "client.example.org".into(),
-                tls: false,
-            },
-            recipients: rcpts
-                .iter()
-                .map(|a| Recipient {
-                    address: (*a).into(),
-                    orcpt: Some((*a).into()),
-                    notify: Notify(Notify::FAILURE | Notify::DELAY),
-                    status: RcptStatus::Queued,
-                    attempts: 0,
-                    next_attempt_ms: 0,
-                    last_reply: None,
-                    unreachable: false,
-                    delay_notified: false,
-                    suspect: false,
-                })
-                .collect(),
+        let mut env = testing::envelope("sender@example.org", rcpts);
+        env.ret = Ret::Headers;
+        env.envid = Some("env 1".into());
+        for r in &mut env.recipients {
+            r.orcpt = Some(r.address.clone());
+            r.notify = Notify(Notify::FAILURE | Notify::DELAY);
         }
+        env
     }
 
     fn all() -> Capabilities {

@@ -1171,7 +1171,7 @@ fn due_recipients(env: &Envelope, now_ms: u64) -> Vec<(String, Vec<usize>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spool::{BodyType, Client, Notify, Recipient, Ret};
+    use crate::spool::{Notify, Recipient};
 
     #[test]
     fn connections_start_few_grow_per_delivery_and_slowly_after_push_back() {
@@ -1211,29 +1211,14 @@ mod tests {
             delay_notified: false,
             suspect: false,
         };
-        let env = Envelope {
-            id: QueueId(1),
-            sender: String::new(),
-            ret: Ret::Unset,
-            envid: None,
-            body_type: BodyType::Unset,
-            smtputf8: false,
-            has_8bit: false,
-            arrived_ms: 0,
-            size: 0,
-            client: Client {
-                ip: "127.0.0.1".parse().unwrap(),
-                helo: String::new(),
-                tls: false,
-            },
-            recipients: vec![
-                rcpt("a@example.com", 10, RcptStatus::Queued),
-                rcpt("b@Example.COM.", 5, RcptStatus::Queued),
-                rcpt("c@example.org", 10, RcptStatus::Queued),
-                rcpt("d@example.com", 50, RcptStatus::Queued),
-                rcpt("e@example.org", 1, RcptStatus::Delivered),
-            ],
-        };
+        let mut env = crate::spool::testing::envelope("", &[]);
+        env.recipients = vec![
+            rcpt("a@example.com", 10, RcptStatus::Queued),
+            rcpt("b@Example.COM.", 5, RcptStatus::Queued),
+            rcpt("c@example.org", 10, RcptStatus::Queued),
+            rcpt("d@example.com", 50, RcptStatus::Queued),
+            rcpt("e@example.org", 1, RcptStatus::Delivered),
+        ];
         assert_eq!(
             due_recipients(&env, 10),
             vec![

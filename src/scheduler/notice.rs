@@ -166,38 +166,17 @@ fn notice_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spool::testing;
 
     fn envelope(sender: &str, notify: u8) -> Envelope {
-        let mut env = Envelope {
-            id: QueueId(7),
-            sender: sender.into(),
-            ret: Ret::Unset,
-            envid: None,
-            body_type: BodyType::Unset,
-            smtputf8: false,
-            has_8bit: false,
-            arrived_ms: 0,
-            size: 20,
-            client: Client {
-                ip: "192.0.2.1".parse().unwrap(),
-                helo: "c".into(),
-                tls: false,
-            },
-            recipients: Vec::new(),
-        };
-        for i in 0..2 {
-            env.recipients.push(Recipient {
-                address: format!("r{i}@example.com"),
-                orcpt: None,
-                notify: Notify(notify),
-                status: RcptStatus::Failed,
-                attempts: 1,
-                next_attempt_ms: 0,
-                last_reply: Some("550 5.1.1 unknown".into()),
-                unreachable: false,
-                delay_notified: false,
-                suspect: false,
-            });
+        let mut env = testing::envelope(sender, &["r0@example.com", "r1@example.com"]);
+        env.id = QueueId(7);
+        env.size = 20;
+        for r in &mut env.recipients {
+            r.notify = Notify(notify);
+            r.status = RcptStatus::Failed;
+            r.attempts = 1;
+            r.last_reply = Some("550 5.1.1 unknown".into());
         }
         env
     }

@@ -184,41 +184,16 @@ pub fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spool::{BodyType, Client, QueueId, Ret};
+    use crate::spool::testing;
 
     const MIN: u64 = 60_000;
 
     fn envelope(n: usize) -> Envelope {
-        Envelope {
-            id: QueueId(1),
-            sender: "s@example.org".into(),
-            ret: Ret::Unset,
-            envid: None,
-            body_type: BodyType::Unset,
-            smtputf8: false,
-            has_8bit: false,
-            arrived_ms: 0,
-            size: 10,
-            client: Client {
-                ip: "192.0.2.1".parse().unwrap(),
-                helo: "c".into(),
-                tls: false,
-            },
-            recipients: (0..n)
-                .map(|i| Recipient {
-                    address: format!("r{i}@example.com"),
-                    orcpt: None,
-                    notify: Notify::default(),
-                    status: RcptStatus::Queued,
-                    attempts: 0,
-                    next_attempt_ms: 0,
-                    last_reply: None,
-                    unreachable: false,
-                    delay_notified: false,
-                    suspect: false,
-                })
-                .collect(),
-        }
+        let names: Vec<String> = (0..n).map(|i| format!("r{i}@example.com")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut env = testing::envelope("s@example.org", &names);
+        env.size = 10;
+        env
     }
 
     fn rules() -> Rules {

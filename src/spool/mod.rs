@@ -18,6 +18,8 @@
 
 mod id;
 mod record;
+#[cfg(test)]
+pub(crate) use record::testing;
 mod writer;
 
 use std::collections::{HashMap, HashSet};

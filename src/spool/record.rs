@@ -268,39 +268,68 @@ pub enum DecodeError {
     Malformed(String),
 }
 
+/// Envelopes for unit tests: one plain envelope (no DSN parameters, 7-bit,
+/// recipients queued and due at 0) that each test adjusts, instead of the
+/// whole literal in every test module.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// Message 1 from `sender` to `rcpts`.
+    pub(crate) fn envelope(sender: &str, rcpts: &[&str]) -> Envelope {
+        Envelope {
+            id: QueueId(1),
+            sender: sender.into(),
+            ret: Ret::Unset,
+            envid: None,
+            body_type: BodyType::Unset,
+            smtputf8: false,
+            has_8bit: false,
+            arrived_ms: 0,
+            size: 0,
+            client: Client {
+                ip: "192.0.2.7".parse().unwrap(),
+                helo: "client.example.org".into(),
+                tls: false,
+            },
+            recipients: rcpts.iter().map(|a| recipient(a)).collect(),
+        }
+    }
+
+    /// A queued recipient, due at 0, with no DSN parameters.
+    pub(crate) fn recipient(address: &str) -> Recipient {
+        Recipient {
+            address: address.into(),
+            orcpt: None,
+            notify: Notify::default(),
+            status: RcptStatus::Queued,
+            attempts: 0,
+            next_attempt_ms: 0,
+            last_reply: None,
+            unreachable: false,
+            delay_notified: false,
+            suspect: false,
+        }
+    }
+}
+
+/// An envelope with every field set to something (DSN parameters, 8-bit),
+/// for the spool's own tests.
 #[cfg(test)]
 pub(crate) fn sample(id: u64, rcpts: &[&str]) -> Envelope {
-    Envelope {
-        id: QueueId(id),
-        sender: "sender@example.org".into(),
-        ret: Ret::Headers,
-        envid: Some("env-1".into()),
-        body_type: BodyType::EightBitMime,
-        smtputf8: false,
-        has_8bit: true,
-        arrived_ms: 1_000,
-        size: 0,
-        client: Client {
-            ip: "192.0.2.7".parse().unwrap(),
-            helo: "client.example.org".into(),
-            tls: false,
-        },
-        recipients: rcpts
-            .iter()
-            .map(|a| Recipient {
-                address: (*a).into(),
-                orcpt: Some(format!("rfc822;{a}")),
-                notify: Notify(Notify::FAILURE | Notify::DELAY),
-                status: RcptStatus::Queued,
-                attempts: 0,
-                next_attempt_ms: 1_000,
-                last_reply: None,
-                unreachable: false,
-                delay_notified: false,
-                suspect: false,
-            })
-            .collect(),
+    let mut env = testing::envelope("sender@example.org", rcpts);
+    env.id = QueueId(id);
+    env.ret = Ret::Headers;
+    env.envid = Some("env-1".into());
+    env.body_type = BodyType::EightBitMime;
+    env.has_8bit = true;
+    env.arrived_ms = 1_000;
+    for r in &mut env.recipients {
+        r.orcpt = Some(format!("rfc822;{}", r.address));
+        r.notify = Notify(Notify::FAILURE | Notify::DELAY);
+        r.next_attempt_ms = 1_000;
     }
+    env
 }
 
 #[cfg(test)]
