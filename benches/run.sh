@@ -51,7 +51,7 @@ metric() { curl -s "http://$HTTP/metrics" | awk -v m="$1" '$1==m {print $2}'; }
 queued() { metric 'mxspool_queue_messages{domain="example.com"}'; }
 start_server() {
   # As in the Docker image (see Dockerfile); MALLOC_ARENA_MAX= to compare.
-  MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX-2} "$BIN" serve -c "$WORK/config.toml" 2>>"$WORK/serve.log" &
+  MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX-2} MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_-131072} "$BIN" serve -c "$WORK/config.toml" 2>>"$WORK/serve.log" &
   SERVER=$!; PIDS+=("$SERVER")
   until curl -sf "http://$HTTP/readyz" >/dev/null; do
     kill -0 "$SERVER" 2>/dev/null || { echo "mxspool did not start:" >&2; cat "$WORK/serve.log" >&2; exit 1; }

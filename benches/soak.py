@@ -351,6 +351,7 @@ route = "[127.0.0.1]:{self.primary_port}"
         self.control_file = self.control.makefile("rw")
         env = dict(os.environ, NO_COLOR="1")
         env.setdefault("MALLOC_ARENA_MAX", "2")   # as in the Docker image
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
         env.pop("RUST_LOG", None)
         self.server = subprocess.Popen(
             [self.args.bin, "serve", "-c", self.config], env=env, stdin=subprocess.DEVNULL,

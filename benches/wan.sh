@@ -217,7 +217,7 @@ level = "warn"
 name = "example.com"
 route = "[$HOST]:$PROXY"
 CONF
-  MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX-2} "$BIN" serve -c "$dir/config.toml" 2>>"$dir/serve.log" &
+  MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX-2} MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_-131072} "$BIN" serve -c "$dir/config.toml" 2>>"$dir/serve.log" &
   SERVER=$!; PIDS+=("$SERVER")
   until curl -sf "http://$HOST:$MX_HTTP/readyz" >/dev/null; do
     kill -0 "$SERVER" 2>/dev/null || { cat "$dir/serve.log" >&2; fail "mxspool did not start"; }
