@@ -1,0 +1,206 @@
+//! From the due index to workers: [`Scheduler::scan`] loads what is due,
+//! one job per message and destination, and hands each to its destination's
+//! queue, to the pause (parked) or to the down primary (suspended);
+//! [`Scheduler::dispatch`] starts workers within the destination's
+//! connection allowance. Nothing here delivers or records an outcome.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::warn;
+
+use super::worker::{self, now_ms};
+use super::{Job, Scheduler};
+use crate::address::domain_of;
+use crate::spool::{Envelope, PARKED, QueueId, RcptStatus, ReadError};
+
+/// One more connection is opened for each this many messages waiting.
+const MESSAGES_PER_NEW_CONNECTION: usize = 8;
+/// Most jobs held in memory at once; the rest wait on disk.
+const MAX_LOADED: usize = 2_000;
+
+impl Scheduler {
+    /// Loads due mail into destination queues and starts workers.
+    pub(super) async fn scan(&mut self) {
+        let now = now_ms();
+        let Some((envelopes, next)) = self.load_due(now).await else {
+            self.rescan_soon(Duration::from_secs(1));
+            return;
+        };
+        self.assign(envelopes, now);
+        // Parked mail is never due: nothing to wake up for.
+        if let Some(next) = next.filter(|&at| at != PARKED) {
+            let wait = Duration::from_millis(next.saturating_sub(now_ms()));
+            self.rescan_soon(wait);
+        }
+    }
+
+    /// The messages due at `now` that are not in hand already, and when the
+    /// next mail comes due; `None` (logged) if the spool could not tell.
+    async fn load_due(&self, now: u64) -> Option<(Vec<Envelope>, Option<u64>)> {
+        let spool = self.ctx.spool.clone();
+        let in_flight: HashSet<QueueId> = self.in_flight.iter().map(|(id, _)| *id).collect();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let due = spool.due_until(now, MAX_LOADED + in_flight.len())?;
+            // Messages already in hand are not decoded again: while a backlog
+            // drains, nearly every due entry is one. (A message with another
+            // destination due waits for its job in hand to finish.)
+            let mut seen = HashSet::new();
+            let ids: Vec<QueueId> = due
+                .iter()
+                .map(|(_, id)| *id)
+                .filter(|id| !in_flight.contains(id) && seen.insert(*id))
+                .collect();
+            let envelopes = spool.envelopes_of(&ids)?;
+            let next = spool.next_due_after(now)?;
+            Ok::<_, ReadError>((envelopes, next))
+        })
+        .await;
+        match loaded {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot read the due index; retrying shortly");
+                None
+            }
+            Err(e) => {
+                warn!(error = %e, "due index scan failed");
+                None
+            }
+        }
+    }
+
+    /// Makes a job of each destination's due recipients (up to
+    /// [`MAX_LOADED`] in hand) and sends it its way: queued for workers,
+    /// parked while its domain is paused, suspended while its primary is down.
+    fn assign(&mut self, envelopes: Vec<Envelope>, now: u64) {
+        let mut suspended: Vec<Job> = Vec::new();
+        let mut parked: Vec<Job> = Vec::new();
+        let mut touched: HashSet<Arc<str>> = HashSet::new();
+        for env in envelopes {
+            for (domain, rcpts) in due_recipients(&env, now) {
+                if self.in_flight.len() >= MAX_LOADED {
+                    break;
+                }
+                let (domain, _) = self.domain(&domain);
+                if !self.in_flight.insert((env.id, domain.clone())) {
+                    continue;
+                }
+                let job = Job {
+                    id: env.id,
+                    domain: domain.clone(),
+                    rcpts,
+                };
+                if self.ctx.is_paused(&domain) {
+                    parked.push(job);
+                    continue;
+                }
+                let state = self.domains.get_mut(&domain).expect("created above");
+                if state.down.is_some() {
+                    state.waiting.insert(env.id);
+                    suspended.push(job);
+                } else {
+                    state.queue.push(job);
+                    touched.insert(domain);
+                }
+            }
+        }
+        for domain in touched {
+            self.dispatch(&domain);
+        }
+        if !suspended.is_empty() {
+            self.suspend(suspended);
+        }
+        self.park(parked);
+    }
+
+    /// Starts workers for `domain` while it has queued jobs and free slots;
+    /// parks them instead while it is paused.
+    pub(super) fn dispatch(&mut self, domain: &Arc<str>) {
+        if self.ctx.is_paused(domain) {
+            if let Some(state) = self.domains.get(domain) {
+                let jobs = worker::drain(&state.queue);
+                self.park(jobs);
+            }
+            return;
+        }
+        let dest = self.destination(domain);
+        let cap = self.connections_per_domain;
+        let Some(state) = self.domains.get_mut(domain) else {
+            return;
+        };
+        let queued = state.queue.len();
+        // A connection costs a few round trips to open: worth it for a few
+        // messages, not for one. Up to what the slow start allows so far.
+        let wanted = queued
+            .div_ceil(MESSAGES_PER_NEW_CONNECTION)
+            .min(state.allowed(cap));
+        while state.workers < wanted && !self.ctx.shutdown.is_set() {
+            state.workers += 1;
+            self.ctx.metrics.connections(domain).inc();
+            self.tasks.spawn(worker::work(
+                self.ctx.clone(),
+                domain.clone(),
+                dest.clone(),
+                state.queue.clone(),
+            ));
+        }
+    }
+}
+
+/// Queued recipients of `env` due at `now_ms`, grouped by destination.
+fn due_recipients(env: &Envelope, now_ms: u64) -> Vec<(String, Vec<usize>)> {
+    let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+    for (i, r) in env.recipients.iter().enumerate() {
+        if r.status != RcptStatus::Queued || r.next_attempt_ms > now_ms {
+            continue;
+        }
+        let domain = domain_of(&r.address);
+        match groups.iter_mut().find(|(d, _)| *d == domain) {
+            Some((_, v)) => v.push(i),
+            None => groups.push((domain, vec![i])),
+        }
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::{Notify, Recipient};
+
+    #[test]
+    fn groups_due_recipients_by_domain() {
+        let rcpt = |address: &str, next: u64, status| Recipient {
+            address: address.into(),
+            orcpt: None,
+            notify: Notify::default(),
+            status,
+            attempts: 0,
+            next_attempt_ms: next,
+            last_reply: None,
+            unreachable: false,
+            delay_notified: false,
+            suspect: false,
+        };
+        let mut env = crate::spool::testing::envelope("", &[]);
+        env.recipients = vec![
+            rcpt("a@example.com", 10, RcptStatus::Queued),
+            rcpt("b@Example.COM.", 5, RcptStatus::Queued),
+            rcpt("c@example.org", 10, RcptStatus::Queued),
+            rcpt("d@example.com", 50, RcptStatus::Queued),
+            rcpt("e@example.org", 1, RcptStatus::Delivered),
+        ];
+        assert_eq!(
+            due_recipients(&env, 10),
+            vec![
+                ("example.com".to_string(), vec![0, 1]),
+                ("example.org".to_string(), vec![2])
+            ]
+        );
+        assert_eq!(
+            due_recipients(&env, 5),
+            vec![("example.com".to_string(), vec![1])]
+        );
+    }
+}
