@@ -15,24 +15,28 @@
 //! right what disagrees inside it and logs the queue IDs concerned.
 //!
 //! The spool never speaks SMTP and never decides policy.
+//!
+//! Here: the tables, the error types and [`Spool`], whose writes go to the one
+//! writer thread (`writer`). The rest: `store` (the redb file, opened and
+//! reopened), `recover` (the scan and repairs of the open), `read` (the read
+//! side), `record` (envelope records), `id` (queue IDs).
 
 mod id;
+mod read;
 mod record;
+mod recover;
+mod store;
 #[cfg(test)]
 pub(crate) use record::testing;
 mod writer;
 
-use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, mpsc};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use redb::{
-    Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    TableDefinition,
-};
+use redb::TableDefinition;
 use tokio::sync::oneshot;
 
 pub use id::{IdGen, ParseIdError, QueueId};
@@ -40,8 +44,9 @@ pub use record::{
     BodyType, Client, DecodeError, Envelope, Notify, PARKED, Pause, PausedBy, RcptStatus,
     Recipient, Ret,
 };
+use store::Store;
 pub use writer::{Change, CommitObserver, Finished, Labeler};
-use writer::{Job, LabelTotals, Totals, Writer, labels_of};
+use writer::{Job, Totals, Writer};
 
 const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
 const BODIES: TableDefinition<u64, &[u8]> = TableDefinition::new("bodies");
@@ -68,9 +73,6 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// upgraded when opened (its records still decode), and an older mxspool
 /// refuses a spool of layout 2 instead of quarantining records it cannot read.
 const SCHEMA: u64 = 2;
-/// redb's page cache. Its 1 GiB default would dwarf the rest of the process; the
-/// hot data (recent envelopes, the due index) is small.
-const CACHE_BYTES: usize = 8 * 1024 * 1024;
 
 /// A message ready to be stored: everything the 250 promises.
 #[derive(Debug)]
@@ -194,60 +196,12 @@ impl Spool {
             labeler,
             on_commit,
         } = options;
-        let io = |reason: String| OpenError::Io {
-            path: path.to_owned(),
-            reason,
-        };
-        let corrupt = |reason: String| OpenError::Corrupt {
-            path: path.to_owned(),
-            reason,
-        };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| io(format!("cannot create {}: {e}", dir.display())))?;
-        }
-        let db = match open_database(path) {
-            Ok(Ok(db)) => db,
-            Ok(Err(DatabaseError::DatabaseAlreadyOpen)) => {
-                return Err(OpenError::Locked {
-                    path: path.to_owned(),
-                });
-            }
-            Ok(Err(DatabaseError::Storage(redb::StorageError::Io(e)))) => {
-                return Err(match e.kind() {
-                    // How redb reports a file that does not start like a database.
-                    std::io::ErrorKind::InvalidData => corrupt(e.to_string()),
-                    std::io::ErrorKind::UnexpectedEof => {
-                        corrupt(format!("the file ends early (truncated?): {e}"))
-                    }
-                    _ => io(e.to_string()),
-                });
-            }
-            Ok(Err(e)) => return Err(corrupt(e.to_string())),
-            Err(_) => return Err(corrupt("the storage engine failed while reading it".into())),
-        };
-
-        let scan = prepare(&db, &labeler).map_err(|e| match e {
-            PrepareError::Schema(found) => OpenError::Schema {
-                path: path.to_owned(),
-                found,
-            },
-            PrepareError::Db(reason) => corrupt(reason),
-        })?;
-
-        let db = Arc::new(Store {
-            path: path.to_owned(),
-            db: RwLock::new(Some(db)),
-        });
-        let totals = Arc::new(Totals {
-            messages: AtomicU64::new(scan.messages),
-            queued_bytes: AtomicU64::new(scan.queued_bytes),
-            bytes: AtomicU64::new(scan.bytes),
-            dead: AtomicU64::new(scan.dead),
-            held: AtomicU64::new(scan.held),
-            quarantined: AtomicU64::new(scan.quarantined),
-            labels: Mutex::new(scan.labels),
-        });
+        let db = store::open_file(path)?;
+        let scan = recover::prepare(&db, &labeler).map_err(|e| e.at(path))?;
+        let db = Arc::new(Store::new(path, db));
+        let largest_id = scan.largest_id;
+        let (totals, repairs) = scan.into_totals();
+        let totals = Arc::new(totals);
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
             db: db.clone(),
@@ -259,13 +213,16 @@ impl Spool {
         let handle = std::thread::Builder::new()
             .name("spool-writer".into())
             .spawn(move || writer.run(rx))
-            .map_err(|e| io(format!("cannot start the writer thread: {e}")))?;
-        scan.repairs.log(path);
+            .map_err(|e| OpenError::Io {
+                path: path.to_owned(),
+                reason: format!("cannot start the writer thread: {e}"),
+            })?;
+        repairs.log(path);
         Ok(Spool {
             inner: Arc::new(Inner {
                 db,
                 path: path.to_owned(),
-                ids: IdGen::new(scan.largest_id),
+                ids: IdGen::new(largest_id),
                 max_size,
                 totals,
                 jobs: Mutex::new(Some(tx)),
@@ -288,47 +245,6 @@ impl Spool {
     pub fn has_room(&self, size: u64) -> bool {
         let used = self.inner.totals.bytes.load(Ordering::Relaxed);
         used.saturating_add(size) <= self.inner.max_size
-    }
-
-    /// What the queue gauges of `/metrics` show, from the running totals.
-    pub fn gauges(&self) -> crate::metrics::QueueGauges {
-        let stats = self.stats();
-        crate::metrics::QueueGauges {
-            queued_bytes: stats.queued_bytes,
-            dead: stats.dead,
-            quarantined: stats.quarantined,
-            by_label: self.queue_by_label(),
-        }
-    }
-
-    pub fn stats(&self) -> Stats {
-        let t = &self.inner.totals;
-        Stats {
-            messages: t.messages.load(Ordering::Relaxed),
-            queued_bytes: t.queued_bytes.load(Ordering::Relaxed),
-            bytes: t.bytes.load(Ordering::Relaxed),
-            held: t.held.load(Ordering::Relaxed),
-            dead: t.dead.load(Ordering::Relaxed),
-            quarantined: t.quarantined.load(Ordering::Relaxed),
-        }
-    }
-
-    /// Per label (see [`Spool::open_labelled`]): queued messages with a
-    /// recipient waiting there, and the arrival time (unix ms) of the oldest.
-    /// Exact, and cheap: kept by the writer, no table scan.
-    pub fn queue_by_label(&self) -> Vec<(String, u64, Option<u64>)> {
-        let labels = self
-            .inner
-            .totals
-            .labels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<(String, u64, Option<u64>)> = labels
-            .iter()
-            .map(|(label, t)| (label.clone(), t.messages, t.arrivals.keys().next().copied()))
-            .collect();
-        out.sort();
-        out
     }
 
     fn send(&self, job: Job) -> Result<(), CommitError> {
@@ -389,41 +305,6 @@ impl Spool {
         result.await.unwrap_or(Err(CommitError::Closed))
     }
 
-    /// Every paused domain as recorded, by name.
-    pub fn pauses(&self) -> Result<Vec<(String, Pause)>, ReadError> {
-        let txn = self.inner.db.begin_read()?;
-        let table = txn.open_table(PAUSED).map_err(read_err)?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(read_err)? {
-            let (domain, row) = row.map_err(read_err)?;
-            out.push((domain.value().to_owned(), Pause::from_row(row.value())));
-        }
-        Ok(out)
-    }
-
-    /// Every learned verdict, by lower-cased address.
-    pub fn learned_all(&self) -> Result<Vec<(String, LearnedRow)>, ReadError> {
-        let txn = self.inner.db.begin_read()?;
-        let table = txn.open_table(LEARNED).map_err(read_err)?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(read_err)? {
-            let (address, verdict) = row.map_err(read_err)?;
-            out.push((address.value().to_owned(), verdict.value()));
-        }
-        Ok(out)
-    }
-
-    /// The last verdict on `address` and when it was learned.
-    pub fn learned(&self, address: &str) -> Result<Option<LearnedRow>, ReadError> {
-        let txn = self.inner.db.begin_read()?;
-        let table = txn.open_table(LEARNED).map_err(read_err)?;
-        let key = address.to_lowercase();
-        Ok(table
-            .get(key.as_str())
-            .map_err(read_err)?
-            .map(|v| v.value()))
-    }
-
     /// Several changes at once: all are queued before any is awaited, so they
     /// share transactions. Results come back in the same order.
     pub async fn change_many(
@@ -453,35 +334,6 @@ impl Spool {
         out
     }
 
-    /// Envelopes of the given messages (absent or undecodable ones skipped),
-    /// read from one snapshot.
-    pub fn envelopes_of(&self, ids: &[QueueId]) -> Result<Vec<Envelope>, ReadError> {
-        let txn = self.inner.db.begin_read()?;
-        let table = txn.open_table(MESSAGES).map_err(read_err)?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(raw) = table.get(id.0).map_err(read_err)?
-                && let Ok(env) = Envelope::decode(raw.value())
-            {
-                out.push(env);
-            }
-        }
-        Ok(out)
-    }
-
-    /// The first due time strictly after `after_ms`, if any.
-    pub fn next_due_after(&self, after_ms: u64) -> Result<Option<u64>, ReadError> {
-        let txn = self.inner.db.begin_read()?;
-        let table = txn.open_table(DUE).map_err(read_err)?;
-        let first = table
-            .range((after_ms.saturating_add(1), 0)..)
-            .map_err(read_err)?
-            .next()
-            .transpose()
-            .map_err(read_err)?;
-        Ok(first.map(|(k, _)| k.value().0))
-    }
-
     /// Stores the message durably. Returns once the transaction holding it has been
     /// committed with an fsync, or with an error after which nothing of it remains.
     pub async fn commit(&self, message: NewMessage) -> Result<(), CommitError> {
@@ -505,102 +357,6 @@ impl Spool {
         }
     }
 
-    /// The envelope of a queued message, if it exists and decodes.
-    pub fn envelope(&self, id: QueueId) -> Result<Option<Envelope>, ReadError> {
-        let txn = self.inner.db.begin_read()?;
-        let table = txn.open_table(MESSAGES).map_err(read_err)?;
-        let Some(raw) = table.get(id.0).map_err(read_err)? else {
-            return Ok(None);
-        };
-        Envelope::decode(raw.value()).map(Some).map_err(read_err)
-    }
-
-    /// The stored body of a message.
-    pub fn body(&self, id: QueueId) -> Result<Option<Vec<u8>>, ReadError> {
-        let txn = self.inner.db.begin_read()?;
-        let table = txn.open_table(BODIES).map_err(read_err)?;
-        Ok(table
-            .get(id.0)
-            .map_err(read_err)?
-            .map(|v| v.value().to_vec()))
-    }
-
-    /// Every queued envelope in ID (arrival) order; undecodable ones are skipped
-    /// (they were quarantined at open and cannot appear later).
-    pub fn envelopes(&self) -> Result<Vec<Envelope>, ReadError> {
-        let txn = self.inner.db.begin_read()?;
-        let table = txn.open_table(MESSAGES).map_err(read_err)?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(read_err)? {
-            let (_, raw) = row.map_err(read_err)?;
-            if let Ok(env) = Envelope::decode(raw.value()) {
-                out.push(env);
-            }
-        }
-        Ok(out)
-    }
-
-    /// The due index in order: `(unix ms, ID)` of every message with mail to try.
-    pub fn due(&self) -> Result<Vec<(u64, QueueId)>, ReadError> {
-        self.due_until(u64::MAX, usize::MAX)
-    }
-
-    /// Due entries at or before `until_ms`, earliest first, at most `limit`.
-    pub fn due_until(&self, until_ms: u64, limit: usize) -> Result<Vec<(u64, QueueId)>, ReadError> {
-        let txn = self.inner.db.begin_read()?;
-        let table = txn.open_table(DUE).map_err(read_err)?;
-        let mut out = Vec::new();
-        for row in table
-            .range((0, 0)..=(until_ms, u64::MAX))
-            .map_err(read_err)?
-            .take(limit)
-        {
-            let (key, _) = row.map_err(read_err)?;
-            let (ms, id) = key.value();
-            out.push((ms, QueueId(id)));
-        }
-        Ok(out)
-    }
-
-    /// When the earliest message is due, if any is.
-    pub fn next_due(&self) -> Result<Option<u64>, ReadError> {
-        let txn = self.inner.db.begin_read()?;
-        let table = txn.open_table(DUE).map_err(read_err)?;
-        Ok(table.first().map_err(read_err)?.map(|(k, _)| k.value().0))
-    }
-
-    pub fn is_held(&self, id: QueueId) -> Result<bool, ReadError> {
-        let txn = self.inner.db.begin_read()?;
-        let table = txn.open_table(HELD).map_err(read_err)?;
-        Ok(table.get(id.0).map_err(read_err)?.is_some())
-    }
-
-    /// Every dead letter, oldest first.
-    pub fn dead_letters(&self) -> Result<Vec<Envelope>, ReadError> {
-        let txn = self.inner.db.begin_read()?;
-        let table = txn.open_table(DEAD).map_err(read_err)?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(read_err)? {
-            let (_, raw) = row.map_err(read_err)?;
-            if let Ok(env) = Envelope::decode(raw.value()) {
-                out.push(env);
-            }
-        }
-        Ok(out)
-    }
-
-    /// IDs of records moved to quarantine, with their raw bytes, for inspection.
-    pub fn quarantined(&self) -> Result<Vec<(QueueId, Vec<u8>)>, ReadError> {
-        let txn = self.inner.db.begin_read()?;
-        let table = txn.open_table(QUARANTINE).map_err(read_err)?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(read_err)? {
-            let (id, raw) = row.map_err(read_err)?;
-            out.push((QueueId(id.value()), raw.value().to_vec()));
-        }
-        Ok(out)
-    }
-
     /// Writes raw bytes as a message record, bypassing encoding: lets tests (and
     /// only tests) plant a damaged record to prove it is quarantined.
     #[doc(hidden)]
@@ -614,275 +370,12 @@ impl Spool {
     }
 }
 
-/// redb documents that opening a file altered behind its back may panic; a
-/// damaged spool must be a clear error instead (`Err` here).
-fn open_database(path: &Path) -> std::thread::Result<Result<Database, DatabaseError>> {
-    std::panic::catch_unwind(|| Database::builder().set_cache_size(CACHE_BYTES).create(path))
-}
-
-/// The database, reopenable: after a failed write (a full disk, say) redb
-/// refuses every later operation until the file is closed and opened again,
-/// which is how the spool recovers once the cause is gone.
-pub(super) struct Store {
-    path: PathBuf,
-    /// `None` while closed for reopening (or if reopening failed).
-    db: RwLock<Option<Database>>,
-}
-
-impl Store {
-    fn begin_read(&self) -> Result<redb::ReadTransaction, ReadError> {
-        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
-        let db = guard
-            .as_ref()
-            .ok_or_else(|| ReadError("the spool is being reopened after a write error".into()))?;
-        db.begin_read().map_err(read_err)
-    }
-
-    pub(super) fn begin_write(&self) -> Result<redb::WriteTransaction, redb::Error> {
-        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
-        let db = guard.as_ref().ok_or(redb::Error::PreviousIo)?;
-        db.begin_write().map_err(Into::into)
-    }
-
-    /// Closes and opens the file again; on failure the store stays closed and
-    /// the next write tries again.
-    pub(super) fn reopen(&self) {
-        let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
-        drop(guard.take());
-        match open_database(&self.path) {
-            Ok(Ok(db)) => {
-                tracing::warn!(path = %self.path.display(), "spool reopened after a write error");
-                *guard = Some(db);
-            }
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot reopen the spool yet"),
-            Err(_) => tracing::error!("the storage engine failed while reopening the spool"),
-        }
-    }
-
-    pub(super) fn is_open(&self) -> bool {
-        self.db.read().map(|g| g.is_some()).unwrap_or(false)
-    }
-}
-
-struct Scan {
-    messages: u64,
-    queued_bytes: u64,
-    labels: HashMap<String, LabelTotals>,
-    bytes: u64,
-    held: u64,
-    dead: u64,
-    quarantined: u64,
-    repairs: Repairs,
-    largest_id: u64,
-}
-
-/// What the open found wrong inside the file and set right, by queue ID.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Repairs {
-    /// Envelopes that did not decode: moved to quarantine.
-    quarantined: Vec<u64>,
-    /// Due-index entries that matched no queued message (none, or one due at
-    /// another time): removed.
-    stale_due: Vec<u64>,
-    /// Queued messages missing from the due index: put back.
-    restored_due: Vec<u64>,
-    /// Hold marks of messages that are not queued: removed.
-    stale_held: Vec<u64>,
-}
-
-impl Repairs {
-    /// IDs named per kind in the log; a damaged file may hold thousands.
-    const NAMED: usize = 100;
-
-    fn log(&self, path: &Path) {
-        let path = path.display().to_string();
-        // (IDs, what was done, whether mail is affected and an operator should look)
-        let kinds = [
-            (
-                &self.quarantined,
-                "undecodable envelopes moved to quarantine",
-                true,
-            ),
-            (
-                &self.stale_due,
-                "due-index entries matching no queued message removed",
-                false,
-            ),
-            (
-                &self.restored_due,
-                "queued messages missing from the due index put back",
-                false,
-            ),
-            (
-                &self.stale_held,
-                "hold marks of messages not in the queue removed",
-                false,
-            ),
-        ];
-        for (ids, what, lost) in kinds {
-            if ids.is_empty() {
-                continue;
-            }
-            let count = ids.len();
-            let named: Vec<String> = ids
-                .iter()
-                .take(Self::NAMED)
-                .map(|id| QueueId(*id).to_string())
-                .collect();
-            let ids = named.join(" ");
-            if lost {
-                tracing::error!(spool = %path, count, %ids, "{what}");
-            } else {
-                tracing::warn!(spool = %path, count, %ids, "{what}");
-            }
-        }
-    }
-}
-
-enum PrepareError {
-    Schema(u64),
-    Db(String),
-}
-
-impl<E: std::fmt::Display> From<E> for PrepareError
-where
-    E: Into<redb::Error>,
-{
-    fn from(e: E) -> Self {
-        PrepareError::Db(e.to_string())
-    }
-}
-
-/// Creates missing tables, checks the layout version, moves undecodable message
-/// records to quarantine, makes the due index and hold marks agree with the
-/// envelopes, and totals what is queued. (A missing body is found when the
-/// message is next loaded: checking here would read the whole file.)
-fn prepare(db: &Database, labeler: &Labeler) -> Result<Scan, PrepareError> {
-    let txn = db.begin_write()?;
-    let mut scan = Scan {
-        messages: 0,
-        queued_bytes: 0,
-        labels: HashMap::new(),
-        bytes: 0,
-        held: 0,
-        dead: 0,
-        quarantined: 0,
-        repairs: Repairs::default(),
-        largest_id: 0,
-    };
-    {
-        let mut meta = txn.open_table(META)?;
-        let found = meta.get("schema")?.map(|v| v.value());
-        match found {
-            // Layout 1 differs only by what layout 2 added.
-            None | Some(1) => {
-                meta.insert("schema", SCHEMA)?;
-            }
-            Some(SCHEMA) => {}
-            Some(other) => return Err(PrepareError::Schema(other)),
-        }
-        let mut messages = txn.open_table(MESSAGES)?;
-        // Bodies of quarantined records stay where they are, for manual recovery.
-        txn.open_table(BODIES)?;
-        let mut due = txn.open_table(DUE)?;
-        let mut held = txn.open_table(HELD)?;
-        let dead = txn.open_table(DEAD)?;
-        let mut quarantine = txn.open_table(QUARANTINE)?;
-        txn.open_table(LEARNED)?;
-        txn.open_table(PAUSED)?;
-
-        // The due index is derived from the envelopes: each queued message
-        // that is not held has exactly one entry, at its next due time.
-        let mut queued: HashSet<u64> = HashSet::new();
-        let mut wanted_due: HashSet<(u64, u64)> = HashSet::new();
-        let mut bad = Vec::new();
-        for row in messages.iter()? {
-            let (id, raw) = row?;
-            let id = id.value();
-            match Envelope::decode(raw.value()) {
-                Ok(env) => {
-                    scan.messages += 1;
-                    scan.queued_bytes += env.size;
-                    scan.bytes += env.size;
-                    for label in labels_of(&env, labeler) {
-                        let entry = scan.labels.entry(label).or_default();
-                        entry.messages += 1;
-                        *entry.arrivals.entry(env.arrived_ms).or_default() += 1;
-                    }
-                    queued.insert(id);
-                    if let Some(at) = env.next_due_ms()
-                        && held.get(id)?.is_none()
-                    {
-                        wanted_due.insert((at, id));
-                    }
-                }
-                Err(_) => bad.push((id, raw.value().to_vec())),
-            }
-        }
-        for (id, raw) in &bad {
-            quarantine.insert(*id, raw.as_slice())?;
-            messages.remove(*id)?;
-        }
-        scan.repairs.quarantined = bad.into_iter().map(|(id, _)| id).collect();
-
-        let mut stale_due = Vec::new();
-        for row in due.iter()? {
-            let (key, _) = row?;
-            let key = key.value();
-            if !wanted_due.remove(&key) {
-                stale_due.push(key);
-            }
-        }
-        for key in &stale_due {
-            due.remove(*key)?;
-        }
-        let mut restored: Vec<(u64, u64)> = wanted_due.into_iter().collect();
-        restored.sort_unstable_by_key(|&(_, id)| id);
-        for key in &restored {
-            due.insert(*key, ())?;
-        }
-        scan.repairs.stale_due = stale_due.into_iter().map(|(_, id)| id).collect();
-        scan.repairs.restored_due = restored.into_iter().map(|(_, id)| id).collect();
-
-        let mut stale_held = Vec::new();
-        for row in held.iter()? {
-            let (id, _) = row?;
-            if !queued.contains(&id.value()) {
-                stale_held.push(id.value());
-            }
-        }
-        for id in &stale_held {
-            held.remove(*id)?;
-        }
-        scan.repairs.stale_held = stale_held;
-
-        scan.quarantined = quarantine.len()?;
-        scan.held = held.len()?;
-        for row in dead.iter()? {
-            let (_, raw) = row?;
-            // An undecodable dead letter stays where it is: it is already aside.
-            if let Ok(env) = Envelope::decode(raw.value()) {
-                scan.dead += 1;
-                scan.bytes += env.size;
-            }
-        }
-        for table_last in [
-            messages.last()?.map(|(k, _)| k.value()),
-            dead.last()?.map(|(k, _)| k.value()),
-            quarantine.last()?.map(|(k, _)| k.value()),
-        ] {
-            scan.largest_id = scan.largest_id.max(table_last.unwrap_or(0));
-        }
-    }
-    txn.commit()?;
-    Ok(scan)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn message(id: u64, body: &[u8]) -> NewMessage {
+    /// A message of one recipient at example.com, due at 1000.
+    pub(super) fn message(id: u64, body: &[u8]) -> NewMessage {
         let mut envelope = record::sample(id, &["a@example.com"]);
         envelope.size = body.len() as u64;
         NewMessage {
@@ -891,97 +384,16 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn pauses_are_kept_cleared_and_survive_reopen() {
+    /// Messages 1 (two recipients) and 2, both due at 1000.
+    pub(super) async fn two_messages() -> (tempfile::TempDir, Spool) {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.redb");
-        let spool = Spool::open(&path, 1 << 20).unwrap();
-        assert!(spool.pauses().unwrap().is_empty());
-        let guard = Pause {
-            by: PausedBy::Guard,
-            since_ms: 10,
-        };
-        let operator = Pause {
-            by: PausedBy::Operator,
-            since_ms: 20,
-        };
-        spool.set_pause("a.example", Some(guard)).await.unwrap();
-        spool.set_pause("b.example", Some(operator)).await.unwrap();
-        spool.set_pause("c.example", Some(operator)).await.unwrap();
-        spool.set_pause("c.example", None).await.unwrap();
-        // Clearing what is not paused is no error.
-        spool.set_pause("d.example", None).await.unwrap();
-        spool.close();
-        drop(spool);
-        let spool = Spool::open(&path, 1 << 20).unwrap();
-        assert_eq!(
-            spool.pauses().unwrap(),
-            vec![
-                ("a.example".to_string(), guard),
-                ("b.example".to_string(), operator)
-            ]
-        );
-    }
-
-    #[tokio::test]
-    async fn parked_mail_stays_queued_but_is_never_due() {
-        let (_dir, spool) = two_messages().await;
-        spool
-            .change(
-                QueueId(1),
-                Change::Edit(Box::new(|env| {
-                    for r in &mut env.recipients {
-                        r.next_attempt_ms = PARKED;
-                    }
-                    Finished::Remove
-                })),
-                vec![],
-            )
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            spool.due_until(now_far(), 10).unwrap(),
-            vec![(1_000, QueueId(2))]
-        );
-        assert_eq!(spool.next_due_after(1_000).unwrap(), Some(PARKED));
-        // Still queued and counted: a pause holds mail, it does not drop it.
-        assert_eq!(spool.stats().messages, 2);
-        assert_eq!(spool.queue_by_label()[0].1, 2);
-        assert!(spool.envelope(QueueId(1)).unwrap().is_some());
-    }
-
-    /// A time far in the future, yet before [`PARKED`].
-    fn now_far() -> u64 {
-        PARKED - 1
-    }
-
-    #[tokio::test]
-    async fn a_layout_1_spool_is_upgraded_and_an_unknown_one_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.redb");
-        let set_schema = |value: u64| {
-            let db = Database::create(&path).unwrap();
-            let txn = db.begin_write().unwrap();
-            txn.open_table(META)
-                .unwrap()
-                .insert("schema", value)
-                .unwrap();
-            txn.commit().unwrap();
-        };
-        let spool = Spool::open(&path, 1 << 20).unwrap();
-        spool.commit(message(1, b"x")).await.unwrap();
-        spool.close();
-        drop(spool);
-        set_schema(1);
-        let spool = Spool::open(&path, 1 << 20).unwrap();
-        assert_eq!(spool.envelopes().unwrap().len(), 1);
-        assert!(spool.pauses().unwrap().is_empty());
-        spool.close();
-        drop(spool);
-        set_schema(3);
-        let err = Spool::open(&path, 1 << 20).err().unwrap();
-        assert!(matches!(err, OpenError::Schema { found: 3, .. }), "{err}");
+        let spool = Spool::open(&dir.path().join("s.redb"), 1 << 20).unwrap();
+        let mut first = message(1, b"one\r\n");
+        first.envelope = record::sample(1, &["a@example.com", "b@example.com"]);
+        first.envelope.size = 5;
+        spool.commit(first).await.unwrap();
+        spool.commit(message(2, b"two\r\n")).await.unwrap();
+        (dir, spool)
     }
 
     #[tokio::test]
@@ -1059,147 +471,6 @@ mod tests {
             spool.commit(message(1, b"x")).await,
             Err(CommitError::Closed)
         );
-    }
-
-    #[tokio::test]
-    async fn undecodable_records_are_quarantined_at_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.redb");
-        let spool = Spool::open(&path, 1 << 20).unwrap();
-        spool.commit(message(5, b"good\r\n")).await.unwrap();
-        spool
-            .write_raw_record_for_tests(QueueId(6), &[1, 0xff, 0xff])
-            .unwrap();
-        spool.write_raw_record_for_tests(QueueId(7), &[77]).unwrap();
-        spool.close();
-        drop(spool);
-
-        let spool = Spool::open(&path, 1 << 20).unwrap();
-        assert_eq!(spool.stats().messages, 1);
-        assert_eq!(spool.stats().quarantined, 2);
-        let q = spool.quarantined().unwrap();
-        assert_eq!(q[0], (QueueId(6), vec![1, 0xff, 0xff]));
-        assert_eq!(spool.envelopes().unwrap().len(), 1);
-        assert!(spool.next_id(0) > QueueId(7));
-    }
-
-    #[tokio::test]
-    async fn the_due_index_and_hold_marks_are_set_right_at_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.redb");
-        let spool = Spool::open(&path, 1 << 20).unwrap();
-        for id in 1..=4 {
-            spool.commit(message(id, b"x\r\n")).await.unwrap();
-        }
-        spool
-            .change(QueueId(4), Change::Hold, vec![])
-            .await
-            .unwrap();
-        spool
-            .write_raw_record_for_tests(QueueId(5), &[1, 0xff])
-            .unwrap();
-        {
-            let txn = spool.inner.db.begin_write().unwrap();
-            {
-                let mut due = txn.open_table(DUE).unwrap();
-                due.remove((1_000, 1)).unwrap(); // 1 lost its entry
-                due.remove((1_000, 2)).unwrap(); // 2 has one at the wrong time
-                due.insert((7, 2), ()).unwrap();
-                due.insert((5, 99), ()).unwrap(); // 99 does not exist
-                due.insert((5, 5), ()).unwrap(); // 5 will be quarantined
-                let mut held = txn.open_table(HELD).unwrap();
-                held.insert(98, ()).unwrap();
-                held.insert(5, ()).unwrap();
-            }
-            txn.commit().unwrap();
-        }
-        spool.close();
-        drop(spool);
-
-        let spool = Spool::open(&path, 1 << 20).unwrap();
-        assert_eq!(
-            spool.due().unwrap(),
-            vec![
-                (1_000, QueueId(1)),
-                (1_000, QueueId(2)),
-                (1_000, QueueId(3))
-            ]
-        );
-        assert_eq!(spool.stats().held, 1);
-        assert!(spool.is_held(QueueId(4)).unwrap());
-        assert!(!spool.is_held(QueueId(98)).unwrap());
-        assert_eq!(spool.stats().quarantined, 1);
-        assert_eq!(spool.stats().messages, 4);
-        spool.close();
-        drop(spool);
-
-        // A healthy file needs nothing set right.
-        let db = open_database(&path).unwrap().unwrap();
-        let scan = prepare(&db, &Options::new(0).labeler).ok().unwrap();
-        assert_eq!(scan.repairs, Repairs::default());
-    }
-
-    #[tokio::test]
-    async fn a_message_can_be_quarantined_and_leaves_the_totals() {
-        let (_dir, spool) = two_messages().await;
-        spool
-            .change(QueueId(1), Change::Hold, vec![])
-            .await
-            .unwrap();
-        let env = spool
-            .change(QueueId(1), Change::Quarantine, vec![])
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(spool.envelope(QueueId(1)).unwrap().is_none());
-        assert!(spool.body(QueueId(1)).unwrap().is_none());
-        let q = spool.quarantined().unwrap();
-        assert_eq!(q, vec![(QueueId(1), env.encode())]);
-        assert_eq!(spool.due().unwrap(), vec![(1_000, QueueId(2))]);
-        let stats = spool.stats();
-        assert_eq!(
-            (stats.messages, stats.held, stats.quarantined, stats.bytes),
-            (1, 0, 1, 5)
-        );
-        assert_eq!(
-            spool.queue_by_label(),
-            vec![("example.com".into(), 1, Some(1_000))]
-        );
-    }
-
-    #[test]
-    fn a_second_opener_gets_a_clear_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.redb");
-        let _first = Spool::open(&path, 1 << 20).unwrap();
-        let err = Spool::open(&path, 1 << 20).err().unwrap();
-        assert!(matches!(err, OpenError::Locked { .. }), "{err}");
-        assert!(err.to_string().contains("in use by another process"));
-    }
-
-    #[test]
-    fn garbage_file_is_a_clear_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.redb");
-        std::fs::write(&path, vec![0x5a; 64 * 1024]).unwrap();
-        let err = Spool::open(&path, 1 << 20).err().unwrap();
-        assert!(matches!(err, OpenError::Corrupt { .. }), "{err}");
-        assert!(
-            err.to_string().contains(&path.display().to_string()),
-            "{err}"
-        );
-    }
-
-    /// Messages 1 (two recipients) and 2, both due at 1000.
-    async fn two_messages() -> (tempfile::TempDir, Spool) {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(&dir.path().join("s.redb"), 1 << 20).unwrap();
-        let mut first = message(1, b"one\r\n");
-        first.envelope = record::sample(1, &["a@example.com", "b@example.com"]);
-        first.envelope.size = 5;
-        spool.commit(first).await.unwrap();
-        spool.commit(message(2, b"two\r\n")).await.unwrap();
-        (dir, spool)
     }
 
     #[tokio::test]
@@ -1356,42 +627,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn totals_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.redb");
-        {
-            let spool = Spool::open(&path, 1 << 20).unwrap();
-            spool.commit(message(1, b"12345")).await.unwrap();
-            spool.commit(message(2, b"123")).await.unwrap();
-            spool.commit(message(3, b"1")).await.unwrap();
-            spool
-                .change(QueueId(1), Change::Bury, vec![])
-                .await
-                .unwrap();
-            spool
-                .change(QueueId(2), Change::Hold, vec![])
-                .await
-                .unwrap();
-            let before = spool.stats();
-            spool.close();
-            drop(spool);
-            let spool = Spool::open(&path, 1 << 20).unwrap();
-            assert_eq!(spool.stats(), before);
-            assert_eq!(
-                before,
-                Stats {
-                    messages: 2,
-                    queued_bytes: 4,
-                    bytes: 9,
-                    held: 1,
-                    dead: 1,
-                    quarantined: 0
-                }
-            );
-        }
-    }
-
-    #[tokio::test]
     async fn a_finished_edit_can_bury_and_many_changes_share_batches() {
         let (_dir, spool) = two_messages().await;
         spool
@@ -1435,6 +670,66 @@ mod tests {
         assert_eq!(
             spool.envelopes_of(&[QueueId(1), QueueId(2)]).unwrap().len(),
             1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_message_can_be_quarantined_and_leaves_the_totals() {
+        let (_dir, spool) = two_messages().await;
+        spool
+            .change(QueueId(1), Change::Hold, vec![])
+            .await
+            .unwrap();
+        let env = spool
+            .change(QueueId(1), Change::Quarantine, vec![])
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(spool.envelope(QueueId(1)).unwrap().is_none());
+        assert!(spool.body(QueueId(1)).unwrap().is_none());
+        let q = spool.quarantined().unwrap();
+        assert_eq!(q, vec![(QueueId(1), env.encode())]);
+        assert_eq!(spool.due().unwrap(), vec![(1_000, QueueId(2))]);
+        let stats = spool.stats();
+        assert_eq!(
+            (stats.messages, stats.held, stats.quarantined, stats.bytes),
+            (1, 0, 1, 5)
+        );
+        assert_eq!(
+            spool.queue_by_label(),
+            vec![("example.com".into(), 1, Some(1_000))]
+        );
+    }
+
+    #[tokio::test]
+    async fn pauses_are_kept_cleared_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let spool = Spool::open(&path, 1 << 20).unwrap();
+        assert!(spool.pauses().unwrap().is_empty());
+        let guard = Pause {
+            by: PausedBy::Guard,
+            since_ms: 10,
+        };
+        let operator = Pause {
+            by: PausedBy::Operator,
+            since_ms: 20,
+        };
+        spool.set_pause("a.example", Some(guard)).await.unwrap();
+        spool.set_pause("b.example", Some(operator)).await.unwrap();
+        spool.set_pause("c.example", Some(operator)).await.unwrap();
+        spool.set_pause("c.example", None).await.unwrap();
+        // Clearing what is not paused is no error.
+        spool.set_pause("d.example", None).await.unwrap();
+        spool.close();
+        drop(spool);
+        let spool = Spool::open(&path, 1 << 20).unwrap();
+        assert_eq!(
+            spool.pauses().unwrap(),
+            vec![
+                ("a.example".to_string(), guard),
+                ("b.example".to_string(), operator)
+            ]
         );
     }
 

@@ -1,0 +1,255 @@
+//! The spool's read side: what is queued, due, held, dead or quarantined, what
+//! was learned and paused, and the running totals. Every read is one redb
+//! snapshot (MVCC), so readers never wait for the writer and never write.
+
+use std::sync::atomic::Ordering;
+
+use redb::ReadableTable;
+
+use super::{
+    BODIES, DEAD, DUE, Envelope, HELD, LEARNED, LearnedRow, MESSAGES, PAUSED, Pause, QUARANTINE,
+    QueueId, ReadError, Spool, Stats, read_err,
+};
+
+impl Spool {
+    /// What the queue gauges of `/metrics` show, from the running totals.
+    pub fn gauges(&self) -> crate::metrics::QueueGauges {
+        let stats = self.stats();
+        crate::metrics::QueueGauges {
+            queued_bytes: stats.queued_bytes,
+            dead: stats.dead,
+            quarantined: stats.quarantined,
+            by_label: self.queue_by_label(),
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        let t = &self.inner.totals;
+        Stats {
+            messages: t.messages.load(Ordering::Relaxed),
+            queued_bytes: t.queued_bytes.load(Ordering::Relaxed),
+            bytes: t.bytes.load(Ordering::Relaxed),
+            held: t.held.load(Ordering::Relaxed),
+            dead: t.dead.load(Ordering::Relaxed),
+            quarantined: t.quarantined.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Per label (see [`Spool::open_labelled`]): queued messages with a
+    /// recipient waiting there, and the arrival time (unix ms) of the oldest.
+    /// Exact, and cheap: kept by the writer, no table scan.
+    pub fn queue_by_label(&self) -> Vec<(String, u64, Option<u64>)> {
+        let labels = self
+            .inner
+            .totals
+            .labels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<(String, u64, Option<u64>)> = labels
+            .iter()
+            .map(|(label, t)| (label.clone(), t.messages, t.arrivals.keys().next().copied()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Every paused domain as recorded, by name.
+    pub fn pauses(&self) -> Result<Vec<(String, Pause)>, ReadError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(PAUSED).map_err(read_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(read_err)? {
+            let (domain, row) = row.map_err(read_err)?;
+            out.push((domain.value().to_owned(), Pause::from_row(row.value())));
+        }
+        Ok(out)
+    }
+
+    /// Every learned verdict, by lower-cased address.
+    pub fn learned_all(&self) -> Result<Vec<(String, LearnedRow)>, ReadError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(LEARNED).map_err(read_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(read_err)? {
+            let (address, verdict) = row.map_err(read_err)?;
+            out.push((address.value().to_owned(), verdict.value()));
+        }
+        Ok(out)
+    }
+
+    /// The last verdict on `address` and when it was learned.
+    pub fn learned(&self, address: &str) -> Result<Option<LearnedRow>, ReadError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(LEARNED).map_err(read_err)?;
+        let key = address.to_lowercase();
+        Ok(table
+            .get(key.as_str())
+            .map_err(read_err)?
+            .map(|v| v.value()))
+    }
+
+    /// Envelopes of the given messages (absent or undecodable ones skipped),
+    /// read from one snapshot.
+    pub fn envelopes_of(&self, ids: &[QueueId]) -> Result<Vec<Envelope>, ReadError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(MESSAGES).map_err(read_err)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(raw) = table.get(id.0).map_err(read_err)?
+                && let Ok(env) = Envelope::decode(raw.value())
+            {
+                out.push(env);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first due time strictly after `after_ms`, if any.
+    pub fn next_due_after(&self, after_ms: u64) -> Result<Option<u64>, ReadError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(DUE).map_err(read_err)?;
+        let first = table
+            .range((after_ms.saturating_add(1), 0)..)
+            .map_err(read_err)?
+            .next()
+            .transpose()
+            .map_err(read_err)?;
+        Ok(first.map(|(k, _)| k.value().0))
+    }
+
+    /// The envelope of a queued message, if it exists and decodes.
+    pub fn envelope(&self, id: QueueId) -> Result<Option<Envelope>, ReadError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(MESSAGES).map_err(read_err)?;
+        let Some(raw) = table.get(id.0).map_err(read_err)? else {
+            return Ok(None);
+        };
+        Envelope::decode(raw.value()).map(Some).map_err(read_err)
+    }
+
+    /// The stored body of a message.
+    pub fn body(&self, id: QueueId) -> Result<Option<Vec<u8>>, ReadError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(BODIES).map_err(read_err)?;
+        Ok(table
+            .get(id.0)
+            .map_err(read_err)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Every queued envelope in ID (arrival) order; undecodable ones are skipped
+    /// (they were quarantined at open and cannot appear later).
+    pub fn envelopes(&self) -> Result<Vec<Envelope>, ReadError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(MESSAGES).map_err(read_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(read_err)? {
+            let (_, raw) = row.map_err(read_err)?;
+            if let Ok(env) = Envelope::decode(raw.value()) {
+                out.push(env);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The due index in order: `(unix ms, ID)` of every message with mail to try.
+    pub fn due(&self) -> Result<Vec<(u64, QueueId)>, ReadError> {
+        self.due_until(u64::MAX, usize::MAX)
+    }
+
+    /// Due entries at or before `until_ms`, earliest first, at most `limit`.
+    pub fn due_until(&self, until_ms: u64, limit: usize) -> Result<Vec<(u64, QueueId)>, ReadError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(DUE).map_err(read_err)?;
+        let mut out = Vec::new();
+        for row in table
+            .range((0, 0)..=(until_ms, u64::MAX))
+            .map_err(read_err)?
+            .take(limit)
+        {
+            let (key, _) = row.map_err(read_err)?;
+            let (ms, id) = key.value();
+            out.push((ms, QueueId(id)));
+        }
+        Ok(out)
+    }
+
+    /// When the earliest message is due, if any is.
+    pub fn next_due(&self) -> Result<Option<u64>, ReadError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(DUE).map_err(read_err)?;
+        Ok(table.first().map_err(read_err)?.map(|(k, _)| k.value().0))
+    }
+
+    pub fn is_held(&self, id: QueueId) -> Result<bool, ReadError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(HELD).map_err(read_err)?;
+        Ok(table.get(id.0).map_err(read_err)?.is_some())
+    }
+
+    /// Every dead letter, oldest first.
+    pub fn dead_letters(&self) -> Result<Vec<Envelope>, ReadError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(DEAD).map_err(read_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(read_err)? {
+            let (_, raw) = row.map_err(read_err)?;
+            if let Ok(env) = Envelope::decode(raw.value()) {
+                out.push(env);
+            }
+        }
+        Ok(out)
+    }
+
+    /// IDs of records moved to quarantine, with their raw bytes, for inspection.
+    pub fn quarantined(&self) -> Result<Vec<(QueueId, Vec<u8>)>, ReadError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(QUARANTINE).map_err(read_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(read_err)? {
+            let (id, raw) = row.map_err(read_err)?;
+            out.push((QueueId(id.value()), raw.value().to_vec()));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::two_messages;
+    use super::super::{Change, Finished, PARKED};
+    use super::*;
+
+    #[tokio::test]
+    async fn parked_mail_stays_queued_but_is_never_due() {
+        let (_dir, spool) = two_messages().await;
+        spool
+            .change(
+                QueueId(1),
+                Change::Edit(Box::new(|env| {
+                    for r in &mut env.recipients {
+                        r.next_attempt_ms = PARKED;
+                    }
+                    Finished::Remove
+                })),
+                vec![],
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            spool.due_until(now_far(), 10).unwrap(),
+            vec![(1_000, QueueId(2))]
+        );
+        assert_eq!(spool.next_due_after(1_000).unwrap(), Some(PARKED));
+        // Still queued and counted: a pause holds mail, it does not drop it.
+        assert_eq!(spool.stats().messages, 2);
+        assert_eq!(spool.queue_by_label()[0].1, 2);
+        assert!(spool.envelope(QueueId(1)).unwrap().is_some());
+    }
+
+    /// A time far in the future, yet before [`PARKED`].
+    fn now_far() -> u64 {
+        PARKED - 1
+    }
+}
