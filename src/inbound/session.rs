@@ -404,157 +404,21 @@ impl Session {
     fn rcpt(&mut self, to: RcptTo<String>, line: &[u8], env: &Env<'_>) -> Result<Reply, String> {
         let policy = env.policy;
         let esmtp = self.is_esmtp();
+        let receiving = matches!(self.chunks, Chunks::Receiving(_));
         let Some(transaction) = &mut self.transaction else {
             return Ok(Reply::new(503, "5.5.1", "Error: need MAIL command"));
         };
-        if matches!(self.chunks, Chunks::Receiving(_)) {
-            // The content has begun: its envelope is settled.
-            return Ok(Reply::new(503, "5.5.1", "Error: RCPT after BDAT"));
+        if let Some(refusal) = rcpt_refusal(&to, esmtp, receiving, transaction, policy) {
+            return Ok(refusal);
         }
-        if (to.flags != 0 || to.orcpt.is_some()) && !esmtp {
-            return Ok(Reply::new(555, "5.5.4", "Error: RCPT parameters need EHLO"));
-        }
-        if to.flags & !RCPT_FLAGS_SUPPORTED != 0 || to.rrvs != 0 {
-            return Ok(Reply::new(
-                555,
-                "5.5.4",
-                "Error: unsupported RCPT parameter",
-            ));
-        }
-        if to
-            .orcpt
-            .as_deref()
-            .is_some_and(|v| !is_dsn_text(v, MAX_ORCPT))
-        {
-            return Ok(Reply::new(501, "5.5.4", "Error: bad ORCPT parameter"));
-        }
-        if has_control(&to.address) {
-            return Ok(Reply::new(
-                501,
-                "5.1.3",
-                "Error: bad recipient address syntax",
-            ));
-        }
-        if !to.address.is_ascii() && !transaction.smtputf8 {
-            return Ok(Reply::new(
-                553,
-                "5.6.7",
-                "Error: must declare SMTPUTF8 to send unicode address",
-            ));
-        }
-        if transaction.recipients.len() >= policy.max_recipients {
-            return Ok(Reply::new(452, "4.5.3", "Error: too many recipients"));
-        }
-        // smtp-proto parses both `<>` and `<postmaster>` to "": only the raw line
-        // tells them apart. The bare postmaster must be accepted (RFC 5321 §4.5.1).
-        let address = if to.address.is_empty() {
-            if !is_bare_postmaster(line) {
-                return Ok(Reply::new(
-                    501,
-                    "5.1.3",
-                    "Error: bad recipient address syntax",
-                ));
-            }
-            policy.postmaster.clone()
-        } else {
-            match policy.check_recipient(&to.address) {
-                Ok(address) => address,
-                Err(Refusal::Syntax) => {
-                    return Ok(Reply::new(
-                        501,
-                        "5.1.3",
-                        "Error: bad recipient address syntax",
-                    ));
-                }
-                Err(Refusal::Relay) => {
-                    return Ok(Reply::new(
-                        550,
-                        "5.7.1",
-                        format!("<{}>: Relay access denied", to.address),
-                    ));
-                }
-                Err(Refusal::UnknownUser) => {
-                    return Ok(Reply::new(
-                        550,
-                        "5.1.1",
-                        format!(
-                            "<{}>: Recipient address rejected: User unknown in relay recipient table",
-                            to.address
-                        ),
-                    ));
-                }
-            }
+        let address = match relay_address(&to, line, policy, transaction.smtputf8) {
+            Ok(address) => address,
+            Err(refusal) => return Ok(refusal),
         };
-        if address::path(&address, transaction.smtputf8).is_none_or(|p| p.is_empty()) {
-            return Ok(Reply::new(
-                501,
-                "5.1.3",
-                "Error: bad recipient address syntax",
-            ));
+        if let Some(answer) = unverified(&address, &to.address, policy, env) {
+            return answer;
         }
-        // A backup MX without the primary's user list would accept mail it can
-        // only bounce later (backscatter): use what the primary told us.
-        let (local, _) = address.rsplit_once('@').unwrap_or(("", ""));
-        if let Some(unknown) = policy.verification(&address)
-            && !local.eq_ignore_ascii_case("postmaster")
-        {
-            match (env.knowledge)(&address) {
-                Knowledge::Exists => {}
-                Knowledge::DoesNotExist => {
-                    return Ok(Reply::new(
-                        550,
-                        "5.1.1",
-                        format!("<{}>: Recipient address rejected: User unknown", to.address),
-                    ));
-                }
-                Knowledge::Unseen if !(env.primary_down)(&address) => {
-                    if (env.may_call_out)(&address) {
-                        return Err(address);
-                    }
-                }
-                Knowledge::Unseen => {
-                    if unknown == UnknownRecipients::Tempfail {
-                        return Ok(Reply::new(
-                            450,
-                            "4.1.1",
-                            format!(
-                                "<{}>: Recipient address rejected: unverified address, try again later",
-                                to.address
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
-        let duplicate = transaction
-            .recipients
-            .iter()
-            .any(|r| r.address.eq_ignore_ascii_case(&address));
-        if !duplicate {
-            let mut notify = 0;
-            for (flag, bit) in [
-                (RCPT_NOTIFY_SUCCESS, Notify::SUCCESS),
-                (RCPT_NOTIFY_FAILURE, Notify::FAILURE),
-                (RCPT_NOTIFY_DELAY, Notify::DELAY),
-                (RCPT_NOTIFY_NEVER, Notify::NEVER),
-            ] {
-                if to.flags & flag != 0 {
-                    notify |= bit;
-                }
-            }
-            transaction.recipients.push(Recipient {
-                address,
-                orcpt: to.orcpt,
-                notify: Notify(notify),
-                status: RcptStatus::Queued,
-                attempts: 0,
-                next_attempt_ms: 0,
-                last_reply: None,
-                unreachable: false,
-                delay_notified: false,
-                suspect: false,
-            });
-        }
+        add_recipient(transaction, address, &to);
         Ok(Reply::new(250, "2.1.5", "Ok"))
     }
 
@@ -702,6 +566,193 @@ impl Session {
 
 /// Whether a path holds a control character (C0 or DEL), which smtp-proto
 /// lets through inside quoted local parts.
+/// Why RCPT's command itself is refused (its parameters, its address's form,
+/// the recipient limit), if it is.
+fn rcpt_refusal(
+    to: &RcptTo<String>,
+    esmtp: bool,
+    receiving: bool,
+    transaction: &Transaction,
+    policy: &Policy,
+) -> Option<Reply> {
+    if receiving {
+        // The content has begun: its envelope is settled.
+        return Some(Reply::new(503, "5.5.1", "Error: RCPT after BDAT"));
+    }
+    if (to.flags != 0 || to.orcpt.is_some()) && !esmtp {
+        return Some(Reply::new(555, "5.5.4", "Error: RCPT parameters need EHLO"));
+    }
+    if to.flags & !RCPT_FLAGS_SUPPORTED != 0 || to.rrvs != 0 {
+        return Some(Reply::new(
+            555,
+            "5.5.4",
+            "Error: unsupported RCPT parameter",
+        ));
+    }
+    if to
+        .orcpt
+        .as_deref()
+        .is_some_and(|v| !is_dsn_text(v, MAX_ORCPT))
+    {
+        return Some(Reply::new(501, "5.5.4", "Error: bad ORCPT parameter"));
+    }
+    if has_control(&to.address) {
+        return Some(Reply::new(
+            501,
+            "5.1.3",
+            "Error: bad recipient address syntax",
+        ));
+    }
+    if !to.address.is_ascii() && !transaction.smtputf8 {
+        return Some(Reply::new(
+            553,
+            "5.6.7",
+            "Error: must declare SMTPUTF8 to send unicode address",
+        ));
+    }
+    if transaction.recipients.len() >= policy.max_recipients {
+        return Some(Reply::new(452, "4.5.3", "Error: too many recipients"));
+    }
+    None
+}
+
+/// The recipient as we will store it (`<postmaster>` made ours, the relay
+/// policy's normal form), or the refusal: not ours to relay, unknown, or not
+/// an address delivery could write as a path.
+fn relay_address(
+    to: &RcptTo<String>,
+    line: &[u8],
+    policy: &Policy,
+    smtputf8: bool,
+) -> Result<String, Reply> {
+    // smtp-proto parses both `<>` and `<postmaster>` to "": only the raw line
+    // tells them apart. The bare postmaster must be accepted (RFC 5321 §4.5.1).
+    let address = if to.address.is_empty() {
+        if !is_bare_postmaster(line) {
+            return Err(Reply::new(
+                501,
+                "5.1.3",
+                "Error: bad recipient address syntax",
+            ));
+        }
+        policy.postmaster.clone()
+    } else {
+        match policy.check_recipient(&to.address) {
+            Ok(address) => address,
+            Err(Refusal::Syntax) => {
+                return Err(Reply::new(
+                    501,
+                    "5.1.3",
+                    "Error: bad recipient address syntax",
+                ));
+            }
+            Err(Refusal::Relay) => {
+                return Err(Reply::new(
+                    550,
+                    "5.7.1",
+                    format!("<{}>: Relay access denied", to.address),
+                ));
+            }
+            Err(Refusal::UnknownUser) => {
+                return Err(Reply::new(
+                    550,
+                    "5.1.1",
+                    format!(
+                        "<{}>: Recipient address rejected: User unknown in relay recipient table",
+                        to.address
+                    ),
+                ));
+            }
+        }
+    };
+    if address::path(&address, smtputf8).is_none_or(|p| p.is_empty()) {
+        return Err(Reply::new(
+            501,
+            "5.1.3",
+            "Error: bad recipient address syntax",
+        ));
+    }
+    Ok(address)
+}
+
+/// For a `verify_recipients` domain: the refusal or the callout (`Err`) that
+/// what the primary told us (or not) calls for; `None` to take it.
+fn unverified(
+    address: &str,
+    given: &str,
+    policy: &Policy,
+    env: &Env<'_>,
+) -> Option<Result<Reply, String>> {
+    // A backup MX without the primary's user list would accept mail it can
+    // only bounce later (backscatter): use what the primary told us.
+    let (local, _) = address.rsplit_once('@').unwrap_or(("", ""));
+    if let Some(unknown) = policy.verification(address)
+        && !local.eq_ignore_ascii_case("postmaster")
+    {
+        match (env.knowledge)(address) {
+            Knowledge::Exists => {}
+            Knowledge::DoesNotExist => {
+                return Some(Ok(Reply::new(
+                    550,
+                    "5.1.1",
+                    format!("<{given}>: Recipient address rejected: User unknown"),
+                )));
+            }
+            Knowledge::Unseen if !(env.primary_down)(address) => {
+                if (env.may_call_out)(address) {
+                    return Some(Err(address.to_owned()));
+                }
+            }
+            Knowledge::Unseen => {
+                if unknown == UnknownRecipients::Tempfail {
+                    return Some(Ok(Reply::new(
+                        450,
+                        "4.1.1",
+                        format!(
+                            "<{given}>: Recipient address rejected: unverified address, try again later"
+                        ),
+                    )));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Adds the recipient with its NOTIFY=/ORCPT=, once (a repeat is accepted
+/// and ignored).
+fn add_recipient(transaction: &mut Transaction, address: String, to: &RcptTo<String>) {
+    let duplicate = transaction
+        .recipients
+        .iter()
+        .any(|r| r.address.eq_ignore_ascii_case(&address));
+    if !duplicate {
+        let mut notify = 0;
+        for (flag, bit) in [
+            (RCPT_NOTIFY_SUCCESS, Notify::SUCCESS),
+            (RCPT_NOTIFY_FAILURE, Notify::FAILURE),
+            (RCPT_NOTIFY_DELAY, Notify::DELAY),
+            (RCPT_NOTIFY_NEVER, Notify::NEVER),
+        ] {
+            if to.flags & flag != 0 {
+                notify |= bit;
+            }
+        }
+        transaction.recipients.push(Recipient {
+            address,
+            orcpt: to.orcpt.clone(),
+            notify: Notify(notify),
+            status: RcptStatus::Queued,
+            attempts: 0,
+            next_attempt_ms: 0,
+            last_reply: None,
+            unreachable: false,
+            delay_notified: false,
+            suspect: false,
+        });
+    }
+}
+
 /// RFC 3461 §4.4 and §4.2: an ENVID is at most 100 characters, an ORCPT
 /// (address type included) at most 500 (smtp-proto already stops at 256).
 const MAX_ENVID: usize = 100;
