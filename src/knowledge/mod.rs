@@ -107,12 +107,9 @@ impl Learned {
     }
 
     /// How many verdicts are held in memory.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.verdicts.read().map(|v| v.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -134,7 +131,7 @@ mod tests {
         {
             let spool = Spool::open(&path, 1 << 20).unwrap();
             let learned = Learned::load(spool.clone()).unwrap();
-            assert!(learned.is_empty());
+            assert_eq!(learned.len(), 0);
             learned.learn(
                 vec![
                     ("Alice@Example.com".into(), true),

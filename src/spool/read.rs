@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
-use redb::ReadableTable;
+use redb::{ReadableTable, TableDefinition};
 
 use super::{
     BODIES, DEAD, DUE, Envelope, HELD, LEARNED, LearnedRow, MESSAGES, PAUSED, Pause, QUARANTINE,
@@ -140,16 +140,7 @@ impl Spool {
     /// Every queued envelope in ID (arrival) order; undecodable ones are skipped
     /// (they were quarantined at open and cannot appear later).
     pub fn envelopes(&self) -> Result<Vec<Envelope>, ReadError> {
-        let txn = self.inner.db.begin_read()?;
-        let table = txn.open_table(MESSAGES).map_err(read_err)?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(read_err)? {
-            let (_, raw) = row.map_err(read_err)?;
-            if let Ok(env) = Envelope::decode(raw.value()) {
-                out.push(env);
-            }
-        }
-        Ok(out)
+        self.decodable(MESSAGES)
     }
 
     /// The due index in order: `(unix ms, ID)` of every message with mail to try.
@@ -189,8 +180,14 @@ impl Spool {
 
     /// Every dead letter, oldest first.
     pub fn dead_letters(&self) -> Result<Vec<Envelope>, ReadError> {
+        self.decodable(DEAD)
+    }
+
+    /// Every envelope of `table` (queue or dead letters) in ID order, skipping
+    /// any that does not decode.
+    fn decodable(&self, table: TableDefinition<u64, &[u8]>) -> Result<Vec<Envelope>, ReadError> {
         let txn = self.inner.db.begin_read()?;
-        let table = txn.open_table(DEAD).map_err(read_err)?;
+        let table = txn.open_table(table).map_err(read_err)?;
         let mut out = Vec::new();
         for row in table.iter().map_err(read_err)? {
             let (_, raw) = row.map_err(read_err)?;
