@@ -32,6 +32,7 @@
 
 pub mod address;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod dsn;
 pub mod health;
@@ -55,6 +56,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use clock::Clock;
 use config::{Config, ConfigError};
 use health::Health;
 use inbound::policy::Policy;
@@ -80,6 +82,27 @@ pub enum StartError {
     Socket(std::io::Error),
 }
 
+/// What [`Server::start_with`] takes besides the config: the parts tests
+/// replace.
+pub struct Options {
+    /// The outbound client's settings (tests use short timeouts and their
+    /// own certificate authority).
+    pub outbound: outbound::Settings,
+    /// Where delivery, health and the admin API read the time (tests move it
+    /// forward).
+    pub clock: Clock,
+}
+
+impl Options {
+    /// What [`Server::start`] uses: `config`'s client settings, the system clock.
+    pub fn for_config(config: &Config) -> Options {
+        Options {
+            outbound: outbound::Settings::new(config.server.hostname.clone(), config.delivery.tls),
+            clock: Clock::new(),
+        }
+    }
+}
+
 /// A running mxspool: listeners, sessions and the spool.
 pub struct Server {
     config: Config,
@@ -101,17 +124,17 @@ impl Server {
     /// Opens the spool, starts delivery, and serves SMTP on the given (already
     /// bound) listeners.
     pub async fn start(config: Config, smtp: Vec<TcpListener>) -> Result<Server, StartError> {
-        let settings = outbound::Settings::new(config.server.hostname.clone(), config.delivery.tls);
-        Server::start_with(config, smtp, settings).await
+        let options = Options::for_config(&config);
+        Server::start_with(config, smtp, options).await
     }
 
-    /// [`Server::start`] with the outbound client's settings given (tests use
-    /// short timeouts and their own certificate authority).
+    /// [`Server::start`] with the parts tests replace given.
     pub async fn start_with(
         config: Config,
         smtp: Vec<TcpListener>,
-        outbound: outbound::Settings,
+        options: Options,
     ) -> Result<Server, StartError> {
+        let Options { outbound, clock } = options;
         let policy = Policy::from_config(&config)?;
         let tls = config
             .tls
@@ -170,7 +193,7 @@ impl Server {
         let health = Arc::new(Health::new(
             config.domains.iter().map(|d| d.name.clone()),
             metrics.clone(),
-            scheduler::now_ms(),
+            clock.now_ms(),
         ));
         let learned = Arc::new(learned);
         let callouts = Arc::new(Callouts::new(
@@ -191,6 +214,7 @@ impl Server {
                 learned: learned.clone(),
                 metrics: metrics.clone(),
                 shutdown: shutdown.clone(),
+                clock: clock.clone(),
             },
         );
         let scheduler = tokio::spawn(scheduler.run());
@@ -209,6 +233,7 @@ impl Server {
                 learned,
                 callouts,
                 metrics: metrics.clone(),
+                clock: clock.clone(),
             },
         ));
         let (running_tx, running) = mpsc::channel(1);
@@ -232,6 +257,7 @@ impl Server {
                 delivery: delivery.clone(),
                 token,
                 ready: ready.clone(),
+                clock: clock.clone(),
             }),
             shutdown.clone(),
         ));
@@ -290,6 +316,12 @@ impl Server {
         self.config = fresh;
         info!("configuration reloaded");
         Ok(())
+    }
+
+    /// Waits until delivery has done everything due now and has nothing in
+    /// hand (see [`scheduler::Handle::settled`]).
+    pub async fn settled(&self) {
+        self.delivery.settled().await;
     }
 
     /// Makes a domain's queued mail (or all of it) due now.

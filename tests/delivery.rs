@@ -13,7 +13,6 @@ use dns_server::TestDns;
 use hickory_proto::rr::RecordType;
 use mxspool::config::TlsPolicy;
 use mxspool::outbound::{Settings, Timeouts};
-use mxspool::scheduler::now_ms;
 use mxspool::spool::{QueueId, RcptStatus, Recipient};
 use primary::{Caps, Mode, Primary, Received};
 use tokio::time::Instant;
@@ -184,7 +183,7 @@ async fn mail_for_a_primary_known_to_be_down_is_written_once() {
             .await,
         );
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    t.settled().await;
     assert_eq!(commits(&t) - before, 5, "one commit per message");
     for id in &ids {
         let r = queued_rcpt(&t, *id, "user@example.com").expect("queued");
@@ -468,12 +467,12 @@ async fn a_null_mx_fails_and_a_dns_failure_defers() {
 
     wait_gone(&t, nomail).await;
     let r = wait_attempts(&t, broken, "user@broken.test", 1).await;
-    assert!(r.next_attempt_ms > now_ms() + 1_800_000, "{r:?}");
+    assert!(r.next_attempt_ms > t.clock.now_ms() + 1_800_000, "{r:?}");
     assert!(
         net.bounces.wait_for_messages(1, WAIT).await,
         "no failure notice"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    t.settled().await;
     let got = net.bounces.messages();
     assert_eq!(got.len(), 1, "a DNS failure is not a reason to give up");
     let dsn = Notice::of(&got[0], SENDER);
@@ -537,7 +536,7 @@ async fn each_recipient_gets_its_own_result() {
         "450 4.2.0 <later@example.com>: try later",
     );
     let t = TestServer::start(net.config()).await;
-    let before = now_ms();
+    let before = t.clock.now_ms();
     let id = send(
         &t,
         SENDER,
@@ -554,7 +553,7 @@ async fn each_recipient_gets_its_own_result() {
     // The 450 one waits its backoff: one attempt, next one within
     // retry_initial (1h) less at most 20 % jitter.
     let later = wait_attempts(&t, id, "later@example.com", 1).await;
-    let after = now_ms();
+    let after = t.clock.now_ms();
     assert_eq!(later.attempts, 1);
     let hour = 3_600_000;
     assert!(
@@ -603,7 +602,7 @@ async fn each_recipient_gets_its_own_result() {
     assert!(dsn.mentions("Subject: per-recipient\r\n"));
     assert!(dsn.mentions("Message-ID: <per-recipient@origin.test>"));
     // Nothing more for the relay primary later on: one RCPT for the 450'd.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    t.settled().await;
     assert_eq!(rcpt_commands(&net.relay, "later@example.com"), 1);
 }
 
@@ -620,7 +619,7 @@ async fn mail_from_the_null_sender_is_never_bounced_but_kept_as_a_dead_letter() 
     assert_eq!(dead[0].recipients[0].status, RcptStatus::Failed);
     // No notice queued or sent to anyone (not to <>, not to the postmaster).
     assert!(t.stored().is_empty(), "something queued: {:?}", t.stored());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    t.settled().await;
     assert!(net.relay.messages().is_empty());
     assert!(net.bounces.messages().is_empty());
 }
@@ -687,7 +686,7 @@ async fn a_notice_to_the_postmaster_that_fails_is_kept_as_a_dead_letter() {
     assert_eq!(dead[0].recipients[0].address, POSTMASTER);
     assert_eq!(dead[0].recipients[0].status, RcptStatus::Failed);
     assert!(t.stored().is_empty());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    t.settled().await;
     assert!(net.bounces.messages().is_empty(), "the sender got one");
 }
 
@@ -724,7 +723,7 @@ async fn assert_tried_without_notice(t: &TestServer, net: &Net) {
         t.stored()
     );
     assert!(t.spool().dead_letters().unwrap().is_empty());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    t.settled().await;
     assert!(net.bounces.messages().is_empty());
     assert!(net.relay.messages().is_empty());
 }
@@ -769,7 +768,7 @@ async fn deferred_by_a_live_primary(net: &Net, t: &TestServer, rcpt: &str) -> Qu
     net.relay.set_rcpt_reply(rcpt, "450 4.2.0 mailbox busy");
     let id = send(t, SENDER, &[rcpt], &tagged("deferred")).await;
     let r = wait_attempts(t, id, rcpt, 1).await;
-    assert!(r.next_attempt_ms > now_ms() + 1_800_000, "{r:?}");
+    assert!(r.next_attempt_ms > t.clock.now_ms() + 1_800_000, "{r:?}");
     net.relay.set_rcpt_reply(rcpt, "250 2.1.5 Ok");
     // It keeps its backoff until asked.
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -916,7 +915,7 @@ async fn a_421_greeting_marks_the_primary_down_until_a_probe_finds_it_back() {
     let id = send(&t, SENDER, &["user@example.com"], &tagged("421")).await;
     let r = wait_attempts(&t, id, "user@example.com", 1).await;
     assert!(r.unreachable, "a 421 greeting means unreachable: {r:?}");
-    assert!(r.next_attempt_ms > now_ms() + 1_800_000, "{r:?}");
+    assert!(r.next_attempt_ms > t.clock.now_ms() + 1_800_000, "{r:?}");
     let up = || {
         t.server
             .metrics()
@@ -1027,7 +1026,7 @@ async fn a_probe_does_not_release_mail_a_live_primary_deferred() {
     assert_eq!(rcpt_commands(&primary, "busy@example.com"), 1);
     let r = queued_rcpt(&t, busy, "busy@example.com").expect("still queued");
     assert_eq!(r.attempts, 1);
-    assert!(r.next_attempt_ms > now_ms() + 1_800_000, "{r:?}");
+    assert!(r.next_attempt_ms > t.clock.now_ms() + 1_800_000, "{r:?}");
 }
 
 #[tokio::test]
@@ -1068,7 +1067,7 @@ async fn after_a_restart_mail_waiting_for_the_primary_goes_as_soon_as_it_answers
     let id = send(&t, SENDER, &["user@example.com"], &tagged("restart-down")).await;
     let r = wait_attempts(&t, id, "user@example.com", 1).await;
     assert!(
-        r.unreachable && r.next_attempt_ms > now_ms() + 1_800_000,
+        r.unreachable && r.next_attempt_ms > t.clock.now_ms() + 1_800_000,
         "{r:?}"
     );
     let TestServer { server, dir, .. } = t;
@@ -1125,7 +1124,10 @@ async fn a_primary_coming_back_releases_only_its_own_domains_recipients() {
     );
     let busy = queued_rcpt(&t, id, "busy@example.com").expect("still queued");
     assert_eq!(busy.attempts, 1);
-    assert!(busy.next_attempt_ms > now_ms() + 1_800_000, "{busy:?}");
+    assert!(
+        busy.next_attempt_ms > t.clock.now_ms() + 1_800_000,
+        "{busy:?}"
+    );
 }
 
 #[tokio::test]
@@ -1200,22 +1202,26 @@ async fn mail_that_outlives_the_queue_lifetime_fails_with_4_4_7() {
         .set_rcpt_reply("user@example.com", "450 4.2.0 mailbox busy");
     let config = net
         .config()
-        .set("delivery", "max_queue_lifetime", r#""1s""#)
-        .set("delivery", "retry_initial", r#""300ms""#)
-        .set("delivery", "retry_max", r#""300ms""#)
+        .set("delivery", "max_queue_lifetime", r#""5d""#)
+        .set("delivery", "retry_initial", r#""1h""#)
+        .set("delivery", "retry_max", r#""1d""#)
         .set("delivery", "retry_jitter", "0.0");
     let t = TestServer::start(config).await;
     let id = send(&t, SENDER, &["user@example.com"], &tagged("expiring")).await;
-    wait_attempts(&t, id, "user@example.com", 1).await;
+    t.settled().await;
+    assert_eq!(rcpt_commands(&net.relay, "user@example.com"), 1);
+    // A day later: retried, still within its lifetime.
+    t.advance(Duration::from_secs(24 * 3600)).await;
+    let r = queued_rcpt(&t, id, "user@example.com").expect("still queued");
+    assert_eq!(r.attempts, 2, "{r:?}");
+    assert!(net.bounces.messages().is_empty(), "gave up early");
+    // Past five days: the next attempt's 450 is the last.
+    t.advance(Duration::from_secs(4 * 24 * 3600)).await;
     assert!(
-        net.bounces.wait_for_messages(1, WAIT).await,
-        "no notice after the lifetime"
+        queued_rcpt(&t, id, "user@example.com").is_none(),
+        "still queued"
     );
-    wait_gone(&t, id).await;
-    assert!(
-        rcpt_commands(&net.relay, "user@example.com") >= 2,
-        "retried before expiring"
-    );
+    assert_eq!(rcpt_commands(&net.relay, "user@example.com"), 3);
     let got = net.bounces.messages();
     assert_eq!(got.len(), 1);
     let dsn = Notice::of(&got[0], SENDER);
@@ -1233,24 +1239,25 @@ async fn one_delay_warning_however_many_retries() {
         .set_rcpt_reply("user@example.com", "450 4.2.0 mailbox busy");
     let config = net
         .config()
-        .set("delivery", "delay_warning_after", r#""1s""#)
-        .set("delivery", "retry_initial", r#""500ms""#)
-        .set("delivery", "retry_max", r#""500ms""#)
+        .set("delivery", "delay_warning_after", r#""4h""#)
+        .set("delivery", "retry_initial", r#""30m""#)
+        .set("delivery", "retry_max", r#""30m""#)
         .set("delivery", "retry_jitter", "0.0");
     let t = TestServer::start(config).await;
-    let sent = std::time::Instant::now();
     let id = send(&t, SENDER, &["user@example.com"], &tagged("slow")).await;
-    // No warning before the second is up (the notice is recorded with the
-    // attempt that calls for it). Seen within the second, the attempt was
-    // too; a slow machine may make the second attempt later.
-    let r = wait_attempts(&t, id, "user@example.com", 2).await;
-    if r.attempts == 2 && sent.elapsed() < Duration::from_millis(900) {
-        assert!(!r.delay_notified, "warned too early: {r:?}");
+    t.settled().await;
+    // Half-hourly retries: no warning until four hours have passed (the
+    // notice is recorded with the attempt that calls for it), then one.
+    for half_hours in 1..=12u32 {
+        t.advance(Duration::from_secs(30 * 60)).await;
+        let r = queued_rcpt(&t, id, "user@example.com").expect("queued");
+        assert_eq!(r.attempts, half_hours + 1, "{r:?}");
+        assert_eq!(
+            r.delay_notified,
+            half_hours >= 8,
+            "after {half_hours} half hours: {r:?}"
+        );
     }
-    // Several retries after the warning was due.
-    let r = wait_attempts(&t, id, "user@example.com", 5).await;
-    assert!(r.delay_notified);
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let got = net.bounces.messages();
     assert_eq!(got.len(), 1, "exactly one delay notice");
     let dsn = Notice::of(&got[0], SENDER);

@@ -248,7 +248,7 @@ async fn every_dashboard_and_alert_expression_parses_and_has_data() {
     let dir = tempfile::tempdir().unwrap();
     let prom = start_prometheus(dir.path(), t.server.http_addr());
     // Wait for several scrapes so rates have two samples.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let up = try_query(&prom, "up{job=\"mxspool\"} == 1");
         let ready = match tokio::time::timeout(Duration::from_secs(2), up).await {
@@ -261,7 +261,7 @@ async fn every_dashboard_and_alert_expression_parses_and_has_data() {
             break;
         }
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "prometheus never scraped mxspool"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -3,7 +3,8 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use common::{
     Client, POSTMASTER, ReadError, TestConfig, TestServer, dot_stuff, only_crlf, recipients,

@@ -11,7 +11,6 @@ mod client;
 mod render;
 
 use std::io::{self, Write};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Subcommand, ValueEnum};
 use serde::de::DeserializeOwned;
@@ -418,7 +417,5 @@ fn write(out: &mut dyn Write, text: &str) -> Result<(), CliError> {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    crate::clock::Clock::new().now_ms()
 }

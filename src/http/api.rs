@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use crate::address::domain_of;
 use crate::scheduler::guard::PauseError;
-use crate::scheduler::{DomainError, DomainStatus, now_ms};
+use crate::scheduler::{DomainError, DomainStatus};
 use crate::spool::{
     Change, CommitError, Envelope, Notify, PARKED, PausedBy, QueueId, RcptStatus, Ret,
 };
@@ -200,7 +200,7 @@ pub async fn list(State(state): State<Arc<AppState>>, uri: axum::http::Uri) -> A
     };
     let domain = q.domain.filter(|d| !d.is_empty()).map(|d| d.to_lowercase());
     let metrics = state.metrics.clone();
-    let now = now_ms();
+    let now = state.clock.now_ms();
     let messages = read(&state, move |spool| {
         let mut out = Vec::new();
         for env in spool.envelopes()? {
@@ -240,7 +240,8 @@ pub async fn show(State(state): State<Arc<AppState>>, Path(id): Path<String>) ->
     })
     .await?;
     let (env, held, body) = found.ok_or_else(|| no_such(id))?;
-    let mut value = serde_json::to_value(view(&env, held, now_ms(), true)).map_err(internal)?;
+    let mut value =
+        serde_json::to_value(view(&env, held, state.clock.now_ms(), true)).map_err(internal)?;
     let headers_end = body
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -332,7 +333,15 @@ pub async fn release(State(state): State<Arc<AppState>>, Path(id): Path<String>)
     if !held {
         return Err(ApiError(StatusCode::CONFLICT, format!("{id} is not held")));
     }
-    let answer = apply(&state, id, Change::Release { now_ms: now_ms() }, "released").await;
+    let answer = apply(
+        &state,
+        id,
+        Change::Release {
+            now_ms: state.clock.now_ms(),
+        },
+        "released",
+    )
+    .await;
     state.delivery.queued().notify_one();
     answer
 }
@@ -349,7 +358,7 @@ pub async fn bounce(State(state): State<Arc<AppState>>, Path(id): Path<String>) 
 }
 
 pub async fn dead_list(State(state): State<Arc<AppState>>) -> ApiResult {
-    let now = now_ms();
+    let now = state.clock.now_ms();
     let dead = read(&state, |s| s.dead_letters()).await?;
     let messages: Vec<MessageView> = dead
         .iter()
@@ -369,7 +378,15 @@ pub async fn dead_requeue(State(state): State<Arc<AppState>>, Path(id): Path<Str
     if !dead_exists(&state, id).await? {
         return Err(no_such(id));
     }
-    let answer = apply(&state, id, Change::Unbury { now_ms: now_ms() }, "requeued").await;
+    let answer = apply(
+        &state,
+        id,
+        Change::Unbury {
+            now_ms: state.clock.now_ms(),
+        },
+        "requeued",
+    )
+    .await;
     state.delivery.queued().notify_one();
     answer
 }
@@ -420,7 +437,7 @@ fn domain_view(d: DomainStatus, now: u64) -> DomainView {
 }
 
 pub async fn domains(State(state): State<Arc<AppState>>) -> ApiResult {
-    let now = now_ms();
+    let now = state.clock.now_ms();
     let domains: Vec<DomainView> = state
         .delivery
         .domains()

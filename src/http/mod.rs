@@ -16,6 +16,7 @@ use axum::routing::{delete, get, post};
 use axum::{Router, middleware};
 use tokio::net::TcpListener;
 
+use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::scheduler;
 use crate::shutdown::Shutdown;
@@ -58,6 +59,8 @@ pub struct AppState {
     pub token: Option<Token>,
     /// Spool open and SMTP listeners bound; cleared when shutting down.
     pub ready: Arc<AtomicBool>,
+    /// Ages and release times are read from the delivery clock.
+    pub clock: Clock,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -110,7 +113,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let text = state
         .metrics
-        .render(&state.spool.gauges(), crate::scheduler::now_ms());
+        .render(&state.spool.gauges(), state.clock.now_ms());
     (
         [(
             axum::http::header::CONTENT_TYPE,

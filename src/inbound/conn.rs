@@ -11,7 +11,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info, warn};
@@ -302,7 +302,7 @@ where
         let step = loop {
             let step = {
                 let spool_has_room = |size| inbound.spool.has_room(size);
-                let now = crate::scheduler::now_ms();
+                let now = inbound.clock.now_ms();
                 let answer = |address: &str| match &asked {
                     Some((a, verdict)) if a == address => Some(*verdict),
                     _ => None,
@@ -347,7 +347,7 @@ where
             };
             match step {
                 Step::Verify(address) if asked.is_none() => {
-                    let now = crate::scheduler::now_ms();
+                    let now = inbound.clock.now_ms();
                     let verdict = inbound.callouts.verify(&address, now).await;
                     debug!(%address, ?verdict, "callout");
                     asked = Some((address, verdict));
@@ -463,10 +463,8 @@ async fn store(
     transaction: Transaction,
     data: Data,
 ) -> Reply {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let id = inbound.spool.next_id(now.as_micros() as u64);
+    let now_micros = inbound.clock.now_micros();
+    let id = inbound.spool.next_id(now_micros);
     let trace = Trace {
         helo: session.helo_name(),
         ip: peer.ip(),
@@ -479,13 +477,13 @@ async fn store(
             [only] => Some(only.address.as_str()),
             _ => None,
         },
-        date: now.as_secs() as i64,
+        date: (now_micros / 1_000_000) as i64,
     };
     let header = trace.header();
     let mut body = Vec::with_capacity(header.len() + data.body.len());
     body.extend_from_slice(header.as_bytes());
     body.extend_from_slice(&data.body);
-    let now_ms = now.as_millis() as u64;
+    let now_ms = now_micros / 1000;
     let mut recipients = transaction.recipients;
     for r in &mut recipients {
         r.next_attempt_ms = now_ms;

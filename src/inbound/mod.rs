@@ -22,7 +22,9 @@ pub mod tls;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -31,6 +33,7 @@ use tokio_rustls::TlsAcceptor;
 
 use tracing::{Instrument, info, warn};
 
+use crate::clock::Clock;
 use crate::health::Health;
 use crate::knowledge::Learned;
 use crate::knowledge::callout::Callouts;
@@ -61,6 +64,8 @@ pub struct Inbound {
     pub learned: Arc<Learned>,
     pub callouts: Arc<Callouts>,
     pub metrics: Arc<Metrics>,
+    /// Queue IDs (arrival times) and learned verdicts' ages read it.
+    pub clock: Clock,
     /// Wakes the delivery side when new mail is committed.
     queued: Arc<Notify>,
 }
@@ -81,6 +86,7 @@ pub struct Services {
     pub learned: Arc<Learned>,
     pub callouts: Arc<Callouts>,
     pub metrics: Arc<Metrics>,
+    pub clock: Clock,
 }
 
 impl Inbound {
@@ -97,6 +103,7 @@ impl Inbound {
             learned,
             callouts,
             metrics,
+            clock,
         } = services;
         let queued = delivery.queued();
         Inbound {
@@ -115,6 +122,7 @@ impl Inbound {
             learned,
             callouts,
             metrics,
+            clock,
             queued,
         }
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tracing::warn;
 
-use super::worker::{self, now_ms};
+use super::worker;
 use super::{Job, Scheduler};
 use crate::address::domain_of;
 use crate::spool::{Envelope, PARKED, QueueId, RcptStatus, ReadError};
@@ -23,7 +23,7 @@ const MAX_LOADED: usize = 2_000;
 impl Scheduler {
     /// Loads due mail into destination queues and starts workers.
     pub(super) async fn scan(&mut self) {
-        let now = now_ms();
+        let now = self.ctx.clock.now_ms();
         let Some((envelopes, next)) = self.load_due(now).await else {
             self.rescan_soon(Duration::from_secs(1));
             return;
@@ -31,7 +31,7 @@ impl Scheduler {
         self.assign(envelopes, now);
         // Parked mail is never due: nothing to wake up for.
         if let Some(next) = next.filter(|&at| at != PARKED) {
-            let wait = Duration::from_millis(next.saturating_sub(now_ms()));
+            let wait = self.ctx.clock.until(next);
             self.rescan_soon(wait);
         }
     }

@@ -11,7 +11,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::info;
 
 use super::outcome::{self, Result as RcptResult};
-use super::worker::{Ctx, now_ms};
+use super::worker::Ctx;
 use super::{Command, guard};
 use crate::address::domain_of;
 use crate::route::Destinations;
@@ -110,7 +110,13 @@ impl Handle {
             return domains;
         }
         // Exactly what a suspended attempt records (a new message owes no notice).
-        let applied = outcome::apply(env, &results, now_ms(), &self.ctx.rules, fastrand::f64());
+        let applied = outcome::apply(
+            env,
+            &results,
+            self.ctx.clock.now_ms(),
+            &self.ctx.rules,
+            fastrand::f64(),
+        );
         for (i, r) in applied.recipients {
             env.recipients[i] = r;
         }
@@ -144,6 +150,16 @@ impl Handle {
         }
     }
 
+    /// Waits until the scheduler has done what is due by its clock now (and
+    /// what that set off: records, notices) and has nothing in hand. Tests
+    /// use it instead of sleeping "to give it a moment".
+    pub async fn settled(&self) {
+        let (done, answer) = oneshot::channel();
+        if self.commands.send(Command::Settle(done)).is_ok() {
+            let _ = answer.await;
+        }
+    }
+
     /// New mail was committed.
     pub fn queued(&self) -> Arc<Notify> {
         self.queued.clone()
@@ -153,7 +169,11 @@ impl Handle {
     /// delivered to it (what is in flight finishes) until it is resumed; its
     /// mail is still accepted and queued. Durable before it returns.
     pub async fn pause(&self, domain: &str) -> Result<Pause, DomainError> {
-        let pause = self.ctx.guard.lock().pause(domain, now_ms())?;
+        let pause = self
+            .ctx
+            .guard
+            .lock()
+            .pause(domain, self.ctx.clock.now_ms())?;
         if let Err(e) = self.ctx.publish_pause(domain, pause).await {
             // Not durable, so not done: undo it, and release what was parked.
             let _ = self.ctx.guard.lock().resume(domain);

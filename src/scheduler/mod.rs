@@ -44,6 +44,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::address::domain_of;
+use crate::clock::Clock;
 use crate::config::{Config, DeliveryConfig};
 use crate::health::Health;
 use crate::knowledge::Learned;
@@ -56,7 +57,6 @@ use domain::DomainState;
 pub use handle::{DomainError, DomainStatus, Handle};
 use outcome::Rules;
 use worker::Ctx;
-pub use worker::now_ms;
 
 /// After workers report, look for more due mail at most this often.
 const RESCAN_DELAY: Duration = Duration::from_millis(20);
@@ -141,6 +141,10 @@ pub(crate) enum Command {
         id: QueueId,
         done: oneshot::Sender<Result<Option<usize>, CommitError>>,
     },
+    /// Answer once a look at the due index (after everything sent before
+    /// this) finds nothing to do and nothing is in hand: what is due by the
+    /// clock now has been tried and recorded, notices included.
+    Settle(oneshot::Sender<()>),
 }
 
 pub struct Scheduler {
@@ -159,6 +163,8 @@ pub struct Scheduler {
     tasks: JoinSet<()>,
     shutdown: Shutdown,
     rescan_at: Option<Instant>,
+    /// Who waits for [`Command::Settle`].
+    settling: Vec<oneshot::Sender<()>>,
 }
 
 /// What the scheduler shares with the rest of the server.
@@ -172,6 +178,8 @@ pub struct Parts {
     pub learned: Arc<Learned>,
     pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
+    /// Where due times, backoff, expiry and notices read the time.
+    pub clock: Clock,
 }
 
 impl Scheduler {
@@ -186,6 +194,7 @@ impl Scheduler {
             learned,
             metrics,
             shutdown,
+            clock,
         } = parts;
         let d = &config.delivery;
         let guard = restore_pauses(config, paused, &metrics);
@@ -214,6 +223,7 @@ impl Scheduler {
             drain_guard: d.drain_guard,
             health,
             learned,
+            clock,
         });
         let scheduler = Scheduler {
             ctx,
@@ -228,6 +238,7 @@ impl Scheduler {
             tasks: JoinSet::new(),
             shutdown,
             rescan_at: None,
+            settling: Vec::new(),
         };
         let handle = Handle::new(
             commands_tx,
@@ -245,7 +256,9 @@ impl Scheduler {
     /// Reports a destination's health (inbound, callouts, the gauge and the
     /// admin API read it).
     fn publish(&self, domain: &str, up: bool, reason: Option<&str>) {
-        self.ctx.health.report(domain, up, reason, now_ms());
+        self.ctx
+            .health
+            .report(domain, up, reason, self.ctx.clock.now_ms());
     }
 
     fn domain(&mut self, name: &str) -> (Arc<str>, &mut DomainState) {
@@ -265,6 +278,8 @@ impl Scheduler {
         probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Learned recipient verdicts past their trust period go (now, then daily).
         let mut forget_tick = tokio::time::interval(Duration::from_secs(24 * 3600));
+        // A clock moved forward (tests) may have made mail due: look again.
+        let mut moves = self.ctx.clock.moves();
         loop {
             let wake = self.next_wake();
             tokio::select! {
@@ -272,13 +287,20 @@ impl Scheduler {
                 Some(event) = self.events.recv() => self.handle(event),
                 Some(command) = self.commands.recv() => self.command(command),
                 () = self.queued.notified() => self.rescan_soon(Duration::ZERO),
+                Ok(()) = moves.changed() => self.rescan_soon(Duration::ZERO),
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
                 _ = probe_tick.tick() => self.probe_down_domains(),
-                _ = forget_tick.tick() => self.ctx.learned.forget_stale(now_ms()),
+                _ = forget_tick.tick() => self.ctx.learned.forget_stale(self.ctx.clock.now_ms()),
                 () = tokio::time::sleep_until(wake) => {
                     self.rescan_at = None;
                     self.scan().await;
+                    self.answer_settled();
+                    continue;
                 }
+            }
+            if !self.settling.is_empty() && self.idle() {
+                // Settled only if one more look finds nothing.
+                self.rescan_soon(Duration::ZERO);
             }
         }
         self.wait_for_workers().await;
@@ -294,6 +316,26 @@ impl Scheduler {
                 self.tasks.spawn(async move {
                     let _ = done.send(release::bounce(&ctx, id).await);
                 });
+            }
+            Command::Settle(done) => {
+                self.settling.push(done);
+                self.rescan_soon(Duration::ZERO);
+            }
+        }
+    }
+
+    /// Nothing in hand: no job loaded, no task running, no event unread.
+    fn idle(&self) -> bool {
+        self.in_flight.is_empty() && self.tasks.is_empty() && self.events.is_empty()
+    }
+
+    /// After a scan: if it found nothing to do, whoever waits for the
+    /// scheduler to settle is told.
+    fn answer_settled(&mut self) {
+        let due_now = self.rescan_at.is_some_and(|at| at <= Instant::now());
+        if !self.settling.is_empty() && self.idle() && !due_now {
+            for done in self.settling.drain(..) {
+                let _ = done.send(());
             }
         }
     }

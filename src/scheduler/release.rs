@@ -10,7 +10,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::outcome::Result as RcptResult;
-use super::worker::{self, Ctx, now_ms};
+use super::worker::{self, Ctx};
 use super::{Event, Job, Scheduler};
 use crate::address::domain_of;
 use crate::route::Destinations;
@@ -198,7 +198,7 @@ async fn make_due(
     // are no longer listed as waiting, so keep trying until it is written.
     let mut pause = Duration::from_millis(500);
     loop {
-        let now = now_ms();
+        let now = ctx.clock.now_ms();
         let changes = ids
             .iter()
             .map(|&id| {

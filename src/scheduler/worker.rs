@@ -7,7 +7,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -27,6 +26,7 @@ use crate::spool::{
 };
 
 use super::{Event, Job};
+use crate::clock::Clock;
 
 /// The ready jobs of one destination and how many of its connections carry
 /// mail, shared by the scheduler and the destination's workers.
@@ -116,6 +116,7 @@ pub(super) struct Ctx {
     pub health: Arc<Health>,
     /// Recipient verdicts learned from deliveries.
     pub learned: Arc<Learned>,
+    pub clock: Clock,
 }
 
 impl Ctx {
@@ -146,14 +147,6 @@ impl Ctx {
             .iter()
             .any(|(name, subdomains)| crate::config::covers(name, *subdomains, domain))
     }
-}
-
-/// The wall clock in Unix milliseconds (what the spool stores).
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
 }
 
 fn pop(queue: &Queue) -> Option<Job> {
@@ -259,7 +252,7 @@ struct Sent {
     job: Job,
     env: Envelope,
     body: Arc<Vec<u8>>,
-    started: std::time::Instant,
+    started: tokio::time::Instant,
 }
 
 /// Delivers `first` and then whatever the queue holds over one connection,
@@ -298,7 +291,7 @@ async fn carry(
             };
             submitted += 1;
             let body = Arc::new(body);
-            let started = std::time::Instant::now();
+            let started = tokio::time::Instant::now();
             let ticket = connection.submit(&env, body.clone(), &job.rcpts).await;
             let message = Sent {
                 job,
@@ -492,7 +485,7 @@ pub(super) async fn record(
     mut results: Vec<(usize, RcptResult)>,
     tried: bool,
 ) {
-    let now = now_ms();
+    let now = ctx.clock.now_ms();
     let label = ctx.metrics.label(&job.domain).to_owned();
     let tripped = ctx.guard.lock().judge(&label, &mut results, now);
     if let Some(pause) = tripped {

@@ -236,7 +236,7 @@ impl Writer {
     }
 
     fn run_batch(&self, batch: Vec<Job>) {
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let jobs = batch.len();
         let mut outcomes = Vec::with_capacity(jobs);
         let mut delta = Delta::default();

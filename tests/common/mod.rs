@@ -11,15 +11,19 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mxspool::Server;
+use mxspool::clock::Clock;
 use mxspool::config::Config;
 use mxspool::spool::{Envelope, QueueId, Spool};
+use mxspool::{Options, Server};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// How long a test waits for any single reply before calling the server stuck.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a test waits for delivery to settle (a hung primary holds it up
+/// for the outbound timeouts).
+pub const SETTLE_LIMIT: Duration = Duration::from_secs(30);
 
 /// Where mail to the bare `<postmaster>` goes in every test config.
 pub const POSTMASTER: &str = "hostmaster@example.com";
@@ -125,6 +129,8 @@ pub struct TestServer {
     pub config_path: PathBuf,
     pub spool_path: PathBuf,
     pub addr: SocketAddr,
+    /// The server's clock: move it forward to make mail due or expire.
+    pub clock: Clock,
 }
 
 impl TestServer {
@@ -152,11 +158,14 @@ impl TestServer {
             .unwrap_or_else(|e| panic!("test config does not parse: {e}\n{text}"));
         let spool_path = config.spool.path.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let server = match outbound {
-            Some(settings) => Server::start_with(config, vec![listener], settings).await,
-            None => Server::start(config, vec![listener]).await,
+        let mut options = Options::for_config(&config);
+        if let Some(settings) = outbound {
+            options.outbound = settings;
         }
-        .expect("server starts");
+        let clock = options.clock.clone();
+        let server = Server::start_with(config, vec![listener], options)
+            .await
+            .expect("server starts");
         let addr = server.smtp_addrs()[0];
         TestServer {
             server,
@@ -164,11 +173,28 @@ impl TestServer {
             config_path,
             spool_path,
             addr,
+            clock,
         }
     }
 
     pub fn spool(&self) -> &Spool {
         self.server.spool()
+    }
+
+    /// Waits until delivery has done everything due by the server's clock
+    /// (records and notices included) and has nothing in hand: what a test
+    /// asserts next has either happened or never will without a clock move.
+    pub async fn settled(&self) {
+        tokio::time::timeout(SETTLE_LIMIT, self.server.settled())
+            .await
+            .unwrap_or_else(|_| panic!("delivery still busy after {SETTLE_LIMIT:?}"));
+    }
+
+    /// Moves the server's clock forward by `by` and waits for delivery to
+    /// settle at the new time.
+    pub async fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+        self.settled().await;
     }
 
     /// A connection whose greeting has been read and checked.

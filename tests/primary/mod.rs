@@ -217,13 +217,13 @@ pub struct Primary {
 fn bind(addr: SocketAddr) -> TcpListener {
     // Coming back up on the same port: while it was down, a short-lived
     // connection elsewhere may have been given that port for a moment.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let std = loop {
         match std::net::TcpListener::bind(addr) {
             Ok(listener) => break listener,
             Err(e)
                 if e.kind() == std::io::ErrorKind::AddrInUse
-                    && std::time::Instant::now() < deadline =>
+                    && tokio::time::Instant::now() < deadline =>
             {
                 std::thread::sleep(Duration::from_millis(20));
             }
