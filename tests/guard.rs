@@ -25,7 +25,6 @@ const SENDER: &str = "sender@origin.test";
 const TOKEN: &str = "guard-test-token";
 /// How long any single expected event may take.
 const WAIT: Duration = Duration::from_secs(10);
-/// How long a test watches for something that must not happen.
 
 /// Loopback world: a DNS server, `example.com`'s primary (a static route)
 /// and `origin.test`'s mail server (MX through the DNS server, on
