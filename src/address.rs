@@ -4,6 +4,8 @@
 //! in a path, and the next hop never gets a bounce's worth of mail we should
 //! have refused at RCPT.
 
+use crate::domain::Domain;
+
 /// Longest name (RFC 1035 §2.3.4, without the root's dot) and label.
 const MAX_NAME: usize = 253;
 const MAX_LABEL: usize = 63;
@@ -29,11 +31,12 @@ fn is_label(label: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || !c.is_ascii())
 }
 
-/// The recipient's domain, lower-cased: the unit of routing and health.
+/// The recipient's domain, normalised as a [`Domain`]: the unit of routing
+/// and health.
 pub fn domain_of(address: &str) -> String {
     address
         .rsplit_once('@')
-        .map(|(_, d)| d.trim_end_matches('.').to_lowercase())
+        .map(|(_, d)| Domain::new(d).into())
         .unwrap_or_default()
 }
 

@@ -22,7 +22,9 @@
 //!
 //! Leaf modules, used by any stage: [`config`] (the TOML file, validated into
 //! a typed [`config::Config`]), [`address`] (the syntax of addresses and
-//! domain names), [`health`] (whether each primary is up, since when, and its
+//! domain names), [`domain`] (one normalisation of a domain name, and the
+//! list of relay domains: which covers a name, its metric label),
+//! [`health`] (whether each primary is up, since when, and its
 //! recent changes: delivery reports, everyone else reads), [`shutdown`] (the
 //! signal every task watches).
 //!
@@ -34,6 +36,7 @@ pub mod address;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod domain;
 pub mod dsn;
 pub mod health;
 pub mod http;

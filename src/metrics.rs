@@ -15,9 +15,12 @@ use prometheus::{
 };
 
 use crate::config::Config;
+pub use crate::domain::OTHER;
+use crate::domain::RelayDomains;
+
 /// Maps a recipient domain to its metric label (the configured relay
 /// domain it belongs to, or "other"), so per-domain gauges stay exact and
-/// their labels bounded.
+/// their labels bounded. [`Metrics::labeler`] builds it from the relay domains.
 pub type Labeler = Arc<dyn Fn(&str) -> String + Send + Sync>;
 
 /// The queue as the gauges show it, read from the spool's running totals.
@@ -31,13 +34,10 @@ pub struct QueueGauges {
     pub by_label: Vec<(String, u64, Option<u64>)>,
 }
 
-/// The `domain` label of destinations that are not configured relay domains.
-pub const OTHER: &str = "other";
-
 pub struct Metrics {
     registry: Registry,
-    /// Configured domains: (name, include_subdomains).
-    domains: Vec<(String, bool)>,
+    /// The configured relay domains: the `domain` label values.
+    relay: RelayDomains,
     pub accepted: IntCounter,
     pub rejected: IntCounterVec,
     pub attempts: IntCounterVec,
@@ -132,11 +132,7 @@ impl Metrics {
             .expect("unique metric");
 
         let metrics = Metrics {
-            domains: config
-                .domains
-                .iter()
-                .map(|d| (d.name.clone(), d.include_subdomains))
-                .collect(),
+            relay: config.relay_domains(),
             accepted: counter(
                 "mxspool_messages_accepted_total",
                 "Messages accepted and committed to the spool",
@@ -240,7 +236,7 @@ impl Metrics {
                 metrics.failed.with_label_values(&[label, reason]);
             }
         }
-        for (name, _) in &metrics.domains {
+        for name in metrics.relay.names() {
             metrics.primary_up.with_label_values(&[name]).set(1);
             metrics.domain_paused.with_label_values(&[name]).set(0);
         }
@@ -258,21 +254,18 @@ impl Metrics {
 
     /// Every `domain` label value: the configured domains, then "other".
     pub fn labels(&self) -> impl Iterator<Item = &str> {
-        self.domains
-            .iter()
-            .map(|(n, _)| n.as_str())
-            .chain(std::iter::once(OTHER))
+        self.relay.labels()
     }
 
     /// The label of a recipient domain: its configured domain, or "other".
     pub fn label(&self, domain: &str) -> &str {
-        label_of(&self.domains, domain)
+        self.relay.label(domain)
     }
 
     /// The same mapping for the spool's per-label totals.
     pub fn labeler(&self) -> Labeler {
-        let domains = self.domains.clone();
-        Arc::new(move |domain: &str| label_of(&domains, domain).to_owned())
+        let relay = self.relay.clone();
+        Arc::new(move |domain: &str| relay.label(domain).to_owned())
     }
 
     /// The open-connections gauge of the configured domain `domain` belongs
@@ -316,29 +309,37 @@ impl Metrics {
     }
 }
 
-fn label_of<'a>(domains: &'a [(String, bool)], domain: &str) -> &'a str {
-    let domain = domain.trim_end_matches('.');
-    domains
-        .iter()
-        .find(|(name, subdomains)| crate::config::covers(name, *subdomains, domain))
-        .map_or(OTHER, |(name, _)| name.as_str())
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]
     fn labels_are_configured_domains_or_other() {
-        let domains = vec![
-            ("example.com".to_string(), false),
-            ("example.org".to_string(), true),
-        ];
-        assert_eq!(label_of(&domains, "example.com"), "example.com");
-        assert_eq!(label_of(&domains, "EXAMPLE.com."), "example.com");
-        assert_eq!(label_of(&domains, "sub.example.com"), OTHER);
-        assert_eq!(label_of(&domains, "a.b.example.org"), "example.org");
-        assert_eq!(label_of(&domains, "badexample.org"), OTHER);
-        assert_eq!(label_of(&domains, "gmail.com"), OTHER);
+        let config = Config::parse(
+            "[server]\nhostname = \"mx2.example.net\"\n\
+             [[domain]]\nname = \"example.com\"\n\
+             [[domain]]\nname = \"example.org\"\ninclude_subdomains = true\n",
+            Path::new("test.toml"),
+        )
+        .unwrap();
+        let metrics = Metrics::new(&config);
+        let labeler = metrics.labeler();
+        for (domain, want) in [
+            ("example.com", "example.com"),
+            ("EXAMPLE.com.", "example.com"),
+            ("sub.example.com", OTHER),
+            ("a.b.example.org", "example.org"),
+            ("badexample.org", OTHER),
+            ("gmail.com", OTHER),
+        ] {
+            assert_eq!(metrics.label(domain), want, "{domain}");
+            assert_eq!(labeler(domain), want, "{domain}");
+        }
+        assert_eq!(
+            metrics.labels().collect::<Vec<_>>(),
+            ["example.com", "example.org", OTHER]
+        );
     }
 }

@@ -20,6 +20,7 @@ use super::{
     UnknownRecipients,
 };
 use crate::address::is_domain_name;
+use crate::domain::Domain;
 
 /// The typed configuration in `f`; `source` names the file in errors.
 pub(super) fn config(f: &file::File, source: &Path) -> Result<Config, ConfigError> {
@@ -455,9 +456,10 @@ fn parse_route(text: &str, default_port: u16) -> Result<Route, String> {
     Ok(Route { host, port })
 }
 
+/// A host or domain name as written in the file: surrounding whitespace
+/// ignored, then normalised as every [`Domain`] is.
 fn normalise_name(name: &str) -> String {
-    let name = name.trim();
-    name.strip_suffix('.').unwrap_or(name).to_lowercase()
+    Domain::new(name.trim()).into()
 }
 
 fn one_of(got: &str, allowed: &[&str]) -> String {

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use crate::address::domain_of;
+use crate::domain::Domain;
 use crate::scheduler::guard::PauseError;
 use crate::scheduler::{DomainError, DomainStatus};
 use crate::spool::{
@@ -282,7 +283,7 @@ pub async fn flush(State(state): State<Arc<AppState>>, body: axum::body::Bytes) 
     };
     let domain = body
         .domain
-        .map(|d| d.trim().trim_end_matches('.').to_lowercase())
+        .map(|d| String::from(Domain::typed(&d)))
         .filter(|d| !d.is_empty());
     let flushed = domain.clone().unwrap_or_else(|| "all".into());
     state.delivery.flush(domain);
@@ -450,7 +451,7 @@ pub async fn domains(State(state): State<Arc<AppState>>) -> ApiResult {
 
 /// A domain as written in a path: case and a final dot do not matter.
 fn domain_name(text: &str) -> String {
-    text.trim().trim_end_matches('.').to_lowercase()
+    Domain::typed(text).into()
 }
 
 fn from_domain(e: DomainError) -> ApiError {

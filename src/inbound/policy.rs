@@ -3,7 +3,7 @@
 //! Built from the configuration (and the recipient files it names) and swapped
 //! whole on SIGHUP. Pure lookups: no I/O after construction, no DNS.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use ipnet::IpNet;
 
 use crate::address::is_domain_name;
 use crate::config::{Config, ConfigError, UnknownRecipients};
+use crate::domain::{Domain, RelayDomains};
 
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -24,16 +25,17 @@ pub struct Policy {
     /// Where mail for the bare `<postmaster>` goes (RFC 5321 §4.5.1 requires us to
     /// take it).
     pub postmaster: String,
-    domains: Vec<RelayDomain>,
+    /// The relay domains: which one a recipient's domain belongs to.
+    relay: RelayDomains,
+    /// Whom each relay domain (by name) takes.
+    rules: HashMap<Domain, Rules>,
     allow: Vec<IpNet>,
     deny: Vec<IpNet>,
     etrn_allow: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone)]
-struct RelayDomain {
-    name: String,
-    include_subdomains: bool,
+struct Rules {
     /// Lower-cased local parts and addresses; empty means "anyone at the domain".
     recipients: HashSet<String>,
     /// With `verify_recipients`: what to do with never-seen recipients while
@@ -55,14 +57,11 @@ pub enum Refusal {
 impl Policy {
     /// Builds the policy; reads every `recipients_file`, so it is also the reload.
     pub fn from_config(config: &Config) -> Result<Policy, ConfigError> {
-        let mut domains = Vec::new();
+        let mut rules = HashMap::new();
         for d in &config.domains {
-            domains.push(RelayDomain {
-                name: d.name.clone(),
-                include_subdomains: d.include_subdomains,
-                recipients: d.load_recipients()?.into_iter().collect(),
-                verify: d.verify_recipients.then_some(d.unknown_recipients),
-            });
+            let verify = d.verify_recipients.then_some(d.unknown_recipients);
+            let recipients = d.load_recipients()?.into_iter().collect();
+            rules.insert(Domain::new(&d.name), Rules { recipients, verify });
         }
         Ok(Policy {
             hostname: config.server.hostname.clone(),
@@ -72,7 +71,8 @@ impl Policy {
             command_timeout: config.server.command_timeout,
             data_timeout: config.server.data_timeout,
             postmaster: config.delivery.postmaster.clone(),
-            domains,
+            relay: config.relay_domains(),
+            rules,
             allow: config.server.allow.clone(),
             deny: config.server.deny.clone(),
             etrn_allow: config.server.etrn_allow.clone(),
@@ -92,21 +92,19 @@ impl Policy {
 
     /// The configured relay domain `domain` belongs to, if any.
     pub fn relay_domain(&self, domain: &str) -> Option<&str> {
-        let domain = normalise_domain(domain);
-        self.find(&domain).map(|d| d.name.as_str())
+        self.relay.covering(domain).map(|r| r.name.as_str())
     }
 
-    fn find(&self, domain: &str) -> Option<&RelayDomain> {
-        self.domains
-            .iter()
-            .find(|d| crate::config::covers(&d.name, d.include_subdomains, domain))
+    /// The rules of the relay domain `domain` belongs to, if any.
+    fn find(&self, domain: &str) -> Option<&Rules> {
+        self.rules.get(&self.relay.covering(domain)?.name)
     }
 
     /// For an accepted address: whether its domain verifies recipients, and
     /// what it does with unseen ones while the primary is down.
     pub fn verification(&self, address: &str) -> Option<UnknownRecipients> {
         let domain = address.rsplit_once('@').map(|(_, d)| d)?;
-        self.find(&normalise_domain(domain))?.verify
+        self.find(domain)?.verify
     }
 
     /// Judges a forward path as smtp-proto parsed it (quotes and source route
@@ -116,15 +114,15 @@ impl Policy {
         let Some((local, domain)) = address.rsplit_once('@') else {
             return Err(Refusal::Syntax);
         };
-        let domain = normalise_domain(domain);
+        let domain = Domain::new(domain);
         if local.is_empty() || domain.is_empty() {
             return Err(Refusal::Syntax);
         }
-        let relay = self.find(&domain).ok_or(Refusal::Relay)?;
+        let relay = self.find(domain.as_str()).ok_or(Refusal::Relay)?;
         // A subdomain matched by `include_subdomains` may still be no domain
         // name (`a!b.example.org`): delivery could not write it in a path, so
         // taking it would only owe the sender a bounce.
-        if !is_domain_name(&domain) {
+        if !is_domain_name(domain.as_str()) {
             return Err(Refusal::Syntax);
         }
         // `user%other@us`, `other!user@us` and `"user@other"@us` (which arrives as
@@ -145,10 +143,6 @@ impl Policy {
     }
 }
 
-fn normalise_domain(domain: &str) -> String {
-    domain.strip_suffix('.').unwrap_or(domain).to_lowercase()
-}
-
 /// A policy for unit tests: example.com (anyone), example.org with subdomains
 /// and the list {alice, bob@example.org}; 192.0.2.0/24 denied; ETRN from loopback.
 #[cfg(test)]
@@ -161,22 +155,29 @@ pub(crate) fn sample() -> Policy {
         command_timeout: Duration::from_secs(300),
         data_timeout: Duration::from_secs(600),
         postmaster: "postmaster@example.net".into(),
-        domains: vec![
-            RelayDomain {
-                name: "example.com".into(),
-                include_subdomains: false,
-                recipients: HashSet::new(),
-                verify: None,
-            },
-            RelayDomain {
-                name: "example.org".into(),
-                include_subdomains: true,
-                recipients: ["alice".to_string(), "bob@example.org".to_string()]
-                    .into_iter()
-                    .collect(),
-                verify: None,
-            },
-        ],
+        relay: RelayDomains::new([
+            crate::domain::RelayDomain::new("example.com", false),
+            crate::domain::RelayDomain::new("example.org", true),
+        ]),
+        rules: [
+            (
+                Domain::new("example.com"),
+                Rules {
+                    recipients: HashSet::new(),
+                    verify: None,
+                },
+            ),
+            (
+                Domain::new("example.org"),
+                Rules {
+                    recipients: ["alice".to_string(), "bob@example.org".to_string()]
+                        .into_iter()
+                        .collect(),
+                    verify: None,
+                },
+            ),
+        ]
+        .into(),
         allow: vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
         deny: vec!["192.0.2.0/24".parse().unwrap()],
         etrn_allow: vec!["127.0.0.0/8".parse().unwrap()],
@@ -187,7 +188,8 @@ pub(crate) fn sample() -> Policy {
 #[cfg(test)]
 pub(crate) fn sample_verifying() -> Policy {
     let mut p = sample();
-    p.domains[0].verify = Some(UnknownRecipients::Tempfail);
+    let rules = p.rules.get_mut("example.com").expect("in the sample");
+    rules.verify = Some(UnknownRecipients::Tempfail);
     p
 }
 

@@ -12,6 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use crate::config::{Config, DomainConfig, Route, RouteHost};
+use crate::domain::RelayDomains;
 use crate::outbound;
 pub use crate::outbound::Hop;
 use resolver::{Dns, normalise};
@@ -238,6 +239,8 @@ pub struct Destination {
 /// Every configured domain's route and client settings.
 pub struct Destinations {
     pub configured: Vec<DomainConfig>,
+    /// `configured`'s names: which of them a destination belongs to.
+    pub relay: RelayDomains,
     /// Client settings for destinations without an override.
     pub default_settings: outbound::Settings,
 }
@@ -257,6 +260,7 @@ impl Destinations {
 
     pub fn new(configured: Vec<DomainConfig>, default_settings: outbound::Settings) -> Self {
         Destinations {
+            relay: RelayDomains::new(configured.iter().map(DomainConfig::relay)),
             configured,
             default_settings,
         }
@@ -265,7 +269,10 @@ impl Destinations {
     /// How to reach `domain`: the route and TLS override of the configured
     /// domain it belongs to (exactly, or as a subdomain), if any.
     pub fn get(&self, domain: &str) -> Arc<Destination> {
-        let configured = self.configured.iter().find(|d| d.covers(domain));
+        let configured = self
+            .relay
+            .covering(domain)
+            .and_then(|r| self.configured.iter().find(|d| r.name == *d.name));
         let mut settings = self.default_settings.clone();
         if let Some(tls) = configured.and_then(|d| d.tls) {
             settings.tls = tls;

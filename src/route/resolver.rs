@@ -12,6 +12,7 @@ use hickory_resolver::proto::rr::RData;
 use hickory_resolver::{Resolver, TokioResolver};
 
 use super::{Mx, MxAnswer, RouteError};
+use crate::domain::Domain;
 
 /// How long one query may take, and how often it is tried.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -105,7 +106,8 @@ fn fqdn(name: &str) -> String {
     }
 }
 
-/// Lower-case, without the trailing dot ("." itself becomes "").
+/// Normalised as a [`Domain`]: lower-case, without the trailing dot ("."
+/// itself becomes "").
 pub(super) fn normalise(name: &str) -> String {
-    name.trim_end_matches('.').to_lowercase()
+    Domain::new(name).into()
 }

@@ -45,7 +45,8 @@ use tracing::{info, warn};
 
 use crate::address::domain_of;
 use crate::clock::Clock;
-use crate::config::{Config, DeliveryConfig};
+use crate::config::{Config, DeliveryConfig, DomainConfig};
+use crate::domain::RelayDomains;
 use crate::health::Health;
 use crate::knowledge::Learned;
 use crate::metrics::Metrics;
@@ -212,12 +213,13 @@ impl Scheduler {
             events: events_tx,
             queued: queued.clone(),
             shutdown: shutdown.clone(),
-            verified: config
-                .domains
-                .iter()
-                .filter(|d| d.verify_recipients)
-                .map(|d| (d.name.clone(), d.include_subdomains))
-                .collect(),
+            verified: RelayDomains::new(
+                config
+                    .domains
+                    .iter()
+                    .filter(|d| d.verify_recipients)
+                    .map(DomainConfig::relay),
+            ),
             metrics,
             guard: guard::Shared::new(guard),
             drain_guard: d.drain_guard,

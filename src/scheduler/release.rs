@@ -131,11 +131,7 @@ async fn flush(ctx: &Ctx, dests: Arc<Destinations>, domain: Option<String>) {
         None => true,
         Some(d) => {
             let rd = domain_of(address);
-            rd == *d
-                || dests
-                    .configured
-                    .iter()
-                    .any(|c| c.name == *d && c.covers(&rd))
+            rd == *d || dests.relay.get(d).is_some_and(|c| c.covers(&rd))
         }
     };
     let ids: Vec<QueueId> = envelopes

@@ -15,6 +15,7 @@ use super::guard;
 use super::notice;
 use super::outcome::{self, NoticeKind, Result as RcptResult, Rules};
 use crate::config::BouncePolicy;
+use crate::domain::RelayDomains;
 use crate::health::Health;
 use crate::knowledge::Learned;
 use crate::metrics::Metrics;
@@ -105,8 +106,8 @@ pub(super) struct Ctx {
     /// Wakes the scheduler when a notice was queued.
     pub queued: Arc<tokio::sync::Notify>,
     pub shutdown: Shutdown,
-    /// Domains with `verify_recipients`: (name, include_subdomains).
-    pub verified: Vec<(String, bool)>,
+    /// The relay domains with `verify_recipients`.
+    pub verified: RelayDomains,
     pub metrics: Arc<Metrics>,
     /// The drain guard and the domains paused, by configured domain.
     pub guard: guard::Shared,
@@ -143,9 +144,7 @@ impl Ctx {
 
     /// Whether the primary's answers about `domain`'s recipients are kept.
     fn learns(&self, domain: &str) -> bool {
-        self.verified
-            .iter()
-            .any(|(name, subdomains)| crate::config::covers(name, *subdomains, domain))
+        self.verified.covering(domain).is_some()
     }
 }
 

@@ -14,6 +14,7 @@ use super::{
     BODIES, CommitError, DEAD, DUE, Envelope, HELD, LEARNED, MESSAGES, NewMessage, PAUSED, Pause,
     QUARANTINE, QueueId, RcptStatus,
 };
+use crate::address::domain_of;
 
 /// Most jobs one transaction takes; bounds the memory a batch holds.
 const MAX_BATCH: usize = 512;
@@ -132,10 +133,7 @@ pub(super) fn labels_of(env: &Envelope, labeler: &Labeler) -> BTreeSet<String> {
     env.recipients
         .iter()
         .filter(|r| r.status == RcptStatus::Queued)
-        .map(|r| {
-            let domain = r.address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
-            labeler(&domain.trim_end_matches('.').to_lowercase())
-        })
+        .map(|r| labeler(&domain_of(&r.address)))
         .collect()
 }
 
