@@ -1,0 +1,406 @@
+//! The SMTP conversation as a pure state machine: `(state, command line, policy)
+//! -> (reply, step)`. No I/O, no clock, no spool: the connection shell in
+//! `conn.rs` reads lines, asks this what to say, and performs the steps (read the
+//! data, commit, flush the queue, close).
+
+mod bdat;
+mod data;
+mod ehlo;
+mod etrn;
+mod mail;
+mod params;
+mod rcpt;
+
+use std::net::IpAddr;
+
+use smtp_proto::{Error as ParseError, Request};
+
+use self::bdat::{Chunk, Chunks, bdat_not_offered, is_bdat};
+use self::ehlo::ehlo_reply;
+use super::data::Data;
+use super::policy::Policy;
+use super::reply::Reply;
+pub use crate::knowledge::Knowledge;
+use crate::spool::{BodyType, Recipient, Ret};
+
+/// Errors a client may make before we hang up (Postfix's `smtpd_hard_error_limit`).
+pub const MAX_ERRORS: u32 = 20;
+
+/// What the connection must do after a command.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Send the reply and read the next command.
+    Reply(Reply),
+    /// Send the reply (354), then read message data and call [`Session::finish_data`].
+    Data(Reply),
+    /// Read exactly `size` octets of BDAT content, handing them to
+    /// [`Session::chunk`] as they arrive, then reply as [`Session::end_chunk`]
+    /// says. The octets are read even when the chunk is refused.
+    Chunk { size: u64 },
+    /// Send the reply, then ask the scheduler to release `domain`'s mail.
+    Etrn { domain: String, reply: Reply },
+    /// Send the reply and close the connection.
+    Close(Reply),
+    /// Send the reply (220), drop any input already buffered, and start the
+    /// TLS handshake; the conversation starts over inside TLS.
+    StartTls(Reply),
+    /// Nothing changed: ask the primary about this never-seen recipient (a
+    /// callout), then give the same command again with the answer known and
+    /// no callout allowed.
+    Verify(String),
+}
+
+/// Where the session stands with TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tls {
+    /// No `[tls]` configured: STARTTLS is neither offered nor accepted.
+    Unavailable,
+    /// Offered in EHLO, not started.
+    Offered,
+    /// The session runs inside TLS.
+    Active,
+}
+
+/// What the caller needs besides the command line.
+pub struct Env<'a> {
+    pub policy: &'a Policy,
+    /// Whether the spool can take this many more bytes (`spool.max_size`).
+    pub spool_has_room: &'a dyn Fn(u64) -> bool,
+    /// For domains with `verify_recipients`: what the primary said about an
+    /// address, as remembered (and not yet aged out).
+    pub knowledge: &'a dyn Fn(&str) -> Knowledge,
+    /// Whether the primary of an address's domain is known to be down.
+    pub primary_down: &'a dyn Fn(&str) -> bool,
+    /// Whether the primary may be asked about a never-seen recipient now.
+    pub may_call_out: &'a dyn Fn(&str) -> bool,
+}
+
+/// A mail transaction in progress: MAIL, then RCPTs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transaction {
+    pub sender: String,
+    pub ret: Ret,
+    pub envid: Option<String>,
+    pub body_type: BodyType,
+    pub smtputf8: bool,
+    /// Accepted recipients, in order, without duplicates.
+    pub recipients: Vec<Recipient>,
+}
+
+/// What became of a BDAT chunk, once its octets were read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Chunked {
+    /// Send the reply: 250 for a chunk kept, or a refusal.
+    Reply(Reply),
+    /// Send the reply, a refusal only because an earlier chunk was refused:
+    /// the client had pipelined it before it could know. Not counted again.
+    Discarded(Reply),
+    /// The LAST chunk completed a message: commit it, then reply.
+    Message(Transaction, Data),
+}
+
+#[derive(Debug)]
+pub struct Session {
+    ip: IpAddr,
+    tls: Tls,
+    /// The name the client gave in EHLO/HELO, and whether it was EHLO.
+    helo: Option<(String, bool)>,
+    transaction: Option<Transaction>,
+    /// BDAT content of the transaction; reset wherever the transaction is.
+    chunks: Chunks,
+    /// Set between [`Step::Chunk`] and [`Session::end_chunk`].
+    reading: Option<Chunk>,
+    errors: u32,
+}
+
+impl Session {
+    pub fn new(ip: IpAddr) -> Session {
+        Session::with_tls(ip, Tls::Unavailable)
+    }
+
+    pub fn with_tls(ip: IpAddr, tls: Tls) -> Session {
+        Session {
+            ip,
+            tls,
+            helo: None,
+            transaction: None,
+            chunks: Chunks::None,
+            reading: None,
+            errors: 0,
+        }
+    }
+
+    /// The client's EHLO/HELO name (empty before it gave one).
+    pub fn helo_name(&self) -> &str {
+        self.helo.as_ref().map(|(h, _)| h.as_str()).unwrap_or("")
+    }
+
+    /// Whether the client may pipeline: it greeted with EHLO, whose reply
+    /// offers PIPELINING.
+    pub fn may_pipeline(&self) -> bool {
+        self.is_esmtp()
+    }
+
+    /// Whether the session runs inside TLS (the `Received:` protocol says so).
+    pub fn is_tls(&self) -> bool {
+        self.tls == Tls::Active
+    }
+
+    /// Whether the client greeted with EHLO (the `Received:` protocol says so).
+    pub fn is_esmtp(&self) -> bool {
+        self.helo.as_ref().is_some_and(|(_, esmtp)| *esmtp)
+    }
+
+    /// Handles one command line (ending in LF).
+    pub fn command(&mut self, line: &[u8], env: &Env<'_>) -> Step {
+        let step = match Request::parse(&mut line.iter()) {
+            Ok(request) => self.request(request.into_owned(), line, env),
+            // Without a size, the chunk that follows cannot be skipped.
+            Err(_) if is_bdat(line) && self.is_esmtp() => {
+                return Step::Close(Reply::new(
+                    501,
+                    "5.5.4",
+                    "Syntax: BDAT chunk-size [LAST]; closing connection",
+                ));
+            }
+            Err(_) if is_bdat(line) => return Step::Close(bdat_not_offered()),
+            Err(e) => Step::Reply(parse_error(e)),
+        };
+        self.count_errors(step)
+    }
+
+    /// The line exceeded the command length limit and was discarded.
+    pub fn line_too_long(&mut self) -> Step {
+        self.count_errors(Step::Reply(Reply::new(
+            500,
+            "5.5.2",
+            "Error: line too long",
+        )))
+    }
+
+    fn count_errors(&mut self, step: Step) -> Step {
+        let Step::Reply(reply) = &step else {
+            return step;
+        };
+        // "Too many recipients" and "storage full" are the server's limits, not
+        // the client's mistakes.
+        if reply.is_error() && !matches!(reply.code, 452) {
+            self.errors += 1;
+            if self.errors >= MAX_ERRORS {
+                return Step::Close(too_many_errors());
+            }
+        }
+        step
+    }
+
+    fn request(&mut self, request: Request<String>, line: &[u8], env: &Env<'_>) -> Step {
+        let policy = env.policy;
+        let reply = match request {
+            Request::Ehlo { host } => {
+                self.helo = Some((host, true));
+                self.reset();
+                return Step::Reply(ehlo_reply(policy, self.tls == Tls::Offered));
+            }
+            Request::Helo { host } => {
+                self.helo = Some((host, false));
+                self.reset();
+                Reply::new(250, "", policy.hostname.clone())
+            }
+            Request::Mail { from } => self.mail(from, env),
+            Request::Rcpt { to } => match self.rcpt(to, line, env) {
+                Ok(reply) => reply,
+                Err(address) => return Step::Verify(address),
+            },
+            Request::Data => return self.data(),
+            Request::Rset => {
+                self.reset();
+                Reply::new(250, "2.0.0", "Ok")
+            }
+            Request::Noop { .. } => Reply::new(250, "2.0.0", "Ok"),
+            Request::Quit => return Step::Close(Reply::new(221, "2.0.0", "Bye")),
+            Request::Vrfy { .. } => Reply::new(
+                252,
+                "2.5.2",
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            ),
+            Request::Help { .. } => Reply::new(
+                214,
+                "2.0.0",
+                "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP ETRN",
+            ),
+            Request::Etrn { name } => return self.etrn(&name, policy),
+            Request::Bdat {
+                chunk_size,
+                is_last,
+            } => return self.bdat(chunk_size as u64, is_last, policy),
+            Request::Lhlo { .. } => Reply::new(500, "5.5.1", "Error: this is not an LMTP server"),
+            Request::StartTls => return self.starttls(),
+            Request::Auth { .. } => Reply::new(502, "5.5.1", "Error: authentication not enabled"),
+            Request::Expn { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
+                Reply::new(502, "5.5.1", "Error: command not implemented")
+            }
+        };
+        Step::Reply(reply)
+    }
+
+    /// Ends the transaction and any BDAT content with it.
+    fn reset(&mut self) {
+        self.transaction = None;
+        self.chunks = Chunks::None;
+    }
+}
+
+fn too_big() -> Reply {
+    Reply::new(
+        552,
+        "5.3.4",
+        "Error: message size exceeds fixed maximum message size",
+    )
+}
+
+fn too_many_errors() -> Reply {
+    Reply::new(421, "4.7.0", "Error: too many errors")
+}
+
+fn need_helo() -> Reply {
+    Reply::new(503, "5.5.1", "Error: send HELO/EHLO first")
+}
+
+fn parse_error(e: ParseError) -> Reply {
+    match e {
+        ParseError::UnknownCommand => Reply::new(500, "5.5.2", "Error: command not recognized"),
+        ParseError::InvalidSenderAddress => {
+            Reply::new(501, "5.1.7", "Error: bad sender address syntax")
+        }
+        ParseError::InvalidRecipientAddress => {
+            Reply::new(501, "5.1.3", "Error: bad recipient address syntax")
+        }
+        ParseError::SyntaxError { syntax } => Reply::new(501, "5.5.4", format!("Syntax: {syntax}")),
+        ParseError::InvalidParameter { param } => {
+            Reply::new(501, "5.5.4", format!("Error: invalid {param} parameter"))
+        }
+        ParseError::UnsupportedParameter { param } => Reply::new(
+            555,
+            "5.5.4",
+            format!(
+                "Error: unsupported parameter {}",
+                param.chars().take(40).collect::<String>()
+            ),
+        ),
+        ParseError::ResponseTooLong => Reply::new(500, "5.5.2", "Error: line too long"),
+        ParseError::NeedsMoreData { .. } | ParseError::InvalidResponse { .. } => {
+            Reply::new(500, "5.5.2", "Error: syntax error")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::policy;
+    use super::*;
+
+    /// Runs a script of (command, expected reply code) against one session.
+    pub(super) fn run(session: &mut Session, policy: &Policy, script: &[(&str, u16)]) {
+        let env = plain(policy);
+        for (command, want) in script {
+            let step = session.command(format!("{command}\r\n").as_bytes(), &env);
+            let code = match &step {
+                Step::Reply(r) | Step::Data(r) | Step::Close(r) | Step::StartTls(r) => r.code,
+                Step::Etrn { reply, .. } => reply.code,
+                Step::Verify(_) => panic!("{command:?}: no callout was allowed"),
+                Step::Chunk { .. } => panic!("{command:?}: a chunk; use `bdat`"),
+            };
+            assert_eq!(code, *want, "{command:?} -> {step:?}");
+        }
+    }
+
+    /// Room in the spool, nothing learned, every primary up, no callouts.
+    pub(super) fn plain(policy: &Policy) -> Env<'_> {
+        Env {
+            policy,
+            spool_has_room: &|_| true,
+            knowledge: &|_| Knowledge::Unseen,
+            primary_down: &|_| false,
+            may_call_out: &|_| false,
+        }
+    }
+
+    pub(super) fn local() -> Session {
+        Session::new("127.0.0.1".parse().unwrap())
+    }
+
+    #[test]
+    fn order_of_commands() {
+        let p = policy::sample();
+        run(
+            &mut local(),
+            &p,
+            &[
+                ("MAIL FROM:<a@b.test>", 503),
+                ("RCPT TO:<x@example.com>", 503),
+                ("DATA", 503),
+                ("EHLO client.test", 250),
+                ("RCPT TO:<x@example.com>", 503),
+                ("DATA", 503),
+                ("MAIL FROM:<a@b.test>", 250),
+                ("MAIL FROM:<a@b.test>", 503),
+                ("DATA", 554),
+                ("RCPT TO:<x@example.com>", 250),
+                ("RSET", 250),
+                ("RCPT TO:<x@example.com>", 503),
+                ("MAIL FROM:<>", 250),
+                ("RCPT TO:<x@example.com>", 250),
+                ("DATA", 354),
+            ],
+        );
+    }
+
+    #[test]
+    fn every_reply_but_ehlo_carries_an_enhanced_code() {
+        let p = policy::sample();
+        let env = plain(&p);
+        let mut s = local();
+        for command in [
+            "HELO x",
+            "NOOP",
+            "VRFY a",
+            "HELP",
+            "RSET",
+            "BOGUS",
+            "MAIL FROM:<",
+            "EXPN x",
+            "STARTTLS",
+            "AUTH PLAIN",
+            "ETRN example.com",
+        ] {
+            let step = s.command(format!("{command}\r\n").as_bytes(), &env);
+            let (Step::Reply(r) | Step::Etrn { reply: r, .. }) = step else {
+                panic!("{command}: {step:?}");
+            };
+            if command != "HELO x" {
+                assert!(!r.status.is_empty(), "{command}: {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn too_many_errors_closes() {
+        let p = policy::sample();
+        let env = plain(&p);
+        let mut s = local();
+        for i in 1..=MAX_ERRORS {
+            let step = s.command(b"BOGUS\r\n", &env);
+            if i < MAX_ERRORS {
+                assert!(
+                    matches!(step, Step::Reply(ref r) if r.code == 500),
+                    "{step:?}"
+                );
+            } else {
+                assert!(
+                    matches!(step, Step::Close(ref r) if r.code == 421),
+                    "{step:?}"
+                );
+            }
+        }
+    }
+}
