@@ -277,6 +277,8 @@ where
     }
 }
 
+/// The conversation: each line of input goes to the session, and what it
+/// decides is carried out, until the connection must stop.
 async fn converse<S>(
     io: &mut Io<S>,
     mut session: Session,
@@ -296,161 +298,233 @@ where
             Err(stop) => return stop,
         };
         let policy = inbound.policy();
-        // At most one callout per command: the command is then given again
-        // with the primary's answer (or lack of one) known.
-        let mut asked: Option<(String, Verdict)> = None;
-        let step = loop {
-            let step = {
-                let spool_has_room = |size| inbound.spool.has_room(size);
-                let now = inbound.clock.now_ms();
-                let answer = |address: &str| match &asked {
-                    Some((a, verdict)) if a == address => Some(*verdict),
-                    _ => None,
-                };
-                let knowledge = |address: &str| match answer(address) {
-                    Some(Verdict::Exists) => Knowledge::Exists,
-                    Some(Verdict::DoesNotExist) => Knowledge::DoesNotExist,
-                    _ => inbound.learned.lookup(address, now),
-                };
-                let primary_down = |address: &str| {
-                    answer(address) == Some(Verdict::Unreachable)
-                        || inbound.health.is_down(&domain_of(address))
-                };
-                let may_call_out = |_: &str| asked.is_none();
-                let env = Env {
-                    policy: &policy,
-                    spool_has_room: &spool_has_room,
-                    knowledge: &knowledge,
-                    primary_down: &primary_down,
-                    may_call_out: &may_call_out,
-                };
-                match &input {
-                    // RFC 2920: only after our EHLO reply offered PIPELINING may a
-                    // client send a command before the previous reply arrived.
-                    // Spamware that talks without listening is refused, as with
-                    // Postfix's smtpd_forbid_unauth_pipelining.
-                    Input::Line(_) if !io.pending().is_empty() && !session.may_pipeline() => {
-                        Step::Close(out_of_sync())
-                    }
-                    Input::Line(line) => {
-                        if asked.is_none() {
-                            debug!(command = %String::from_utf8_lossy(line).trim_end(), "client");
-                        }
-                        match session.command(line, &env) {
-                            // DATA ends a group: content before our 354 is out of turn.
-                            Step::Data(_) if !io.pending().is_empty() => Step::Close(out_of_sync()),
-                            step => step,
-                        }
-                    }
-                    Input::TooLong => session.line_too_long(),
-                }
-            };
-            match step {
-                Step::Verify(address) if asked.is_none() => {
-                    let now = inbound.clock.now_ms();
-                    let verdict = inbound.callouts.verify(&address, now).await;
-                    debug!(%address, ?verdict, "callout");
-                    asked = Some((address, verdict));
-                }
-                step => break step,
-            }
-        };
-        match step {
-            Step::Reply(reply) => {
-                debug!(%reply, "server");
-                if reply.is_error() {
-                    info!(reply = %reply, "rejected");
-                    inbound.metrics.reject(reply.reason());
-                }
-                reply.write_to(&mut io.output);
-            }
-            Step::Etrn { domain, reply } => {
-                info!(%domain, "ETRN");
-                inbound.request_flush(domain);
-                reply.write_to(&mut io.output);
-            }
-            Step::StartTls(reply) => {
-                reply.write_to(&mut io.output);
-                if let Err(stop) = io.flush().await {
-                    return stop;
-                }
-                // Plaintext pipelined after STARTTLS must not be read as if it
-                // came inside TLS (CVE-2011-0411).
-                if !io.pending().is_empty() {
-                    info!(
-                        bytes = io.pending().len(),
-                        "discarding input sent before the TLS handshake"
-                    );
-                }
-                io.input.clear();
-                io.start = 0;
-                return Stop::StartTls;
-            }
-            Step::Verify(address) => {
-                // The session asks only once per command; never loop on it.
-                warn!(%address, "second callout request for one command");
-                Reply::new(451, "4.3.0", "Error: try again later").write_to(&mut io.output);
-            }
-            Step::Close(reply) => {
-                if reply.is_error() {
-                    inbound.metrics.reject(reply.reason());
-                }
-                reply.write_to(&mut io.output);
-                return io.flush().await.err().unwrap_or(Stop::Eof);
-            }
-            Step::Data(reply) => {
-                reply.write_to(&mut io.output);
-                let data = match io
-                    .read_data(policy.max_message_size, policy.data_timeout, shutdown)
-                    .await
-                {
-                    Ok(data) => data,
-                    Err(stop) => return stop,
-                };
-                let reply = match session.finish_data(&data, &policy) {
-                    Err(reply) => {
-                        info!(reply = %reply, size = data.size, "message refused");
-                        inbound.metrics.reject(reply.reason());
-                        reply
-                    }
-                    Ok(transaction) => {
-                        store(inbound, &session, peer, &policy, transaction, data).await
-                    }
-                };
-                reply.write_to(&mut io.output);
-            }
-            Step::Chunk { size } => {
-                let read = io
-                    .read_chunk(
-                        size,
-                        |octets| session.chunk(octets),
-                        policy.data_timeout,
-                        shutdown,
-                    )
-                    .await;
-                if let Err(stop) = read {
-                    return stop;
-                }
-                let reply = match session.end_chunk(&policy) {
-                    Chunked::Reply(reply) => {
-                        if reply.is_error() {
-                            info!(reply = %reply, size, "chunk refused");
-                            inbound.metrics.reject(reply.reason());
-                        }
-                        reply
-                    }
-                    Chunked::Discarded(reply) => {
-                        debug!(reply = %reply, size, "chunk discarded");
-                        reply
-                    }
-                    Chunked::Message(transaction, data) => {
-                        store(inbound, &session, peer, &policy, transaction, data).await
-                    }
-                };
-                reply.write_to(&mut io.output);
-            }
+        let step = next_step(io, &mut session, &input, inbound, &policy).await;
+        let done = perform(io, &mut session, step, peer, inbound, &policy, shutdown).await;
+        if let Err(stop) = done {
+            return stop;
         }
     }
+}
+
+/// What the session makes of one line of input. At most one callout per
+/// command: the command is then given again with the primary's answer (or
+/// lack of one) known.
+async fn next_step<S>(
+    io: &Io<S>,
+    session: &mut Session,
+    input: &Input,
+    inbound: &Inbound,
+    policy: &Policy,
+) -> Step
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut asked: Option<(String, Verdict)> = None;
+    loop {
+        let step = ask(io, session, input, inbound, policy, asked.as_ref());
+        match step {
+            Step::Verify(address) if asked.is_none() => {
+                let now = inbound.clock.now_ms();
+                let verdict = inbound.callouts.verify(&address, now).await;
+                debug!(%address, ?verdict, "callout");
+                asked = Some((address, verdict));
+            }
+            step => return step,
+        }
+    }
+}
+
+/// Gives the session one line, with what it may consult: room in the spool,
+/// what primaries told us (`asked`: the callout made for this command, if
+/// any), whether they are down.
+fn ask<S>(
+    io: &Io<S>,
+    session: &mut Session,
+    input: &Input,
+    inbound: &Inbound,
+    policy: &Policy,
+    asked: Option<&(String, Verdict)>,
+) -> Step
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let spool_has_room = |size| inbound.spool.has_room(size);
+    let now = inbound.clock.now_ms();
+    let answer = |address: &str| match &asked {
+        Some((a, verdict)) if a == address => Some(*verdict),
+        _ => None,
+    };
+    let knowledge = |address: &str| match answer(address) {
+        Some(Verdict::Exists) => Knowledge::Exists,
+        Some(Verdict::DoesNotExist) => Knowledge::DoesNotExist,
+        _ => inbound.learned.lookup(address, now),
+    };
+    let primary_down = |address: &str| {
+        answer(address) == Some(Verdict::Unreachable) || inbound.health.is_down(&domain_of(address))
+    };
+    let may_call_out = |_: &str| asked.is_none();
+    let env = Env {
+        policy,
+        spool_has_room: &spool_has_room,
+        knowledge: &knowledge,
+        primary_down: &primary_down,
+        may_call_out: &may_call_out,
+    };
+    match input {
+        // RFC 2920: only after our EHLO reply offered PIPELINING may a
+        // client send a command before the previous reply arrived.
+        // Spamware that talks without listening is refused, as with
+        // Postfix's smtpd_forbid_unauth_pipelining.
+        Input::Line(_) if !io.pending().is_empty() && !session.may_pipeline() => {
+            Step::Close(out_of_sync())
+        }
+        Input::Line(line) => {
+            if asked.is_none() {
+                debug!(command = %String::from_utf8_lossy(line).trim_end(), "client");
+            }
+            match session.command(line, &env) {
+                // DATA ends a group: content before our 354 is out of turn.
+                Step::Data(_) if !io.pending().is_empty() => Step::Close(out_of_sync()),
+                step => step,
+            }
+        }
+        Input::TooLong => session.line_too_long(),
+    }
+}
+
+/// Carries out what the session decided: queue the reply, flush ETRN's
+/// domain, hand over to the TLS handshake, close, or read a message's content
+/// and commit it. `Err` says why the conversation stops.
+async fn perform<S>(
+    io: &mut Io<S>,
+    session: &mut Session,
+    step: Step,
+    peer: SocketAddr,
+    inbound: &Inbound,
+    policy: &Policy,
+    shutdown: &mut Shutdown,
+) -> Result<(), Stop>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match step {
+        Step::Reply(reply) => {
+            debug!(%reply, "server");
+            if reply.is_error() {
+                info!(reply = %reply, "rejected");
+                inbound.metrics.reject(reply.reason());
+            }
+            reply.write_to(&mut io.output);
+        }
+        Step::Etrn { domain, reply } => {
+            info!(%domain, "ETRN");
+            inbound.request_flush(domain);
+            reply.write_to(&mut io.output);
+        }
+        Step::StartTls(reply) => {
+            reply.write_to(&mut io.output);
+            io.flush().await?;
+            // Plaintext pipelined after STARTTLS must not be read as if it
+            // came inside TLS (CVE-2011-0411).
+            if !io.pending().is_empty() {
+                info!(
+                    bytes = io.pending().len(),
+                    "discarding input sent before the TLS handshake"
+                );
+            }
+            io.input.clear();
+            io.start = 0;
+            return Err(Stop::StartTls);
+        }
+        Step::Verify(address) => {
+            // The session asks only once per command; never loop on it.
+            warn!(%address, "second callout request for one command");
+            Reply::new(451, "4.3.0", "Error: try again later").write_to(&mut io.output);
+        }
+        Step::Close(reply) => {
+            if reply.is_error() {
+                inbound.metrics.reject(reply.reason());
+            }
+            reply.write_to(&mut io.output);
+            return Err(io.flush().await.err().unwrap_or(Stop::Eof));
+        }
+        Step::Data(reply) => {
+            reply.write_to(&mut io.output);
+            let reply = receive_data(io, session, peer, inbound, policy, shutdown).await?;
+            reply.write_to(&mut io.output);
+        }
+        Step::Chunk { size } => {
+            let reply = receive_chunk(io, session, size, peer, inbound, policy, shutdown).await?;
+            reply.write_to(&mut io.output);
+        }
+    }
+    Ok(())
+}
+
+/// After our 354: reads the message, then commits it or says why not.
+async fn receive_data<S>(
+    io: &mut Io<S>,
+    session: &mut Session,
+    peer: SocketAddr,
+    inbound: &Inbound,
+    policy: &Policy,
+    shutdown: &mut Shutdown,
+) -> Result<Reply, Stop>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let data = io
+        .read_data(policy.max_message_size, policy.data_timeout, shutdown)
+        .await?;
+    let reply = match session.finish_data(&data, policy) {
+        Err(reply) => {
+            info!(reply = %reply, size = data.size, "message refused");
+            inbound.metrics.reject(reply.reason());
+            reply
+        }
+        Ok(transaction) => store(inbound, session, peer, policy, transaction, data).await,
+    };
+    Ok(reply)
+}
+
+/// After a BDAT: reads its `size` octets into the session, then replies as
+/// the session says, committing the message a LAST chunk completed.
+async fn receive_chunk<S>(
+    io: &mut Io<S>,
+    session: &mut Session,
+    size: u64,
+    peer: SocketAddr,
+    inbound: &Inbound,
+    policy: &Policy,
+    shutdown: &mut Shutdown,
+) -> Result<Reply, Stop>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    io.read_chunk(
+        size,
+        |octets| session.chunk(octets),
+        policy.data_timeout,
+        shutdown,
+    )
+    .await?;
+    let reply = match session.end_chunk(policy) {
+        Chunked::Reply(reply) => {
+            if reply.is_error() {
+                info!(reply = %reply, size, "chunk refused");
+                inbound.metrics.reject(reply.reason());
+            }
+            reply
+        }
+        Chunked::Discarded(reply) => {
+            debug!(reply = %reply, size, "chunk discarded");
+            reply
+        }
+        Chunked::Message(transaction, data) => {
+            store(inbound, session, peer, policy, transaction, data).await
+        }
+    };
+    Ok(reply)
 }
 
 /// Prepends our `Received:` to a finished message and commits it; the reply
