@@ -175,45 +175,9 @@ pub fn queue(config: &Config, command: QueueCommand, out: &mut dyn Write) -> Res
             domain,
             state,
             json,
-        } => {
-            let mut query = Vec::new();
-            if let Some(domain) = &domain {
-                query.push(("domain", domain.as_str()));
-            }
-            if let Some(state) = state {
-                query.push(("state", state.as_str()));
-            }
-            let body = api.call(None, |c| c.get("/api/queue", &query))?;
-            if json {
-                pretty(&body)?
-            } else {
-                let what = if query.is_empty() {
-                    render::QUEUE
-                } else {
-                    render::QUEUE_FILTERED
-                };
-                render::list(&parse(&body)?, what)
-            }
-        }
-        QueueCommand::Show { id, json } => {
-            let body = api.call(Some(&id), |c| c.get(&message_path(&id, ""), &[]))?;
-            if json {
-                pretty(&body)?
-            } else {
-                render::message(&parse(&body)?, now_ms())
-            }
-        }
-        QueueCommand::Flush { domain } => {
-            let body = domain.as_ref().map(|d| json!({ "domain": d }));
-            let answer: Answer =
-                parse(&api.call(None, |c| c.post("/api/queue/flush", body.as_ref()))?)?;
-            match answer.get("flushed") {
-                Some("all") | None => "all queued mail is due now\n".to_owned(),
-                Some(domain) => {
-                    format!("queued mail for {} is due now\n", render::one_line(domain))
-                }
-            }
-        }
+        } => list(&api, domain.as_deref(), state, json)?,
+        QueueCommand::Show { id, json } => show(&api, &id, json)?,
+        QueueCommand::Flush { domain } => flush(&api, domain.as_deref())?,
         QueueCommand::Delete { id } => {
             let answer = api.act(&id, |c| c.delete(&message_path(&id, "")))?;
             format!("deleted {}\n", answer.id("deleted", &id))
@@ -226,45 +190,105 @@ pub fn queue(config: &Config, command: QueueCommand, out: &mut dyn Write) -> Res
             let answer = api.act(&id, |c| c.post(&message_path(&id, "/release"), None))?;
             format!("released {}: due now\n", answer.id("released", &id))
         }
-        QueueCommand::Domains { json } => {
-            let body = api.call(None, |c| c.get("/api/domains", &[]))?;
-            if json {
-                pretty(&body)?
-            } else {
-                render::domains(&parse(&body)?, now_ms())
-            }
-        }
-        QueueCommand::Pause { domain } => {
-            let answer: Answer =
-                parse(&api.call(None, |c| c.post(&domain_path(&domain, "/pause"), None))?)?;
-            let name = render::one_line(answer.get("paused").unwrap_or(&domain));
-            format!(
-                "paused {name}: mail is accepted and queued, nothing is delivered until \
-                 `mxspool queue resume {name}`\n"
-            )
-        }
-        QueueCommand::Resume { domain } => {
-            let answer: Answer =
-                parse(&api.call(None, |c| c.post(&domain_path(&domain, "/resume"), None))?)?;
-            let name = render::one_line(answer.get("resumed").unwrap_or(&domain));
-            let by = match answer.get("paused_by") {
-                Some("guard") => " (paused by the drain guard)",
-                _ => "",
-            };
-            format!("resumed {name}{by}: its queued mail is due now\n")
-        }
-        QueueCommand::Bounce { id } => {
-            let answer: serde_json::Value =
-                parse(&api.call(Some(&id), |c| c.post(&message_path(&id, "/bounce"), None))?)?;
-            let n = answer["recipients"].as_u64().unwrap_or(0);
-            format!(
-                "bounced {}: {n} recipient{} failed\n",
-                render::one_line(answer["bounced"].as_str().unwrap_or(&id)),
-                if n == 1 { "" } else { "s" }
-            )
-        }
+        QueueCommand::Domains { json } => domains(&api, json)?,
+        QueueCommand::Pause { domain } => pause(&api, &domain)?,
+        QueueCommand::Resume { domain } => resume(&api, &domain)?,
+        QueueCommand::Bounce { id } => bounce(&api, &id)?,
     };
     write(out, &text)
+}
+
+/// `queue list`: one line per recipient, or the server's JSON.
+fn list(
+    api: &Api,
+    domain: Option<&str>,
+    state: Option<State>,
+    json: bool,
+) -> Result<String, CliError> {
+    let mut query = Vec::new();
+    if let Some(domain) = domain {
+        query.push(("domain", domain));
+    }
+    if let Some(state) = state {
+        query.push(("state", state.as_str()));
+    }
+    let body = api.call(None, |c| c.get("/api/queue", &query))?;
+    if json {
+        pretty(&body)
+    } else {
+        let what = if query.is_empty() {
+            render::QUEUE
+        } else {
+            render::QUEUE_FILTERED
+        };
+        Ok(render::list(&parse(&body)?, what))
+    }
+}
+
+/// `queue show`: one message as text, or the server's JSON.
+fn show(api: &Api, id: &str, json: bool) -> Result<String, CliError> {
+    let body = api.call(Some(id), |c| c.get(&message_path(id, ""), &[]))?;
+    if json {
+        pretty(&body)
+    } else {
+        Ok(render::message(&parse(&body)?, now_ms()))
+    }
+}
+
+/// `queue flush`: what the server made due.
+fn flush(api: &Api, domain: Option<&str>) -> Result<String, CliError> {
+    let body = domain.map(|d| json!({ "domain": d }));
+    let answer: Answer = parse(&api.call(None, |c| c.post("/api/queue/flush", body.as_ref()))?)?;
+    Ok(match answer.get("flushed") {
+        Some("all") | None => "all queued mail is due now\n".to_owned(),
+        Some(domain) => {
+            format!("queued mail for {} is due now\n", render::one_line(domain))
+        }
+    })
+}
+
+/// `queue domains`: one line per relay domain, or the server's JSON.
+fn domains(api: &Api, json: bool) -> Result<String, CliError> {
+    let body = api.call(None, |c| c.get("/api/domains", &[]))?;
+    if json {
+        pretty(&body)
+    } else {
+        Ok(render::domains(&parse(&body)?, now_ms()))
+    }
+}
+
+/// `queue pause`: the domain paused, and how to undo it.
+fn pause(api: &Api, domain: &str) -> Result<String, CliError> {
+    let answer: Answer = parse(&api.call(None, |c| c.post(&domain_path(domain, "/pause"), None))?)?;
+    let name = render::one_line(answer.get("paused").unwrap_or(domain));
+    Ok(format!(
+        "paused {name}: mail is accepted and queued, nothing is delivered until \
+         `mxspool queue resume {name}`\n"
+    ))
+}
+
+/// `queue resume`: the domain resumed, and who had paused it.
+fn resume(api: &Api, domain: &str) -> Result<String, CliError> {
+    let answer: Answer =
+        parse(&api.call(None, |c| c.post(&domain_path(domain, "/resume"), None))?)?;
+    let name = render::one_line(answer.get("resumed").unwrap_or(domain));
+    let by = match answer.get("paused_by") {
+        Some("guard") => " (paused by the drain guard)",
+        _ => "",
+    };
+    Ok(format!("resumed {name}{by}: its queued mail is due now\n"))
+}
+
+/// `queue bounce`: how many recipients failed.
+fn bounce(api: &Api, id: &str) -> Result<String, CliError> {
+    let answer: serde_json::Value =
+        parse(&api.call(Some(id), |c| c.post(&message_path(id, "/bounce"), None))?)?;
+    let n = answer["recipients"].as_u64().unwrap_or(0);
+    Ok(format!(
+        "bounced {}: {n} recipient{} failed\n",
+        render::one_line(answer["bounced"].as_str().unwrap_or(id)),
+        if n == 1 { "" } else { "s" }
+    ))
 }
 
 pub fn dead(config: &Config, command: DeadCommand, out: &mut dyn Write) -> Result<(), CliError> {
