@@ -220,39 +220,7 @@ pub fn message(m: &Message, now_ms: u64) -> String {
 
     out.push_str("\nRecipients:\n");
     for r in &m.recipients {
-        out.push_str(&format!("  {}\n", one_line(&r.address)));
-        let mut detail = |name: &str, value: String| {
-            out.push_str(&format!("    {:<14}{}\n", format!("{name}:"), value));
-        };
-        let mut state = format!("{}, {}", status(m, Some(r)), attempts(r.attempts));
-        if r.waiting_for_primary {
-            state.push_str(", waiting for the primary");
-        }
-        if r.suspect {
-            state.push_str(", suspect: refused while its domain was paused");
-        }
-        detail("status", state);
-        if r.waiting_for_resume && r.status == "queued" {
-            detail("next attempt", "when its domain is resumed".to_owned());
-        } else if let Some(next) = r.next_attempt_ms.filter(|_| r.status == "queued") {
-            detail(
-                "next attempt",
-                if m.held {
-                    "when released".to_owned()
-                } else {
-                    relative(next, now_ms)
-                },
-            );
-        }
-        if let Some(reply) = &r.last_reply {
-            detail("last reply", one_line(reply));
-        }
-        if let Some(notify) = r.notify.as_ref().filter(|n| !n.is_empty()) {
-            detail("notify", one_line(&notify.join(", ")));
-        }
-        if let Some(orcpt) = &r.orcpt {
-            detail("orcpt", one_line(orcpt));
-        }
+        recipient(&mut out, m, r, now_ms);
     }
 
     if let Some(headers) = &m.headers {
@@ -263,6 +231,43 @@ pub fn message(m: &Message, now_ms: u64) -> String {
         }
     }
     out
+}
+
+/// One recipient of [`message`]: its address, then its details indented.
+fn recipient(out: &mut String, m: &Message, r: &Recipient, now_ms: u64) {
+    out.push_str(&format!("  {}\n", one_line(&r.address)));
+    let mut detail = |name: &str, value: String| {
+        out.push_str(&format!("    {:<14}{}\n", format!("{name}:"), value));
+    };
+    let mut state = format!("{}, {}", status(m, Some(r)), attempts(r.attempts));
+    if r.waiting_for_primary {
+        state.push_str(", waiting for the primary");
+    }
+    if r.suspect {
+        state.push_str(", suspect: refused while its domain was paused");
+    }
+    detail("status", state);
+    if r.waiting_for_resume && r.status == "queued" {
+        detail("next attempt", "when its domain is resumed".to_owned());
+    } else if let Some(next) = r.next_attempt_ms.filter(|_| r.status == "queued") {
+        detail(
+            "next attempt",
+            if m.held {
+                "when released".to_owned()
+            } else {
+                relative(next, now_ms)
+            },
+        );
+    }
+    if let Some(reply) = &r.last_reply {
+        detail("last reply", one_line(reply));
+    }
+    if let Some(notify) = r.notify.as_ref().filter(|n| !n.is_empty()) {
+        detail("notify", one_line(&notify.join(", ")));
+    }
+    if let Some(orcpt) = &r.orcpt {
+        detail("orcpt", one_line(orcpt));
+    }
 }
 
 /// Valid JSON re-indented by two spaces, keys in the order they came: the
