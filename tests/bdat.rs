@@ -37,14 +37,13 @@ async fn envelope(c: &mut Client, to: &str) {
 
 /// Waits until no SMTP session is open: the server has seen every close.
 async fn sessions_ended(t: &TestServer) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while t.server.metrics().sessions.get() != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "a session is still open"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    common::eventually(Duration::from_secs(5), async || {
+        match t.server.metrics().sessions.get() {
+            0 => Ok(()),
+            n => Err(format!("{n} sessions still open")),
+        }
+    })
+    .await;
 }
 
 #[tokio::test]

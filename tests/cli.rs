@@ -124,19 +124,13 @@ async fn send(t: &TestServer, from: &str, to: &[&str], subject: &str) -> QueueId
 /// Waits until `id`'s envelope satisfies `done` (nothing listens at the
 /// test route, so attempts fail fast and the mail stays).
 async fn wait_for(t: &TestServer, id: QueueId, done: impl Fn(&Envelope) -> bool) -> Envelope {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let env = t.spool().envelope(id).expect("read spool");
-        if let Some(env) = env.filter(|e| done(e)) {
-            return env;
+    common::eventually(Duration::from_secs(10), async || {
+        match t.spool().envelope(id).expect("read spool") {
+            Some(env) if done(&env) => Ok(env),
+            other => Err(format!("{id} not there yet: {other:?}")),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{id} never got there: {:?}",
-            t.spool().envelope(id)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 fn attempted(env: &Envelope) -> bool {

@@ -245,7 +245,7 @@ fn queued_rcpt(t: &TestServer, id: QueueId, address: &str) -> Option<Recipient> 
 /// Waits until recipient `address` of `id` has been tried `attempts` times
 /// and is still queued; returns it.
 async fn wait_attempts(t: &TestServer, id: QueueId, address: &str, attempts: u32) -> Recipient {
-    eventually(WAIT, || match queued_rcpt(t, id, address) {
+    eventually(WAIT, async || match queued_rcpt(t, id, address) {
         Some(r) if r.status == RcptStatus::Queued && r.attempts >= attempts => Ok(r),
         other => Err(format!("{address} of {id}: {other:?}")),
     })
@@ -254,7 +254,7 @@ async fn wait_attempts(t: &TestServer, id: QueueId, address: &str, attempts: u32
 
 /// Waits until message `id` has left the queue.
 async fn wait_gone(t: &TestServer, id: QueueId) {
-    eventually(WAIT, || {
+    eventually(WAIT, async || {
         match t.spool().envelope(id).expect("read envelope") {
             None => Ok(()),
             Some(env) => Err(format!("{id} is still queued: {env:?}")),
@@ -825,7 +825,7 @@ async fn etrn_from_a_primary_that_was_down_delivers_and_marks_it_up() {
             .with_label_values(&["example.com"])
             .get()
     };
-    eventually(WAIT, || match up() {
+    eventually(WAIT, async || match up() {
         0 => Ok(()),
         v => Err(format!("mxspool_primary_up = {v} while it greets with 421")),
     })
@@ -842,7 +842,7 @@ async fn etrn_from_a_primary_that_was_down_delivers_and_marks_it_up() {
     );
     wait_gone(&t, id).await;
     // A delivery just succeeded: the primary is up.
-    eventually(Duration::from_secs(1), || match up() {
+    eventually(Duration::from_secs(1), async || match up() {
         1 => Ok(()),
         v => Err(format!(
             "mxspool_primary_up = {v} after a successful delivery"
@@ -873,7 +873,7 @@ async fn a_hanging_primary_does_not_delay_another_domains_mail() {
     let dir = tempfile::tempdir().unwrap();
     let t = TestServer::start_with(dir, config, Some(timeouts(Duration::from_secs(4)))).await;
     let stuck = send(&t, SENDER, &["a@slow.test"], &tagged("stuck")).await;
-    eventually(WAIT, || {
+    eventually(WAIT, async || {
         (hanging.connections() >= 1)
             .then_some(())
             .ok_or_else(|| "no connection to the hanging primary".to_string())
@@ -894,7 +894,7 @@ async fn a_hanging_primary_does_not_delay_another_domains_mail() {
     // Meanwhile slow.test's first attempt is still hanging.
     assert_eq!(queued_rcpt(&t, stuck, "a@slow.test").unwrap().attempts, 0);
     // The primary has it; the spool records it a moment later.
-    let env = eventually(Duration::from_millis(500), || {
+    let env = eventually(Duration::from_millis(500), async || {
         let env = t.spool().envelope(both).unwrap().expect("both is queued");
         match env.recipients[1].status {
             RcptStatus::Delivered => Ok(env),
@@ -923,7 +923,7 @@ async fn a_421_greeting_marks_the_primary_down_until_a_probe_finds_it_back() {
             .with_label_values(&["example.com"])
             .get()
     };
-    eventually(WAIT, || match up() {
+    eventually(WAIT, async || match up() {
         0 => Ok(()),
         v => Err(format!("mxspool_primary_up = {v}")),
     })
@@ -1110,7 +1110,7 @@ async fn a_primary_coming_back_releases_only_its_own_domains_recipients() {
         other.wait_for_messages(1, Duration::from_secs(2)).await,
         "other.test's recipient was not released"
     );
-    eventually(Duration::from_secs(1), || {
+    eventually(Duration::from_secs(1), async || {
         match queued_rcpt(&t, id, "user@other.test").map(|r| r.status) {
             Some(RcptStatus::Delivered) => Ok(()),
             other => Err(format!("{other:?}")),

@@ -17,7 +17,6 @@ use std::time::Duration;
 use common::{Client, Reply, TestConfig, TestServer};
 use primary::{Mode, Primary};
 use tempfile::TempDir;
-use tokio::time::Instant;
 
 /// Every test message is about this big, so a few dozen fill 1 MiB.
 const MESSAGE_SIZE: usize = 20_000;
@@ -124,19 +123,16 @@ async fn assert_all_delivered_once(t: &TestServer, primary: &Primary, acked: &Ac
         primary.messages().len(),
         acked.len()
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    let stats = common::eventually(Duration::from_secs(5), async || {
         let stats = t.spool().stats();
         if stats.messages == 0 && t.stored().is_empty() {
-            assert_eq!(stats.bytes, 0, "an empty queue holds no bytes: {stats:?}");
-            break;
+            Ok(stats)
+        } else {
+            Err(format!("delivered mail stays queued: {stats:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "delivered mail stays queued: {stats:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    assert_eq!(stats.bytes, 0, "an empty queue holds no bytes: {stats:?}");
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for m in primary.messages() {
         let token = token_of(&m.body).expect("every delivered message has its token");

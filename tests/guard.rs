@@ -232,7 +232,7 @@ async fn a_primary_refusing_everyone_after_an_outage_bounces_only_drain_guard_re
         let to: Vec<&str> = pair.iter().map(String::as_str).collect();
         ids.push(send(&t, &to, &format!("backlog-{}", ids.len())).await);
     }
-    eventually(WAIT, || {
+    eventually(WAIT, async || {
         let q = queued(&t);
         if q.len() == 8 && q.iter().all(|(_, r)| r.attempts >= 1 && r.unreachable) {
             Ok(())
@@ -252,7 +252,7 @@ async fn a_primary_refusing_everyone_after_an_outage_bounces_only_drain_guard_re
 
     // Exactly three recipients fail, with notices to the sender; then the
     // domain is paused and the other five wait, none bounced.
-    let domain = eventually(WAIT, || {
+    let domain = eventually(WAIT, async || {
         let q = queued(&t);
         if q.len() == 5 && q.iter().all(|(_, r)| parked(r)) {
             Ok(q)
@@ -275,7 +275,7 @@ async fn a_primary_refusing_everyone_after_an_outage_bounces_only_drain_guard_re
         // A suspect is one the primary refused; the rest were never tried again.
         assert_eq!(r.suspect, refused, "{r:?}");
     }
-    let notices = eventually(WAIT, || {
+    let notices = eventually(WAIT, async || {
         let about = reported(&net.bounces.messages());
         if about.len() >= 3 {
             Ok(about)
@@ -329,7 +329,7 @@ async fn a_primary_refusing_everyone_after_an_outage_bounces_only_drain_guard_re
     // Nothing more goes to the paused domain, new mail neither.
     let commands = transactions(&net.relay);
     let late = send(&t, &["late@example.com"], "late").await;
-    eventually(WAIT, || {
+    eventually(WAIT, async || {
         let q = queued(&t);
         match q.iter().find(|(id, _)| *id == late) {
             Some((_, r)) if parked(r) => Ok(()),
@@ -357,7 +357,7 @@ async fn a_primary_refusing_everyone_after_an_outage_bounces_only_drain_guard_re
         answer,
         json!({"resumed": "example.com", "paused_by": "guard"})
     );
-    eventually(WAIT, || {
+    eventually(WAIT, async || {
         let q = queued(&t);
         if q.is_empty() {
             Ok(())
@@ -410,14 +410,14 @@ async fn after_a_resume_refusals_bounce_again_and_the_count_starts_over() {
     }
     // Two refusals in one attempt trip the guard; the second still bounces.
     send(&t, &["a@example.com", "b@example.com"], "first").await;
-    eventually(WAIT, || {
+    eventually(WAIT, async || {
         match t.spool().pauses().expect("pauses").as_slice() {
             [(domain, _)] if domain == "example.com" => Ok(()),
             other => Err(format!("not paused: {other:?}")),
         }
     })
     .await;
-    eventually(WAIT, || {
+    eventually(WAIT, async || {
         let n = reported(&net.bounces.messages()).len();
         if n == 2 {
             Ok(())
@@ -432,12 +432,14 @@ async fn after_a_resume_refusals_bounce_again_and_the_count_starts_over() {
         .expect(200);
     // One refusal after the resume bounces normally and does not trip it…
     let one = send(&t, &["c@example.com"], "second").await;
-    eventually(WAIT, || match t.spool().envelope(one).expect("read") {
-        None => Ok(()),
-        Some(env) => Err(format!("still queued: {env:?}")),
+    eventually(WAIT, async || {
+        match t.spool().envelope(one).expect("read") {
+            None => Ok(()),
+            Some(env) => Err(format!("still queued: {env:?}")),
+        }
     })
     .await;
-    eventually(WAIT, || {
+    eventually(WAIT, async || {
         let n = reported(&net.bounces.messages()).len();
         if n == 3 {
             Ok(())
@@ -449,7 +451,7 @@ async fn after_a_resume_refusals_bounce_again_and_the_count_starts_over() {
     assert_eq!(api.domain("example.com").await["paused"], json!(false));
     // …two in a row do.
     send(&t, &["d@example.com", "e@example.com"], "third").await;
-    eventually(WAIT, || {
+    eventually(WAIT, async || {
         let q = queued(&t);
         match q.as_slice() {
             [(_, r)] if r.address == "e@example.com" && r.suspect && parked(r) => Ok(()),
@@ -470,12 +472,12 @@ async fn with_drain_guard_zero_every_refusal_bounces() {
     }
     let to: Vec<&str> = users.iter().map(String::as_str).collect();
     let id = send(&t, &to, "unguarded").await;
-    eventually(WAIT, || match t.spool().envelope(id).expect("read") {
+    eventually(WAIT, async || match t.spool().envelope(id).expect("read") {
         None => Ok(()),
         Some(env) => Err(format!("still queued: {env:?}")),
     })
     .await;
-    eventually(WAIT, || {
+    eventually(WAIT, async || {
         let n = reported(&net.bounces.messages()).len();
         if n == 5 {
             Ok(())
@@ -504,7 +506,7 @@ async fn a_manual_pause_survives_a_restart_and_delivers_nothing_until_resumed() 
 
     // Still accepted and queued, waiting for the resume.
     let id = send(&t, &["user@example.com"], "during-maintenance").await;
-    eventually(WAIT, || match t.spool().envelope(id).expect("read") {
+    eventually(WAIT, async || match t.spool().envelope(id).expect("read") {
         Some(env) if parked(&env.recipients[0]) => Ok(()),
         other => Err(format!("not waiting for the resume: {other:?}")),
     })
@@ -536,7 +538,7 @@ async fn a_manual_pause_survives_a_restart_and_delivers_nothing_until_resumed() 
         net.relay.wait_for_messages(1, WAIT).await,
         "not delivered after the resume"
     );
-    eventually(WAIT, || match t.spool().envelope(id).expect("read") {
+    eventually(WAIT, async || match t.spool().envelope(id).expect("read") {
         None => Ok(()),
         Some(env) => Err(format!("still queued: {env:?}")),
     })
@@ -567,14 +569,14 @@ async fn nothing_expires_while_paused_and_expiry_applies_after_the_resume() {
     let t = start(config()).await;
     let api = Api::of(&t);
     let id = send(&t, &["user@example.com"], "expiring").await;
-    eventually(WAIT, || match t.spool().envelope(id).expect("read") {
+    eventually(WAIT, async || match t.spool().envelope(id).expect("read") {
         Some(env) if env.recipients[0].attempts >= 1 => Ok(()),
         other => Err(format!("not tried yet: {other:?}")),
     })
     .await;
     api.post("/api/domains/example.com/pause").await.expect(200);
     // Well past the lifetime: still queued, parked, no notice.
-    eventually(WAIT, || match t.spool().envelope(id).expect("read") {
+    eventually(WAIT, async || match t.spool().envelope(id).expect("read") {
         Some(env) if parked(&env.recipients[0]) => Ok(()),
         other => Err(format!("not parked: {other:?}")),
     })
@@ -588,7 +590,7 @@ async fn nothing_expires_while_paused_and_expiry_applies_after_the_resume() {
     api.post("/api/domains/example.com/resume")
         .await
         .expect(200);
-    eventually(WAIT, || {
+    eventually(WAIT, async || {
         let got = net.bounces.messages();
         if got.is_empty() {
             return Err("no notice after the resume".to_owned());
@@ -600,7 +602,7 @@ async fn nothing_expires_while_paused_and_expiry_applies_after_the_resume() {
     assert_eq!(reported(&got), vec!["user@example.com".to_owned()]);
     let text = String::from_utf8_lossy(&got[0].body).into_owned();
     assert!(text.contains("4.4.7"), "{text}");
-    eventually(WAIT, || match t.spool().envelope(id).expect("read") {
+    eventually(WAIT, async || match t.spool().envelope(id).expect("read") {
         None => Ok(()),
         Some(env) => Err(format!("still queued: {env:?}")),
     })

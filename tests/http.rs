@@ -23,18 +23,14 @@ const TOKEN: &str = "t0ken-for-the-tests";
 /// Polls `$cond` (which may `.await`) until it holds, or fails after [`WAIT`].
 macro_rules! wait_for {
     ($what:expr, $cond:expr) => {{
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
+        common::eventually(WAIT, async || {
             if $cond {
-                break;
+                Ok(())
+            } else {
+                Err(format!("waiting for {}", $what))
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {}",
-                $what
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        })
+        .await
     }};
 }
 
@@ -734,7 +730,7 @@ async fn hold_and_release() {
         "delivery of the message not held",
         listed(&http, &other).await.is_none()
     );
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    t.settled().await;
     assert_eq!(primary.messages().len(), 1, "a held message was delivered");
     assert!(listed(&http, &id).await.is_some());
 
@@ -820,7 +816,7 @@ async fn delete_removes_a_message_without_notice() {
     assert!(t.stored().is_empty());
 
     // Without notice: nothing queued for or sent to the sender.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    t.settled().await;
     let after = http.metrics().await;
     let failed = [("kind", "failed")];
     assert_eq!(
@@ -859,7 +855,7 @@ async fn flush_makes_deferred_mail_due_now() {
     // The primary would accept now, but the backoff holds the mail back.
     primary.set_rcpt_reply("a@example.com", "250 2.1.5 Ok");
     primary.set_rcpt_reply("b@second.test", "250 2.1.5 Ok");
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    t.settled().await;
     assert!(primary.messages().is_empty(), "delivered before any flush");
 
     // One domain: only its mail goes.
@@ -883,7 +879,7 @@ async fn flush_makes_deferred_mail_due_now() {
         String::from_utf8_lossy(&primary.messages()[0].body).contains("Subject: first"),
         "the wrong message went out"
     );
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    t.settled().await;
     assert_eq!(
         primary.messages().len(),
         1,
@@ -1282,7 +1278,7 @@ async fn metrics_follow_the_queue_while_primaries_are_down_and_after_the_drain()
         let m = http.metrics().await;
         m.value("mxspool_primary_up", &alpha) == 0.0 && m.value("mxspool_primary_up", &beta) == 0.0
     });
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    t.clock.advance(Duration::from_secs(2));
     let m = http.metrics().await;
     for d in [&alpha, &beta] {
         let age = m.value("mxspool_queue_oldest_age_seconds", d);

@@ -41,11 +41,7 @@ async fn deliveries_teach_which_recipients_exist() {
     assert!(primary.wait_for_messages(1, Duration::from_secs(5)).await);
 
     let spool = t.spool();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while spool.learned("bob@example.com").unwrap().is_none() {
-        assert!(tokio::time::Instant::now() < deadline, "nothing learned");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    learned(spool, "bob@example.com").await;
     assert_eq!(
         spool.learned("Alice@example.com").unwrap().map(|v| v.0),
         Some(true)
@@ -76,12 +72,9 @@ async fn nothing_is_learned_without_verify_recipients() {
     .queue_id();
     c.quit().await;
     assert!(primary.wait_for_messages(1, Duration::from_secs(5)).await);
-    // Let the outcome be recorded, then check nothing was learned.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !t.stored().is_empty() {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Once the outcome is recorded, nothing was learned.
+    t.settled().await;
+    assert!(t.stored().is_empty(), "{:?}", t.stored());
     assert_eq!(t.spool().learned("alice@example.com").unwrap(), None);
 }
 
@@ -106,11 +99,7 @@ async fn while_the_primary_is_down_learned_answers_decide_at_rcpt() {
         .await
         .assert_status(550, "5.1.1");
     c.cmd("RSET").await.assert(250);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while t.spool().learned("bob@example.com").unwrap().is_none() {
-        assert!(tokio::time::Instant::now() < deadline, "nothing learned");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    learned(t.spool(), "bob@example.com").await;
 
     // The primary goes away; the next delivery attempt finds it down.
     primary.set_mode(primary::Mode::Down);
@@ -121,21 +110,18 @@ async fn while_the_primary_is_down_learned_answers_decide_at_rcpt() {
     )
     .await
     .queue_id();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
+    // Once the primary is seen to be down, unseen recipients wait.
+    common::eventually(Duration::from_secs(5), async || {
         c.cmd("MAIL FROM:<a@origin.test>").await.assert(250);
         let reply = c.cmd("RCPT TO:<carol@example.com>").await;
         c.cmd("RSET").await.assert(250);
         if reply.code == 450 {
             reply.assert_status(450, "4.1.1");
-            break;
+            return Ok(());
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "carol, never seen, never tempfailed: {reply:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        Err(format!("carol, never seen, never tempfailed: {reply:?}"))
+    })
+    .await;
     c.cmd("MAIL FROM:<a@origin.test>").await.assert(250);
     c.cmd("RCPT TO:<alice@example.com>").await.assert(250);
     c.cmd("RCPT TO:<bob@example.com>")
@@ -146,6 +132,17 @@ async fn while_the_primary_is_down_learned_answers_decide_at_rcpt() {
 }
 
 /// A domain with `verify_recipients` whose primary is at `primary`.
+/// Waits until the spool has a verdict about `address`.
+async fn learned(spool: &mxspool::spool::Spool, address: &str) {
+    common::eventually(Duration::from_secs(5), async || {
+        match spool.learned(address).expect("read the spool") {
+            Some(_) => Ok(()),
+            None => Err(format!("nothing learned about {address}")),
+        }
+    })
+    .await;
+}
+
 fn verifying(primary: &Primary, unknown: &str) -> TestConfig {
     TestConfig::default().domains(&format!(
         "[[domain]]\nname = \"example.com\"\nroute = \"[127.0.0.1]:{}\"\n\
@@ -191,11 +188,7 @@ async fn while_the_primary_is_up_unseen_recipients_are_asked_about_once() {
     );
 
     // The answers are remembered: no second callout.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while t.spool().learned("bob@example.com").unwrap().is_none() {
-        assert!(tokio::time::Instant::now() < deadline, "nothing learned");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    learned(t.spool(), "bob@example.com").await;
     c.cmd("MAIL FROM:<a@origin.test>").await.assert(250);
     c.cmd("RCPT TO:<alice@example.com>").await.assert(250);
     c.cmd("RCPT TO:<bob@example.com>")

@@ -97,7 +97,7 @@ impl World {
         }
         assert!(self.relay.messages().is_empty());
         let ids: HashSet<QueueId> = msgs.iter().map(|m| m.id).collect();
-        eventually(WAIT, || {
+        eventually(WAIT, async || {
             let stored = self.envelopes();
             let tried = stored
                 .iter()
@@ -141,7 +141,7 @@ impl World {
     /// queued any more (notices included), then checks each arrived exactly
     /// once.
     async fn wait_drained(&self, msgs: &[Msg], within: Duration) {
-        eventually(within, || {
+        eventually(within, async || {
             let counts = counts(&self.relay);
             let missing = msgs.iter().filter(|m| !counts.contains_key(&m.tag)).count();
             let queued = self.t.spool().envelopes().expect("envelopes").len();
@@ -536,7 +536,7 @@ async fn lost_mid_pipeline(caps: Caps, failure: &str) {
     assert!(w.relay.wait_for_messages(3, WAIT).await, "no delivery");
 
     // Settled: every message delivered (gone) or deferred by this attempt.
-    let deferred: HashSet<QueueId> = eventually(WAIT, || {
+    let deferred: HashSet<QueueId> = eventually(WAIT, async || {
         let stored = w.envelopes();
         let mut deferred = HashSet::new();
         for env in &stored {
@@ -669,7 +669,7 @@ async fn connections_grow_with_the_backlog_up_to_the_cap() {
     w.relay.set_mode(Mode::Up);
 
     let mut gauge_max = 0;
-    eventually(Duration::from_secs(20), || {
+    eventually(Duration::from_secs(20), async || {
         gauge_max = gauge_max.max(connections_gauge(&w.t));
         let n = w.relay.messages().len();
         if n >= msgs.len() {
@@ -689,7 +689,7 @@ async fn connections_grow_with_the_backlog_up_to_the_cap() {
     assert!(gauge_max <= 10, "the gauge showed {gauge_max} connections");
     assert!(gauge_max > 0, "the gauge never showed a connection");
     // Back to 0 once the workers have said QUIT.
-    eventually(WAIT, || match connections_gauge(&w.t) {
+    eventually(WAIT, async || match connections_gauge(&w.t) {
         0 => Ok(()),
         n => Err(format!("{n} connections still counted")),
     })
@@ -711,7 +711,7 @@ async fn connections_shrink_when_the_primary_refuses_more() {
     // Refused connections put their mail back untried: no message is ever
     // deferred again, marked unreachable or failed.
     let mut retried: Option<String> = None;
-    eventually(Duration::from_secs(20), || {
+    eventually(Duration::from_secs(20), async || {
         for env in w.envelopes() {
             for r in &env.recipients {
                 if retried.is_none()

@@ -561,8 +561,8 @@ include_subdomains = true
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // Whatever a delivery may have set off (a notice, a retry elsewhere)
-        // gets a moment to show.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // has happened.
+        self.server.settled().await;
 
         let dead = self.server.spool().dead_letters().expect("dead letters");
         if !dead.is_empty() {

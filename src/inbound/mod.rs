@@ -4,7 +4,7 @@
 //! ([`crate::knowledge`]), which may call out to a primary.
 //!
 //! - `policy.rs`: relay domains, recipient lists, connection lists, limits.
-//! - `session.rs`: the pure SMTP state machine.
+//! - `session/`: the pure SMTP state machine.
 //! - `data.rs`: the DATA and BDAT byte filters (end of data, dot-stuffing,
 //!   line endings, the size limit).
 //! - `received.rs`: our `Received:` trace field.

@@ -559,11 +559,14 @@ impl Client {
 }
 
 /// Polls `check` every 20 ms until it gives a value; panics with its last
-/// complaint after `within`.
-pub async fn eventually<T>(within: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+/// complaint after `within`. The one way tests wait for something to happen.
+pub async fn eventually<T>(
+    within: Duration,
+    mut check: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        match check() {
+        match check().await {
             Ok(value) => return value,
             Err(why) if tokio::time::Instant::now() >= deadline => {
                 panic!("still not so after {within:?}: {why}")
