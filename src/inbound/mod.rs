@@ -13,6 +13,7 @@
 
 pub mod conn;
 pub mod data;
+mod io;
 pub mod policy;
 pub mod received;
 pub mod reply;
