@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
-use redb::{ReadableTable, Table};
+use redb::{ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 
 use super::{
@@ -126,6 +126,19 @@ impl Totals {
             }
         }
     }
+
+    /// Takes in the changes of a batch that is now durable.
+    fn add(&self, delta: &Delta) {
+        apply(&self.messages, delta.messages);
+        apply(&self.queued_bytes, delta.queued_bytes);
+        apply(&self.bytes, delta.bytes);
+        for (label, arrived, by) in &delta.labels {
+            self.count(label, *arrived, *by);
+        }
+        apply(&self.dead, delta.dead);
+        apply(&self.held, delta.held);
+        apply(&self.quarantined, delta.quarantined);
+    }
 }
 
 /// The labels of `env`'s queued recipients, each once.
@@ -241,15 +254,7 @@ impl Writer {
         let result = self.write(batch, &mut outcomes, &mut delta);
         match &result {
             Ok(()) => {
-                apply(&self.totals.messages, delta.messages);
-                apply(&self.totals.queued_bytes, delta.queued_bytes);
-                apply(&self.totals.bytes, delta.bytes);
-                for (label, arrived, by) in &delta.labels {
-                    self.totals.count(label, *arrived, *by);
-                }
-                apply(&self.totals.dead, delta.dead);
-                apply(&self.totals.held, delta.held);
-                apply(&self.totals.quarantined, delta.quarantined);
+                self.totals.add(&delta);
                 let elapsed = started.elapsed();
                 if let Some(observe) = &self.on_commit {
                     observe(elapsed);
@@ -277,117 +282,17 @@ impl Writer {
         outcomes: &mut Vec<Outcome>,
         delta: &mut Delta,
     ) -> Result<(), CommitError> {
-        let io = |e: redb::Error| CommitError::Io(e.to_string());
         // Durability::Immediate is redb's default: commit() returns after the fsync.
         if !self.db.is_open() {
             self.db.reopen();
         }
         let txn = self.db.begin_write().map_err(io)?;
         {
-            let mut t = Tables {
-                labeler: &self.labeler,
-                messages: txn.open_table(MESSAGES).map_err(|e| io(e.into()))?,
-                bodies: txn.open_table(BODIES).map_err(|e| io(e.into()))?,
-                due: txn.open_table(DUE).map_err(|e| io(e.into()))?,
-                held: txn.open_table(HELD).map_err(|e| io(e.into()))?,
-                dead: txn.open_table(DEAD).map_err(|e| io(e.into()))?,
-                quarantine: txn.open_table(QUARANTINE).map_err(|e| io(e.into()))?,
-                learned: txn.open_table(LEARNED).map_err(|e| io(e.into()))?,
-                paused: txn.open_table(PAUSED).map_err(|e| io(e.into()))?,
-            };
-            let mut room = self
+            let mut t = Tables::open(&txn, &self.labeler).map_err(io)?;
+            let room = self
                 .max_size
                 .saturating_sub(self.totals.bytes.load(Ordering::Relaxed));
-            let mut failure: Option<CommitError> = None;
-            for job in batch {
-                match job {
-                    Job::Commit { message, done } => {
-                        let size = message.envelope.size;
-                        let r = if failure.is_some() {
-                            Ok(())
-                        } else if size > room {
-                            Err(CommitError::Full)
-                        } else {
-                            room -= size;
-                            t.insert(&message, delta).map_err(io)
-                        };
-                        if let Err(CommitError::Io(e)) = &r {
-                            failure = Some(CommitError::Io(e.clone()));
-                        }
-                        outcomes.push(Outcome::Commit(done, r));
-                    }
-                    Job::Change {
-                        id,
-                        change,
-                        insert,
-                        done,
-                    } => {
-                        let r = if failure.is_some() {
-                            Ok(None)
-                        } else {
-                            // Notices about a message are small and must not be
-                            // lost to the size limit: they bypass it.
-                            let mut r = Ok(());
-                            for message in &insert {
-                                r = r.and_then(|()| t.insert(message, delta));
-                            }
-                            r.and_then(|()| t.change(id, change, delta)).map_err(io)
-                        };
-                        if let Err(e) = &r {
-                            failure = Some(e.clone());
-                        }
-                        outcomes.push(Outcome::Change(done, r));
-                    }
-                    Job::Learn { verdicts, at_ms } => {
-                        if failure.is_none() {
-                            for (address, exists) in verdicts {
-                                let key = address.to_lowercase();
-                                if let Err(e) = t.learned.insert(key.as_str(), (exists, at_ms)) {
-                                    failure = Some(io(e.into()));
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    Job::Forget {
-                        exists_before,
-                        missing_before,
-                    } => {
-                        if failure.is_none() {
-                            let stale = |(exists, at): (bool, u64)| {
-                                at < if exists {
-                                    exists_before
-                                } else {
-                                    missing_before
-                                }
-                            };
-                            if let Err(e) = t.learned.retain(|_, verdict| !stale(verdict)) {
-                                failure = Some(io(e.into()));
-                            }
-                        }
-                    }
-                    Job::Pause {
-                        domain,
-                        pause,
-                        done,
-                    } => {
-                        let r = if failure.is_some() {
-                            Ok(())
-                        } else {
-                            match pause {
-                                Some(p) => t.paused.insert(domain.as_str(), p.to_row()).map(drop),
-                                None => t.paused.remove(domain.as_str()).map(drop),
-                            }
-                            .map_err(|e| io(e.into()))
-                        };
-                        if let Err(e) = &r {
-                            failure = Some(e.clone());
-                        }
-                        outcomes.push(Outcome::Commit(done, r));
-                    }
-                }
-            }
-            if let Some(e) = failure {
+            if let Some(e) = t.apply_jobs(batch, room, outcomes, delta) {
                 // Dropping the transaction aborts it: nothing of the batch happened.
                 return Err(e);
             }
@@ -396,7 +301,162 @@ impl Writer {
     }
 }
 
+fn io(e: redb::Error) -> CommitError {
+    CommitError::Io(e.to_string())
+}
+
+impl<'t, 'l> Tables<'t, 'l> {
+    fn open(txn: &'t WriteTransaction, labeler: &'l Labeler) -> Result<Self, redb::Error> {
+        Ok(Tables {
+            labeler,
+            messages: txn.open_table(MESSAGES)?,
+            bodies: txn.open_table(BODIES)?,
+            due: txn.open_table(DUE)?,
+            held: txn.open_table(HELD)?,
+            dead: txn.open_table(DEAD)?,
+            quarantine: txn.open_table(QUARANTINE)?,
+            learned: txn.open_table(LEARNED)?,
+            paused: txn.open_table(PAUSED)?,
+        })
+    }
+}
+
 impl Tables<'_, '_> {
+    /// Applies the batch's jobs in order, each outcome into `outcomes`, with
+    /// `room` body bytes left under `spool.max_size`. Returns the storage error
+    /// that dooms the transaction, if any: the jobs after it are not applied
+    /// (their outcomes become that error when it is reported).
+    fn apply_jobs(
+        &mut self,
+        batch: Vec<Job>,
+        mut room: u64,
+        outcomes: &mut Vec<Outcome>,
+        delta: &mut Delta,
+    ) -> Option<CommitError> {
+        let mut failure: Option<CommitError> = None;
+        for job in batch {
+            match job {
+                Job::Commit { message, done } => {
+                    let r = if failure.is_some() {
+                        Ok(())
+                    } else {
+                        self.commit(&message, &mut room, delta)
+                    };
+                    // A full spool refuses this message alone.
+                    if let Err(CommitError::Io(e)) = &r {
+                        failure = Some(CommitError::Io(e.clone()));
+                    }
+                    outcomes.push(Outcome::Commit(done, r));
+                }
+                Job::Change {
+                    id,
+                    change,
+                    insert,
+                    done,
+                } => {
+                    let r = if failure.is_some() {
+                        Ok(None)
+                    } else {
+                        self.change_with(id, change, &insert, delta).map_err(io)
+                    };
+                    if let Err(e) = &r {
+                        failure = Some(e.clone());
+                    }
+                    outcomes.push(Outcome::Change(done, r));
+                }
+                Job::Learn { verdicts, at_ms } => {
+                    if failure.is_none() {
+                        failure = self.learn(verdicts, at_ms).err().map(io);
+                    }
+                }
+                Job::Forget {
+                    exists_before,
+                    missing_before,
+                } => {
+                    if failure.is_none() {
+                        failure = self.forget(exists_before, missing_before).err().map(io);
+                    }
+                }
+                Job::Pause {
+                    domain,
+                    pause,
+                    done,
+                } => {
+                    let r = if failure.is_some() {
+                        Ok(())
+                    } else {
+                        self.pause(&domain, pause).map_err(io)
+                    };
+                    if let Err(e) = &r {
+                        failure = Some(e.clone());
+                    }
+                    outcomes.push(Outcome::Commit(done, r));
+                }
+            }
+        }
+        failure
+    }
+
+    /// Stores a new message if its body fits in `room` (what is left under
+    /// `spool.max_size`), and takes its size from `room`.
+    fn commit(
+        &mut self,
+        message: &NewMessage,
+        room: &mut u64,
+        delta: &mut Delta,
+    ) -> Result<(), CommitError> {
+        let size = message.envelope.size;
+        if size > *room {
+            return Err(CommitError::Full);
+        }
+        *room -= size;
+        self.insert(message, delta).map_err(io)
+    }
+
+    /// Stores `insert` and applies `change` to message `id`, together.
+    fn change_with(
+        &mut self,
+        id: QueueId,
+        change: Change,
+        insert: &[NewMessage],
+        delta: &mut Delta,
+    ) -> Result<Option<Envelope>, redb::Error> {
+        // Notices about a message are small and must not be lost to the size
+        // limit: they bypass it.
+        for message in insert {
+            self.insert(message, delta)?;
+        }
+        self.change(id, change, delta)
+    }
+
+    fn learn(&mut self, verdicts: Vec<(String, bool)>, at_ms: u64) -> Result<(), redb::Error> {
+        for (address, exists) in verdicts {
+            let key = address.to_lowercase();
+            self.learned.insert(key.as_str(), (exists, at_ms))?;
+        }
+        Ok(())
+    }
+
+    fn forget(&mut self, exists_before: u64, missing_before: u64) -> Result<(), redb::Error> {
+        let stale = |(exists, at): (bool, u64)| {
+            at < if exists {
+                exists_before
+            } else {
+                missing_before
+            }
+        };
+        self.learned.retain(|_, verdict| !stale(verdict))?;
+        Ok(())
+    }
+
+    fn pause(&mut self, domain: &str, pause: Option<Pause>) -> Result<(), redb::Error> {
+        match pause {
+            Some(p) => self.paused.insert(domain, p.to_row()).map(drop),
+            None => self.paused.remove(domain).map(drop),
+        }?;
+        Ok(())
+    }
+
     fn insert(&mut self, message: &NewMessage, delta: &mut Delta) -> Result<(), redb::Error> {
         let env = &message.envelope;
         self.messages.insert(env.id.0, env.encode().as_slice())?;
@@ -473,59 +533,99 @@ impl Tables<'_, '_> {
                 }
                 self.store(&env, true, delta)?;
             }
-            Change::Release { now_ms } => {
-                if held {
-                    self.held.remove(id.0)?;
-                    delta.held -= 1;
-                }
-                for r in &mut env.recipients {
-                    if r.status == RcptStatus::Queued {
-                        r.next_attempt_ms = now_ms;
-                    }
-                }
-                self.store(&env, false, delta)?;
-            }
+            Change::Release { now_ms } => self.release(&mut env, held, now_ms, delta)?,
             Change::Bury => self.bury(&env, held, delta)?,
-            Change::Unbury { now_ms } => {
-                self.dead.remove(id.0)?;
-                delta.dead -= 1;
-                for r in &mut env.recipients {
-                    if r.status != RcptStatus::Delivered {
-                        r.status = RcptStatus::Queued;
-                        r.attempts = 0;
-                        r.next_attempt_ms = now_ms;
-                        r.unreachable = false;
-                    }
-                }
-                self.store(&env, false, delta)?;
-            }
-            Change::Delete => {
-                if dead {
-                    self.dead.remove(id.0)?;
-                    delta.dead -= 1;
-                } else {
-                    self.messages.remove(id.0)?;
-                }
-                if held {
-                    self.held.remove(id.0)?;
-                    delta.held -= 1;
-                }
-                self.bodies.remove(id.0)?;
-                delta.bytes -= env.size as i64;
-            }
-            Change::Quarantine => {
-                self.messages.remove(id.0)?;
-                if held {
-                    self.held.remove(id.0)?;
-                    delta.held -= 1;
-                }
-                self.quarantine.insert(id.0, env.encode().as_slice())?;
-                delta.quarantined += 1;
-                self.bodies.remove(id.0)?;
-                delta.bytes -= env.size as i64;
-            }
+            Change::Unbury { now_ms } => self.unbury(&mut env, now_ms, delta)?,
+            Change::Delete => self.delete(&env, dead, held, delta)?,
+            Change::Quarantine => self.set_aside(&env, held, delta)?,
         }
         Ok(Some(env))
+    }
+
+    /// Back into the due index: queued recipients become due at `now_ms`.
+    fn release(
+        &mut self,
+        env: &mut Envelope,
+        held: bool,
+        now_ms: u64,
+        delta: &mut Delta,
+    ) -> Result<(), redb::Error> {
+        if held {
+            self.held.remove(env.id.0)?;
+            delta.held -= 1;
+        }
+        for r in &mut env.recipients {
+            if r.status == RcptStatus::Queued {
+                r.next_attempt_ms = now_ms;
+            }
+        }
+        self.store(env, false, delta)
+    }
+
+    /// Back from dead letters: every undelivered recipient is queued again, due
+    /// at `now_ms`.
+    fn unbury(
+        &mut self,
+        env: &mut Envelope,
+        now_ms: u64,
+        delta: &mut Delta,
+    ) -> Result<(), redb::Error> {
+        self.dead.remove(env.id.0)?;
+        delta.dead -= 1;
+        for r in &mut env.recipients {
+            if r.status != RcptStatus::Delivered {
+                r.status = RcptStatus::Queued;
+                r.attempts = 0;
+                r.next_attempt_ms = now_ms;
+                r.unreachable = false;
+            }
+        }
+        self.store(env, false, delta)
+    }
+
+    /// Removes the message from wherever it is (`dead`: the dead letters) and
+    /// its body.
+    fn delete(
+        &mut self,
+        env: &Envelope,
+        dead: bool,
+        held: bool,
+        delta: &mut Delta,
+    ) -> Result<(), redb::Error> {
+        let id = env.id.0;
+        if dead {
+            self.dead.remove(id)?;
+            delta.dead -= 1;
+        } else {
+            self.messages.remove(id)?;
+        }
+        if held {
+            self.held.remove(id)?;
+            delta.held -= 1;
+        }
+        self.bodies.remove(id)?;
+        delta.bytes -= env.size as i64;
+        Ok(())
+    }
+
+    /// Moves a queued message to quarantine; its body goes.
+    fn set_aside(
+        &mut self,
+        env: &Envelope,
+        held: bool,
+        delta: &mut Delta,
+    ) -> Result<(), redb::Error> {
+        let id = env.id.0;
+        self.messages.remove(id)?;
+        if held {
+            self.held.remove(id)?;
+            delta.held -= 1;
+        }
+        self.quarantine.insert(id, env.encode().as_slice())?;
+        delta.quarantined += 1;
+        self.bodies.remove(id)?;
+        delta.bytes -= env.size as i64;
+        Ok(())
     }
 
     fn bury(&mut self, env: &Envelope, held: bool, delta: &mut Delta) -> Result<(), redb::Error> {
