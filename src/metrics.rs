@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
@@ -80,176 +81,218 @@ pub const REJECT_REASONS: &[&str] = &[
     "other",
 ];
 
+/// A metric family as exposed: name, help and label names.
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+}
+
+// SMTP in.
+const ACCEPTED: Family = Family {
+    name: "mxspool_messages_accepted_total",
+    help: "Messages accepted and committed to the spool",
+    labels: &[],
+};
+const REJECTED: Family = Family {
+    name: "mxspool_smtp_rejected_total",
+    help: "SMTP commands, messages and connections refused, by reason",
+    labels: &["reason"],
+};
+const SESSIONS: Family = Family {
+    name: "mxspool_smtp_sessions_active",
+    help: "SMTP sessions in progress",
+    labels: &[],
+};
+const CALLOUTS: Family = Family {
+    name: "mxspool_recipient_callouts_total",
+    help: "Recipients checked with a live primary at RCPT time, by verdict",
+    labels: &["result"],
+};
+
+// Delivery.
+const ATTEMPTS: Family = Family {
+    name: "mxspool_delivery_attempts_total",
+    help: "Delivery attempts of a message to a domain, by result",
+    labels: &["domain", "result"],
+};
+const DELIVERED: Family = Family {
+    name: "mxspool_recipients_delivered_total",
+    help: "Recipients handed to the next hop",
+    labels: &["domain"],
+};
+const FAILED: Family = Family {
+    name: "mxspool_recipients_failed_total",
+    help: "Recipients given up on, by reason",
+    labels: &["domain", "reason"],
+};
+const DSN_SENT: Family = Family {
+    name: "mxspool_dsn_sent_total",
+    help: "Delivery status notifications queued, by kind",
+    labels: &["kind"],
+};
+const DELIVERY_CONNECTIONS: Family = Family {
+    name: "mxspool_delivery_connections",
+    help: "Delivery connections open (or opening) to the domain's primary",
+    labels: &["domain"],
+};
+const DELIVERY_SECONDS: Family = Family {
+    name: "mxspool_delivery_duration_seconds",
+    help: "Time to deliver one message over an open connection",
+    labels: &[],
+};
+const DELIVERY_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+const LOOPS: Family = Family {
+    name: "mxspool_routing_loops_total",
+    help: "Routing found us to be the best MX of the domain",
+    labels: &["domain"],
+};
+
+// Primaries and pauses.
+const PRIMARY_UP: Family = Family {
+    name: "mxspool_primary_up",
+    help: "1 while the domain's primary is reachable (or not known to be down)",
+    labels: &["domain"],
+};
+const DOMAIN_PAUSED: Family = Family {
+    name: "mxspool_domain_paused",
+    help: "1 while delivery to the domain is paused, by an operator or the drain guard",
+    labels: &["domain"],
+};
+
+// The queue and the spool.
+const QUEUE_MESSAGES: Family = Family {
+    name: "mxspool_queue_messages",
+    help: "Queued messages with a recipient waiting at the domain",
+    labels: &["domain"],
+};
+const QUEUE_BYTES: Family = Family {
+    name: "mxspool_queue_bytes",
+    help: "Bytes of queued messages",
+    labels: &[],
+};
+const OLDEST_AGE: Family = Family {
+    name: "mxspool_queue_oldest_age_seconds",
+    help: "Age of the oldest queued message with a recipient at the domain (0: none)",
+    labels: &["domain"],
+};
+const DEAD_LETTERS: Family = Family {
+    name: "mxspool_dead_letters",
+    help: "Messages that could neither be delivered nor bounced",
+    labels: &[],
+};
+const QUARANTINED: Family = Family {
+    name: "mxspool_spool_quarantined",
+    help: "Spool records set aside for an operator: undecodable, or their body missing",
+    labels: &[],
+};
+const COMMIT_SECONDS: Family = Family {
+    name: "mxspool_spool_commit_seconds",
+    help: "Time of one spool transaction including its fsync",
+    labels: &[],
+};
+const COMMIT_BUCKETS: &[f64] = &[
+    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// Makes metrics and registers each as it is made.
+struct Registrar<'r>(&'r Registry);
+
+impl Registrar<'_> {
+    fn add<C: Collector + Clone + 'static>(&self, metric: C) -> C {
+        self.0
+            .register(Box::new(metric.clone()))
+            .expect("unique metric");
+        metric
+    }
+
+    fn counter(&self, f: &Family) -> IntCounter {
+        self.add(IntCounter::new(f.name, f.help).expect("valid metric"))
+    }
+
+    fn counter_vec(&self, f: &Family) -> IntCounterVec {
+        self.add(IntCounterVec::new(Opts::new(f.name, f.help), f.labels).expect("valid metric"))
+    }
+
+    fn gauge(&self, f: &Family) -> IntGauge {
+        self.add(IntGauge::new(f.name, f.help).expect("valid metric"))
+    }
+
+    fn gauge_vec(&self, f: &Family) -> IntGaugeVec {
+        self.add(IntGaugeVec::new(Opts::new(f.name, f.help), f.labels).expect("valid metric"))
+    }
+
+    fn float_gauge_vec(&self, f: &Family) -> GaugeVec {
+        self.add(GaugeVec::new(Opts::new(f.name, f.help), f.labels).expect("valid metric"))
+    }
+
+    fn histogram(&self, f: &Family, buckets: &[f64]) -> Histogram {
+        let opts = HistogramOpts::new(f.name, f.help).buckets(buckets.to_vec());
+        self.add(Histogram::with_opts(opts).expect("valid metric"))
+    }
+}
+
 impl Metrics {
     pub fn new(config: &Config) -> Arc<Metrics> {
         let registry = Registry::new();
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
-        };
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
-        };
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
-        };
-        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
-        };
-        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
-                .expect("valid metric");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric");
-            h
-        };
-        let oldest_age = GaugeVec::new(
-            Opts::new(
-                "mxspool_queue_oldest_age_seconds",
-                "Age of the oldest queued message with a recipient at the domain (0: none)",
-            ),
-            &["domain"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(oldest_age.clone()))
-            .expect("unique metric");
-
+        let r = Registrar(&registry);
         let metrics = Metrics {
             relay: config.relay_domains(),
-            accepted: counter(
-                "mxspool_messages_accepted_total",
-                "Messages accepted and committed to the spool",
-            ),
-            rejected: counter_vec(
-                "mxspool_smtp_rejected_total",
-                "SMTP commands, messages and connections refused, by reason",
-                &["reason"],
-            ),
-            attempts: counter_vec(
-                "mxspool_delivery_attempts_total",
-                "Delivery attempts of a message to a domain, by result",
-                &["domain", "result"],
-            ),
-            delivered: counter_vec(
-                "mxspool_recipients_delivered_total",
-                "Recipients handed to the next hop",
-                &["domain"],
-            ),
-            failed: counter_vec(
-                "mxspool_recipients_failed_total",
-                "Recipients given up on, by reason",
-                &["domain", "reason"],
-            ),
-            dsn_sent: counter_vec(
-                "mxspool_dsn_sent_total",
-                "Delivery status notifications queued, by kind",
-                &["kind"],
-            ),
-            primary_up: gauge_vec(
-                "mxspool_primary_up",
-                "1 while the domain's primary is reachable (or not known to be down)",
-                &["domain"],
-            ),
-            domain_paused: gauge_vec(
-                "mxspool_domain_paused",
-                "1 while delivery to the domain is paused, by an operator or the drain guard",
-                &["domain"],
-            ),
-            delivery_connections: gauge_vec(
-                "mxspool_delivery_connections",
-                "Delivery connections open (or opening) to the domain's primary",
-                &["domain"],
-            ),
-            sessions: gauge("mxspool_smtp_sessions_active", "SMTP sessions in progress"),
-            delivery_seconds: histogram(
-                "mxspool_delivery_duration_seconds",
-                "Time to deliver one message over an open connection",
-                vec![
-                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                ],
-            ),
-            commit_seconds: histogram(
-                "mxspool_spool_commit_seconds",
-                "Time of one spool transaction including its fsync",
-                vec![
-                    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-                ],
-            ),
-            loops: counter_vec(
-                "mxspool_routing_loops_total",
-                "Routing found us to be the best MX of the domain",
-                &["domain"],
-            ),
-            callouts: counter_vec(
-                "mxspool_recipient_callouts_total",
-                "Recipients checked with a live primary at RCPT time, by verdict",
-                &["result"],
-            ),
-            queue_messages: gauge_vec(
-                "mxspool_queue_messages",
-                "Queued messages with a recipient waiting at the domain",
-                &["domain"],
-            ),
-            queue_bytes: gauge("mxspool_queue_bytes", "Bytes of queued messages"),
-            oldest_age,
-            dead_letters: gauge(
-                "mxspool_dead_letters",
-                "Messages that could neither be delivered nor bounced",
-            ),
-            quarantined: gauge(
-                "mxspool_spool_quarantined",
-                "Spool records set aside for an operator: undecodable, or their body missing",
-            ),
+            accepted: r.counter(&ACCEPTED),
+            rejected: r.counter_vec(&REJECTED),
+            attempts: r.counter_vec(&ATTEMPTS),
+            delivered: r.counter_vec(&DELIVERED),
+            failed: r.counter_vec(&FAILED),
+            dsn_sent: r.counter_vec(&DSN_SENT),
+            primary_up: r.gauge_vec(&PRIMARY_UP),
+            domain_paused: r.gauge_vec(&DOMAIN_PAUSED),
+            delivery_connections: r.gauge_vec(&DELIVERY_CONNECTIONS),
+            sessions: r.gauge(&SESSIONS),
+            delivery_seconds: r.histogram(&DELIVERY_SECONDS, DELIVERY_BUCKETS),
+            commit_seconds: r.histogram(&COMMIT_SECONDS, COMMIT_BUCKETS),
+            loops: r.counter_vec(&LOOPS),
+            callouts: r.counter_vec(&CALLOUTS),
+            queue_messages: r.gauge_vec(&QUEUE_MESSAGES),
+            queue_bytes: r.gauge(&QUEUE_BYTES),
+            oldest_age: r.float_gauge_vec(&OLDEST_AGE),
+            dead_letters: r.gauge(&DEAD_LETTERS),
+            quarantined: r.gauge(&QUARANTINED),
             registry,
         };
-        // Every series a dashboard needs exists from the start, at zero.
-        for label in metrics.labels() {
-            metrics.queue_messages.with_label_values(&[label]).set(0);
-            metrics
-                .delivery_connections
-                .with_label_values(&[label])
-                .set(0);
-            metrics.oldest_age.with_label_values(&[label]).set(0.0);
-            metrics.delivered.with_label_values(&[label]);
-            metrics.loops.with_label_values(&[label]);
+        metrics.start_at_zero();
+        Arc::new(metrics)
+    }
+
+    /// Every series a dashboard needs exists from the start, at zero.
+    fn start_at_zero(&self) {
+        for label in self.labels() {
+            self.queue_messages.with_label_values(&[label]).set(0);
+            self.delivery_connections.with_label_values(&[label]).set(0);
+            self.oldest_age.with_label_values(&[label]).set(0.0);
+            self.delivered.with_label_values(&[label]);
+            self.loops.with_label_values(&[label]);
             for result in ["delivered", "deferred", "failed", "suspended"] {
-                metrics.attempts.with_label_values(&[label, result]);
+                self.attempts.with_label_values(&[label, result]);
             }
             for reason in ["rejected", "expired", "routing", "policy"] {
-                metrics.failed.with_label_values(&[label, reason]);
+                self.failed.with_label_values(&[label, reason]);
             }
         }
-        for name in metrics.relay.names() {
-            metrics.primary_up.with_label_values(&[name]).set(1);
-            metrics.domain_paused.with_label_values(&[name]).set(0);
+        for name in self.relay.names() {
+            self.primary_up.with_label_values(&[name]).set(1);
+            self.domain_paused.with_label_values(&[name]).set(0);
         }
         for reason in REJECT_REASONS {
-            metrics.rejected.with_label_values(&[reason]);
+            self.rejected.with_label_values(&[reason]);
         }
         for kind in ["failed", "delayed", "relayed"] {
-            metrics.dsn_sent.with_label_values(&[kind]);
+            self.dsn_sent.with_label_values(&[kind]);
         }
         for verdict in crate::knowledge::Verdict::ALL {
-            metrics.callouts.with_label_values(&[verdict.label()]);
+            self.callouts.with_label_values(&[verdict.label()]);
         }
-        Arc::new(metrics)
     }
 
     /// Every `domain` label value: the configured domains, then "other".
