@@ -144,101 +144,19 @@ impl Server {
             .as_ref()
             .map(|t| inbound::tls::acceptor(t, &config.source))
             .transpose()?;
-        let token = match &config.http.admin_token_file {
-            None => None,
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
-                    file: config.source.clone(),
-                    key: "http.admin_token_file".into(),
-                    reason: format!("cannot read {}: {e}", path.display()),
-                })?;
-                Some(http::Token::new(&text).ok_or_else(|| ConfigError::Invalid {
-                    file: config.source.clone(),
-                    key: "http.admin_token_file".into(),
-                    reason: format!("{} is empty", path.display()),
-                })?)
-            }
-        };
+        let token = admin_token(&config)?;
         let http_listener = TcpListener::bind(config.http.listen)
             .await
             .map_err(|e| StartError::Http(config.http.listen, e))?;
         let http_addr = http_listener.local_addr().map_err(StartError::Socket)?;
         let metrics = Metrics::new(&config);
-        let options = spool::Options {
-            max_size: config.spool.max_size,
-            labeler: metrics.labeler(),
-            on_commit: Some({
-                let metrics = metrics.clone();
-                Arc::new(move |elapsed| metrics.observe_commit(elapsed))
-            }),
-        };
-        let path = config.spool.path.clone();
-        let (spool, paused, learned) = tokio::task::spawn_blocking(move || {
-            let spool = Spool::open_with(&path, options)?;
-            let unreadable = |e: spool::ReadError| OpenError::Io {
-                path: path.clone(),
-                reason: e.to_string(),
-            };
-            // A pause that could not be read must not be taken for none.
-            let paused = spool.pauses().map_err(unreadable)?;
-            let learned = Learned::load(spool.clone()).map_err(unreadable)?;
-            Ok::<_, OpenError>((spool, paused, learned))
-        })
-        .await
-        .map_err(|e| OpenError::Io {
-            path: config.spool.path.clone(),
-            reason: e.to_string(),
-        })??;
+        let opened = open_spool(&config, &metrics).await?;
 
         let (trigger, shutdown) = shutdown::channel();
-        let router = Arc::new(Router::for_config(&config)?);
-        let dests = Arc::new(Destinations::for_config(&config, outbound));
-        let health = Arc::new(Health::new(
-            config.domains.iter().map(|d| d.name.clone()),
-            metrics.clone(),
-            clock.now_ms(),
-        ));
-        let learned = Arc::new(learned);
-        let callouts = Arc::new(Callouts::new(
-            learned.clone(),
-            health.clone(),
-            router.clone(),
-            dests.clone(),
-            metrics.clone(),
-        ));
-        let (scheduler, delivery) = Scheduler::new(
-            &config,
-            scheduler::Parts {
-                spool: spool.clone(),
-                paused,
-                router,
-                dests,
-                health: health.clone(),
-                learned: learned.clone(),
-                metrics: metrics.clone(),
-                shutdown: shutdown.clone(),
-                clock: clock.clone(),
-            },
-        );
-        let scheduler = tokio::spawn(scheduler.run());
-        let inbound = Arc::new(Inbound::new(
-            policy,
-            Limits {
-                max_connections: config.server.max_connections,
-                max_connections_per_ip: config.server.max_connections_per_ip,
-                max_connection_rate_per_ip: config.server.max_connection_rate_per_ip,
-            },
-            tls,
-            inbound::Services {
-                spool,
-                delivery: delivery.clone(),
-                health,
-                learned,
-                callouts,
-                metrics: metrics.clone(),
-                clock: clock.clone(),
-            },
-        ));
+        let (scheduler, services) =
+            start_delivery(&config, outbound, opened, &metrics, &shutdown, &clock)?;
+        let delivery = services.delivery.clone();
+        let inbound = Arc::new(Inbound::new(policy, limits(&config), tls, services));
         let (running_tx, running) = mpsc::channel(1);
         let mut smtp_addrs = Vec::new();
         let mut listeners = Vec::new();
@@ -352,5 +270,132 @@ impl Server {
         let spool = self.inbound.spool.clone();
         let _ = tokio::task::spawn_blocking(move || spool.close()).await;
         info!("stopped");
+    }
+}
+
+/// The admin API's bearer token, from `http.admin_token_file` (none: the API
+/// is disabled: it answers 403).
+fn admin_token(config: &Config) -> Result<Option<http::Token>, ConfigError> {
+    let Some(path) = &config.http.admin_token_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
+        file: config.source.clone(),
+        key: "http.admin_token_file".into(),
+        reason: format!("cannot read {}: {e}", path.display()),
+    })?;
+    let token = http::Token::new(&text).ok_or_else(|| ConfigError::Invalid {
+        file: config.source.clone(),
+        key: "http.admin_token_file".into(),
+        reason: format!("{} is empty", path.display()),
+    })?;
+    Ok(Some(token))
+}
+
+/// The opened spool, with what it kept besides the queue: the domain pauses
+/// and the recipient verdicts learned from the primaries.
+struct Opened {
+    spool: Spool,
+    paused: Vec<(String, spool::Pause)>,
+    learned: Learned,
+}
+
+/// Opens the spool and reads what it kept, off the async threads (blocking
+/// file work).
+async fn open_spool(config: &Config, metrics: &Arc<Metrics>) -> Result<Opened, OpenError> {
+    let options = spool::Options {
+        max_size: config.spool.max_size,
+        labeler: metrics.labeler(),
+        on_commit: Some({
+            let metrics = metrics.clone();
+            Arc::new(move |elapsed| metrics.observe_commit(elapsed))
+        }),
+    };
+    let path = config.spool.path.clone();
+    tokio::task::spawn_blocking(move || {
+        let spool = Spool::open_with(&path, options)?;
+        let unreadable = |e: spool::ReadError| OpenError::Io {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
+        // A pause that could not be read must not be taken for none.
+        let paused = spool.pauses().map_err(unreadable)?;
+        let learned = Learned::load(spool.clone()).map_err(unreadable)?;
+        Ok::<_, OpenError>(Opened {
+            spool,
+            paused,
+            learned,
+        })
+    })
+    .await
+    .map_err(|e| OpenError::Io {
+        path: config.spool.path.clone(),
+        reason: e.to_string(),
+    })?
+}
+
+/// Starts the scheduler (delivery, probes, notices) on the opened spool, and
+/// returns its task with what inbound needs of the delivery side.
+fn start_delivery(
+    config: &Config,
+    outbound: outbound::Settings,
+    opened: Opened,
+    metrics: &Arc<Metrics>,
+    shutdown: &shutdown::Shutdown,
+    clock: &Clock,
+) -> Result<(JoinHandle<()>, inbound::Services), StartError> {
+    let Opened {
+        spool,
+        paused,
+        learned,
+    } = opened;
+    let router = Arc::new(Router::for_config(config)?);
+    let dests = Arc::new(Destinations::for_config(config, outbound));
+    let health = Arc::new(Health::new(
+        config.domains.iter().map(|d| d.name.clone()),
+        metrics.clone(),
+        clock.now_ms(),
+    ));
+    let learned = Arc::new(learned);
+    let callouts = Arc::new(Callouts::new(
+        learned.clone(),
+        health.clone(),
+        router.clone(),
+        dests.clone(),
+        metrics.clone(),
+    ));
+    let (scheduler, delivery) = Scheduler::new(
+        config,
+        scheduler::Parts {
+            spool: spool.clone(),
+            paused,
+            router,
+            dests,
+            health: health.clone(),
+            learned: learned.clone(),
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+            clock: clock.clone(),
+        },
+    );
+    let scheduler = tokio::spawn(scheduler.run());
+    let services = inbound::Services {
+        spool,
+        delivery,
+        health,
+        learned,
+        callouts,
+        metrics: metrics.clone(),
+        clock: clock.clone(),
+    };
+    Ok((scheduler, services))
+}
+
+/// The connection limits of `server.*`.
+fn limits(config: &Config) -> Limits {
+    Limits {
+        max_connections: config.server.max_connections,
+        max_connections_per_ip: config.server.max_connections_per_ip,
+        max_connection_rate_per_ip: config.server.max_connection_rate_per_ip,
     }
 }
