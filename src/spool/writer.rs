@@ -25,7 +25,7 @@ pub(super) type Done<T> = oneshot::Sender<Result<T, CommitError>>;
 
 /// A change to one queued message, applied atomically with the rest of its batch.
 pub enum Change {
-    /// Edit the envelope (outcomes, next attempt). A message with no queued
+    /// Edit the envelope (pending, next attempt). A message with no queued
     /// recipient left has nothing more to do: it leaves the spool, or goes to the
     /// dead letters if the edit says so.
     Edit(Box<dyn FnOnce(&mut Envelope) -> Finished + Send>),
@@ -183,7 +183,9 @@ fn apply(total: &AtomicU64, delta: i64) {
     }
 }
 
-enum Outcome {
+/// A request's answer, held until its batch's transaction has committed (or
+/// failed, which fails every request in it).
+enum Pending {
     Commit(Done<()>, Result<(), CommitError>),
     Change(
         Done<Option<Envelope>>,
@@ -191,14 +193,14 @@ enum Outcome {
     ),
 }
 
-impl Outcome {
-    /// Reports the outcome; a success in a transaction that failed becomes `error`.
+impl Pending {
+    /// Reports the answer; a success in a transaction that failed becomes `error`.
     fn send(self, error: Option<&CommitError>) {
         match (self, error) {
-            (Outcome::Commit(done, Ok(())), Some(e)) => drop(done.send(Err(e.clone()))),
-            (Outcome::Change(done, Ok(_)), Some(e)) => drop(done.send(Err(e.clone()))),
-            (Outcome::Commit(done, r), _) => drop(done.send(r)),
-            (Outcome::Change(done, r), _) => drop(done.send(r)),
+            (Pending::Commit(done, Ok(())), Some(e)) => drop(done.send(Err(e.clone()))),
+            (Pending::Change(done, Ok(_)), Some(e)) => drop(done.send(Err(e.clone()))),
+            (Pending::Commit(done, r), _) => drop(done.send(r)),
+            (Pending::Change(done, r), _) => drop(done.send(r)),
         }
     }
 }
@@ -249,9 +251,9 @@ impl Writer {
     fn run_batch(&self, batch: Vec<Job>) {
         let started = tokio::time::Instant::now();
         let jobs = batch.len();
-        let mut outcomes = Vec::with_capacity(jobs);
+        let mut pending = Vec::with_capacity(jobs);
         let mut delta = Delta::default();
-        let result = self.write(batch, &mut outcomes, &mut delta);
+        let result = self.write(batch, &mut pending, &mut delta);
         match &result {
             Ok(()) => {
                 self.totals.add(&delta);
@@ -269,7 +271,7 @@ impl Writer {
             }
         }
         let error = result.err();
-        for outcome in outcomes {
+        for outcome in pending {
             outcome.send(error.as_ref());
         }
     }
@@ -279,7 +281,7 @@ impl Writer {
     fn write(
         &self,
         batch: Vec<Job>,
-        outcomes: &mut Vec<Outcome>,
+        pending: &mut Vec<Pending>,
         delta: &mut Delta,
     ) -> Result<(), CommitError> {
         // Durability::Immediate is redb's default: commit() returns after the fsync.
@@ -292,7 +294,7 @@ impl Writer {
             let room = self
                 .max_size
                 .saturating_sub(self.totals.bytes.load(Ordering::Relaxed));
-            if let Some(e) = t.apply_jobs(batch, room, outcomes, delta) {
+            if let Some(e) = t.apply_jobs(batch, room, pending, delta) {
                 // Dropping the transaction aborts it: nothing of the batch happened.
                 return Err(e);
             }
@@ -322,15 +324,15 @@ impl<'t, 'l> Tables<'t, 'l> {
 }
 
 impl Tables<'_, '_> {
-    /// Applies the batch's jobs in order, each outcome into `outcomes`, with
+    /// Applies the batch's jobs in order, each outcome into `pending`, with
     /// `room` body bytes left under `spool.max_size`. Returns the storage error
     /// that dooms the transaction, if any: the jobs after it are not applied
-    /// (their outcomes become that error when it is reported).
+    /// (their pending become that error when it is reported).
     fn apply_jobs(
         &mut self,
         batch: Vec<Job>,
         mut room: u64,
-        outcomes: &mut Vec<Outcome>,
+        pending: &mut Vec<Pending>,
         delta: &mut Delta,
     ) -> Option<CommitError> {
         let mut failure: Option<CommitError> = None;
@@ -346,7 +348,7 @@ impl Tables<'_, '_> {
                     if let Err(CommitError::Io(e)) = &r {
                         failure = Some(CommitError::Io(e.clone()));
                     }
-                    outcomes.push(Outcome::Commit(done, r));
+                    pending.push(Pending::Commit(done, r));
                 }
                 Job::Change {
                     id,
@@ -362,7 +364,7 @@ impl Tables<'_, '_> {
                     if let Err(e) = &r {
                         failure = Some(e.clone());
                     }
-                    outcomes.push(Outcome::Change(done, r));
+                    pending.push(Pending::Change(done, r));
                 }
                 Job::Learn { verdicts, at_ms } => {
                     if failure.is_none() {
@@ -390,7 +392,7 @@ impl Tables<'_, '_> {
                     if let Err(e) = &r {
                         failure = Some(e.clone());
                     }
-                    outcomes.push(Outcome::Commit(done, r));
+                    pending.push(Pending::Commit(done, r));
                 }
             }
         }
