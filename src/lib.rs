@@ -26,7 +26,8 @@
 //! list of relay domains: which covers a name, its metric label),
 //! [`health`] (whether each primary is up, since when, and its
 //! recent changes: delivery reports, everyone else reads), [`shutdown`] (the
-//! signal every task watches).
+//! signal every task watches), [`status`] (RFC 3463 status codes and why a
+//! recipient failed, decided once and carried to notices and metrics).
 //!
 //! [`Server`] wires these together: the binary binds sockets, loads the config,
 //! and calls [`Server::start`]; tests do the same on `127.0.0.1:0`.
@@ -48,6 +49,7 @@ pub mod route;
 pub mod scheduler;
 pub mod shutdown;
 pub mod spool;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

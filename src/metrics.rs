@@ -276,8 +276,8 @@ impl Metrics {
             for result in ["delivered", "deferred", "failed", "suspended"] {
                 self.attempts.with_label_values(&[label, result]);
             }
-            for reason in ["rejected", "expired", "routing", "policy"] {
-                self.failed.with_label_values(&[label, reason]);
+            for reason in crate::status::Failure::ALL {
+                self.failed.with_label_values(&[label, reason.label()]);
             }
         }
         for name in self.relay.names() {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use mxspool::config::TlsPolicy;
 use mxspool::outbound::{self, Connection, Hop, Outcome, SessionError, Settings, Stage, Timeouts};
 use mxspool::spool::{BodyType, Client, Envelope, Notify, QueueId, RcptStatus, Recipient, Ret};
+use mxspool::status::{Failure, Status};
 use primary::{Caps, Mode, Primary, TlsIdentity};
 use tokio::time::Instant;
 
@@ -76,15 +77,19 @@ async fn send(
     Ok(outcomes)
 }
 
-fn status(outcome: &Outcome) -> &str {
+fn status(outcome: &Outcome) -> String {
     match outcome {
-        Outcome::Delivered { .. } => "delivered",
-        Outcome::Failed { status, .. } | Outcome::Deferred { status, .. } => status,
+        Outcome::Delivered { .. } => "delivered".into(),
+        Outcome::Failed { status, .. } | Outcome::Deferred { status, .. } => status.to_string(),
     }
 }
 
-fn statuses(outcomes: &[(usize, Outcome)]) -> Vec<(usize, &str)> {
+fn statuses(outcomes: &[(usize, Outcome)]) -> Vec<(usize, String)> {
     outcomes.iter().map(|(i, o)| (*i, status(o))).collect()
+}
+
+fn want(list: &[(usize, &str)]) -> Vec<(usize, String)> {
+    list.iter().map(|&(i, s)| (i, s.to_owned())).collect()
 }
 
 /// How many transactions the primary saw begin.
@@ -177,7 +182,10 @@ async fn waits_for_each_reply_when_pipelining_is_not_offered() {
     let outcomes = send(&primary, &settings(TlsPolicy::None), &env, BODY)
         .await
         .unwrap();
-    assert_eq!(statuses(&outcomes), [(0, "delivered"), (1, "delivered")]);
+    assert_eq!(
+        statuses(&outcomes),
+        want(&[(0, "delivered"), (1, "delivered")])
+    );
     let batches = primary.batches();
     assert!(batches.iter().all(|b| b.len() == 1), "{batches:?}");
     assert_eq!(
@@ -215,14 +223,15 @@ async fn each_recipient_gets_its_own_outcome() {
                 (
                     1,
                     Outcome::Failed {
-                        status: "5.1.1".into(),
-                        reply: "550 5.1.1 no such user".into()
+                        status: Status::NO_SUCH_MAILBOX,
+                        reply: "550 5.1.1 no such user".into(),
+                        reason: Failure::Rejected,
                     }
                 ),
                 (
                     2,
                     Outcome::Deferred {
-                        status: "4.2.1".into(),
+                        status: Status::transient(2, 1),
                         reply: "450 4.2.1 try later".into()
                     }
                 ),
@@ -247,14 +256,14 @@ async fn no_accepted_recipient_means_no_message() {
             .await
             .unwrap();
         let outcomes = conn.deliver(&env, BODY, &[0]).await.unwrap();
-        assert_eq!(statuses(&outcomes), [(0, "5.1.1")]);
+        assert_eq!(statuses(&outcomes), want(&[(0, "5.1.1")]));
         assert!(conn.is_usable());
         assert!(primary.messages().is_empty());
         // The transaction was left open: RSET before the next one (pipelined
         // with it when the server pipelines).
         let next = envelope(&["b@example.com"]);
         let outcomes = conn.deliver(&next, BODY, &[0]).await.unwrap();
-        assert_eq!(statuses(&outcomes), [(0, "delivered")]);
+        assert_eq!(statuses(&outcomes), want(&[(0, "delivered")]));
         conn.quit().await;
         let commands = primary.commands();
         assert_eq!(primary.messages().len(), 1);
@@ -287,7 +296,7 @@ async fn a_4xx_after_the_dot_defers_every_accepted_recipient() {
         .unwrap();
     assert_eq!(
         statuses(&outcomes),
-        [(0, "4.3.1"), (1, "4.3.1"), (2, "5.1.1")]
+        want(&[(0, "4.3.1"), (1, "4.3.1"), (2, "5.1.1")])
     );
     assert!(matches!(&outcomes[0].1, Outcome::Deferred { reply, .. }
         if reply == "452 4.3.1 insufficient system storage"));
@@ -296,7 +305,9 @@ async fn a_4xx_after_the_dot_defers_every_accepted_recipient() {
     let outcomes = send(&primary, &settings(TlsPolicy::None), &env, BODY)
         .await
         .unwrap();
-    assert!(matches!(&outcomes[1].1, Outcome::Failed { status, .. } if status == "5.7.1"));
+    assert!(
+        matches!(&outcomes[1].1, Outcome::Failed { status, .. } if status.to_string() == "5.7.1")
+    );
     assert!(primary.messages().is_empty());
 }
 
@@ -449,7 +460,7 @@ async fn eight_bit_content_without_8bitmime_fails_with_5_6_3_and_sends_nothing()
     )
     .await
     .unwrap();
-    assert_eq!(statuses(&outcomes), [(0, "5.6.3"), (1, "5.6.3")]);
+    assert_eq!(statuses(&outcomes), want(&[(0, "5.6.3"), (1, "5.6.3")]));
     assert_eq!(mail_commands(&primary), 0);
 }
 
@@ -495,7 +506,7 @@ async fn smtputf8_mail_needs_smtputf8() {
     let outcomes = send(&primary, &settings(TlsPolicy::None), &env, BODY)
         .await
         .unwrap();
-    assert_eq!(statuses(&outcomes), [(0, "5.6.7")]);
+    assert_eq!(statuses(&outcomes), want(&[(0, "5.6.7")]));
     assert_eq!(mail_commands(&primary), 1);
 }
 
@@ -510,7 +521,7 @@ async fn a_message_over_the_size_limit_fails_with_5_3_4_and_sends_nothing() {
     let outcomes = send(&primary, &settings(TlsPolicy::None), &env, BODY)
         .await
         .unwrap();
-    assert_eq!(statuses(&outcomes), [(0, "5.3.4"), (1, "5.3.4")]);
+    assert_eq!(statuses(&outcomes), want(&[(0, "5.3.4"), (1, "5.3.4")]));
     assert_eq!(mail_commands(&primary), 0);
 
     primary.set_capabilities(Caps {
@@ -564,7 +575,10 @@ async fn dsn_parameters_go_only_to_a_primary_that_offers_dsn() {
     let outcomes = send(&primary, &settings(TlsPolicy::None), &env, BODY)
         .await
         .unwrap();
-    assert_eq!(statuses(&outcomes), [(0, "delivered"), (1, "delivered")]);
+    assert_eq!(
+        statuses(&outcomes),
+        want(&[(0, "delivered"), (1, "delivered")])
+    );
     let m = &primary.messages()[1];
     assert_eq!(m.mail_from_line, "MAIL FROM:<sender@example.org>");
     assert_eq!(
@@ -609,11 +623,11 @@ async fn one_connection_carries_several_messages_with_rset_between() {
     let mut second = envelope(&["b@example.com", "c@example.com"]);
     second.sender = String::new();
     let outcomes = conn.deliver(&first, b"one\r\n", &[0]).await.unwrap();
-    assert_eq!(statuses(&outcomes), [(0, "delivered")]);
+    assert_eq!(statuses(&outcomes), want(&[(0, "delivered")]));
     conn.reset().await.unwrap();
     // Only the recipients asked for are attempted.
     let outcomes = conn.deliver(&second, b"two\r\n", &[1]).await.unwrap();
-    assert_eq!(statuses(&outcomes), [(1, "delivered")]);
+    assert_eq!(statuses(&outcomes), want(&[(1, "delivered")]));
     conn.quit().await;
 
     assert_eq!(primary.connections(), 1);
@@ -700,7 +714,7 @@ async fn opportunistic_falls_back_to_plain_text_when_the_handshake_fails() {
     let outcomes = send(&primary, &settings(TlsPolicy::Opportunistic), &env, BODY)
         .await
         .unwrap();
-    assert_eq!(statuses(&outcomes), [(0, "delivered")]);
+    assert_eq!(statuses(&outcomes), want(&[(0, "delivered")]));
     assert!(!primary.messages()[0].tls);
     assert_eq!(primary.connections(), 2);
     let starttls = primary

@@ -109,7 +109,7 @@ async fn better_mx_without_address_defers() {
     dns.set_mx("mx1.example.com", &[]);
     let e = router.hops("example.com", None).await.unwrap_err();
     assert_eq!(e, RouteError::NoAddresses);
-    assert_eq!(e.status(), "4.4.4");
+    assert_eq!(e.status().to_string(), "4.4.4");
 }
 
 #[tokio::test]

@@ -27,7 +27,7 @@ fn check_status(status: &str, code: u16) {
 fn check_class(class: &Class, code: u16) {
     match class {
         Class::Transient { status } | Class::Permanent { status } | Class::Closing { status } => {
-            check_status(status, code)
+            check_status(&status.to_string(), code)
         }
         Class::Success | Class::Intermediate | Class::Malformed => {}
     }

@@ -119,7 +119,7 @@ fn check_outcome(outcome: &Outcome) {
         Outcome::Failed { status, .. } => (Some(status), 5),
         Outcome::Deferred { status, .. } => (Some(status), 4),
     };
-    if let Some(status) = status {
+    if let Some(status) = status.map(ToString::to_string) {
         let parts: Vec<&str> = status.split('.').collect();
         assert!(
             parts.len() == 3

@@ -398,6 +398,7 @@ mod tests {
     use super::super::{Capabilities, Hop, Timeouts};
     use super::*;
     use crate::spool::testing;
+    use crate::status::Status;
 
     fn envelope(rcpts: &[&str]) -> Envelope {
         testing::envelope("s@example.org", rcpts)
@@ -468,7 +469,7 @@ mod tests {
             .await
             .unwrap();
         assert!(
-            matches!(&outcomes[..], [(0, Outcome::Failed { status, .. })] if status == "5.1.1")
+            matches!(&outcomes[..], [(0, Outcome::Failed { status, .. })] if *status == Status::NO_SUCH_MAILBOX)
         );
         assert!(conn.is_usable());
         drop(conn);
@@ -543,7 +544,7 @@ mod tests {
             (
                 i,
                 Outcome::Deferred {
-                    status: "4.3.0".into(),
+                    status: Status::transient(3, 0),
                     reply: "451 4.3.0 try later".into(),
                 },
             )
@@ -589,7 +590,7 @@ mod tests {
         env.has_8bit = true;
         let outcomes = conn.deliver(&env, b"caf\xc3\xa9\r\n", &[0]).await.unwrap();
         assert!(
-            matches!(&outcomes[..], [(0, Outcome::Failed { status, .. })] if status == "5.6.3")
+            matches!(&outcomes[..], [(0, Outcome::Failed { status, .. })] if status.to_string() == "5.6.3")
         );
         assert_eq!(
             conn.capabilities(),

@@ -13,6 +13,7 @@ use super::outcome::Outcome;
 use super::xtext;
 use crate::address::path;
 use crate::spool::{BodyType, Envelope, Notify, Ret};
+use crate::status::{Failure, Status};
 
 /// What to send for one message, and what is already decided.
 #[derive(Debug, PartialEq, Eq)]
@@ -26,10 +27,12 @@ pub struct Plan {
     pub rcpts: Vec<(usize, String)>,
 }
 
-fn failed(status: &str, reply: String) -> Outcome {
+/// A recipient we refuse to send: our own rule, not the next hop's answer.
+fn failed(status: Status, reply: String) -> Outcome {
     Outcome::Failed {
-        status: status.into(),
+        status,
         reply,
+        reason: Failure::Policy,
     }
 }
 
@@ -49,7 +52,7 @@ pub(crate) fn plan(
     let refusal = refusal.or_else(|| {
         sender.is_none().then(|| {
             failed(
-                "5.1.7",
+                Status::permanent(1, 7),
                 "sender address cannot be written as an SMTP path".into(),
             )
         })
@@ -68,7 +71,7 @@ pub(crate) fn plan(
             None => settled.push((
                 i,
                 failed(
-                    "5.1.3",
+                    Status::permanent(1, 3),
                     format!(
                         "recipient {:?} cannot be written as an SMTP path",
                         rcpt.address
@@ -107,19 +110,19 @@ pub(crate) fn plan(
 fn refusal(envelope: &Envelope, body_len: u64, caps: &Capabilities) -> Option<Outcome> {
     if let Some(limit) = caps.size.filter(|&limit| limit > 0 && body_len > limit) {
         return Some(failed(
-            "5.3.4",
+            Status::permanent(3, 4),
             format!("message of {body_len} bytes exceeds the next hop's limit of {limit} bytes"),
         ));
     }
     if envelope.smtputf8 && !caps.smtputf8 {
         return Some(failed(
-            "5.6.7",
+            Status::permanent(6, 7),
             "message needs SMTPUTF8, which the next hop does not offer".into(),
         ));
     }
     if envelope.has_8bit && !caps.eightbitmime {
         return Some(failed(
-            "5.6.3",
+            Status::permanent(6, 3),
             "message has 8-bit content and the next hop does not offer 8BITMIME".into(),
         ));
     }
@@ -213,11 +216,19 @@ mod tests {
         }
     }
 
-    fn statuses(plan: &Plan) -> Vec<(usize, &str)> {
+    fn want(list: &[(usize, &str)]) -> Vec<(usize, String)> {
+        list.iter().map(|&(i, s)| (i, s.to_owned())).collect()
+    }
+
+    fn statuses(plan: &Plan) -> Vec<(usize, String)> {
         plan.settled
             .iter()
             .map(|(i, o)| match o {
-                Outcome::Failed { status, .. } => (*i, status.as_str()),
+                Outcome::Failed {
+                    status,
+                    reason: Failure::Policy,
+                    ..
+                } => (*i, status.to_string()),
                 other => panic!("unexpected {other:?}"),
             })
             .collect()
@@ -314,7 +325,7 @@ mod tests {
         let mut env = envelope(&["a@example.com", "b@example.com"]);
         // SIZE: larger than the limit fails; equal passes; 0 means no limit.
         let p = plan(&env, 1001, &all(), &[0, 1]);
-        assert_eq!(statuses(&p), [(0, "5.3.4"), (1, "5.3.4")]);
+        assert_eq!(statuses(&p), want(&[(0, "5.3.4"), (1, "5.3.4")]));
         assert!(p.rcpts.is_empty());
         assert!(plan(&env, 1000, &all(), &[0]).settled.is_empty());
         let unlimited = Capabilities {
@@ -330,10 +341,19 @@ mod tests {
             eightbitmime: false,
             ..all()
         };
-        assert_eq!(statuses(&plan(&env, 1001, &neither, &[1])), [(1, "5.3.4")]);
-        assert_eq!(statuses(&plan(&env, 10, &neither, &[1])), [(1, "5.6.7")]);
+        assert_eq!(
+            statuses(&plan(&env, 1001, &neither, &[1])),
+            want(&[(1, "5.3.4")])
+        );
+        assert_eq!(
+            statuses(&plan(&env, 10, &neither, &[1])),
+            want(&[(1, "5.6.7")])
+        );
         env.smtputf8 = false;
-        assert_eq!(statuses(&plan(&env, 10, &neither, &[0])), [(0, "5.6.3")]);
+        assert_eq!(
+            statuses(&plan(&env, 10, &neither, &[0])),
+            want(&[(0, "5.6.3")])
+        );
         env.has_8bit = false;
         assert!(plan(&env, 10, &neither, &[0]).settled.is_empty());
     }
@@ -342,12 +362,12 @@ mod tests {
     fn unwritable_addresses_are_settled_not_sent() {
         let mut env = envelope(&["ok@example.com", "bad\r\nRSET@example.com", ""]);
         let p = plan(&env, 1, &all(), &[0, 1, 2, 7]);
-        assert_eq!(statuses(&p), [(1, "5.1.3"), (2, "5.1.3")]);
+        assert_eq!(statuses(&p), want(&[(1, "5.1.3"), (2, "5.1.3")]));
         assert_eq!(p.rcpts.len(), 1);
 
         env.sender = "evil>\r\nRCPT TO:<x@y".into();
         let p = plan(&env, 1, &all(), &[0]);
-        assert_eq!(statuses(&p), [(0, "5.1.7")]);
+        assert_eq!(statuses(&p), want(&[(0, "5.1.7")]));
         assert!(p.rcpts.is_empty());
     }
 }

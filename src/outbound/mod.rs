@@ -49,6 +49,7 @@ pub use reply::Reply;
 pub use tls::Stream;
 
 use crate::config::TlsPolicy;
+use crate::status::Status;
 use session::Session;
 
 /// Where to deliver: the name the router found (used for TLS verification, SNI
@@ -431,7 +432,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let reply = reply?;
         Ok(match reply.class() {
             Class::Success => Some(true),
-            Class::Permanent { status } if status == "5.1.1" => Some(false),
+            Class::Permanent { status } if status == Status::NO_SUCH_MAILBOX => Some(false),
             _ => None,
         })
     }

@@ -3,6 +3,8 @@
 //! code says why, for the spool and for failure notices. Nothing here talks to
 //! the network or decides when to retry; that is the scheduler's business.
 
+use crate::status::{Failure, Status};
+
 /// The result for one recipient of one delivery attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -14,11 +16,15 @@ pub enum Outcome {
         /// "relayed" notice ourselves.
         relayed: bool,
     },
-    /// Give up on this recipient: a 5xx, or a rule we refuse to break (size,
-    /// SMTPUTF8, 8BITMIME).
-    Failed { status: String, reply: String },
+    /// Give up on this recipient: a 5xx ([`Failure::Rejected`]), or a rule we
+    /// refuse to break ([`Failure::Policy`]: size, SMTPUTF8, 8BITMIME).
+    Failed {
+        status: Status,
+        reply: String,
+        reason: Failure,
+    },
     /// Try this recipient again later: a 4xx.
-    Deferred { status: String, reply: String },
+    Deferred { status: Status, reply: String },
 }
 
 impl Outcome {
@@ -33,19 +39,19 @@ impl Outcome {
 }
 
 /// How a reply code steers the client.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Class {
     /// 2xx: done, go on.
     Success,
     /// 3xx: send the rest (354 after DATA).
     Intermediate,
     /// 4xx other than 421: this request failed for now.
-    Transient { status: String },
+    Transient { status: Status },
     /// 5xx: this request will never succeed as it is.
-    Permanent { status: String },
+    Permanent { status: Status },
     /// 421: the server is closing the session, whatever was asked (RFC 5321
     /// §3.8), so the whole attempt ends here.
-    Closing { status: String },
+    Closing { status: Status },
     /// Not an SMTP reply code at all.
     Malformed,
 }
@@ -56,55 +62,43 @@ pub enum Class {
 /// code wins (it is what RFC 5321 clients act on), and only the subject and
 /// detail of the enhanced code are kept.
 pub fn classify(code: u16, enhanced: Option<&str>) -> Class {
-    let status = || status(code, enhanced);
+    let status = |basic: Status| match enhanced.and_then(Status::parse) {
+        Some(enhanced) => enhanced.in_class_of(basic),
+        None => basic,
+    };
     match code {
         200..=299 => Class::Success,
         300..=399 => Class::Intermediate,
-        421 => Class::Closing { status: status() },
-        400..=499 => Class::Transient { status: status() },
-        500..=599 => Class::Permanent { status: status() },
+        421 => Class::Closing {
+            status: status(Status::transient(0, 0)),
+        },
+        400..=499 => Class::Transient {
+            status: status(Status::transient(0, 0)),
+        },
+        500..=599 => Class::Permanent {
+            status: status(Status::permanent(0, 0)),
+        },
         _ => Class::Malformed,
     }
-}
-
-fn status(code: u16, enhanced: Option<&str>) -> String {
-    let class = code / 100;
-    match enhanced.and_then(parse_enhanced) {
-        Some((_, subject, detail)) => format!("{class}.{subject}.{detail}"),
-        None => format!("{class}.0.0"),
-    }
-}
-
-/// `class.subject.detail`, each 1–3 digits and the class 2, 4 or 5 (RFC 3463 §2).
-fn parse_enhanced(text: &str) -> Option<(u16, u16, u16)> {
-    let mut parts = text.split('.');
-    let mut number = || -> Option<u16> {
-        let part = parts.next()?;
-        if part.is_empty() || part.len() > 3 || !part.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        part.parse().ok()
-    };
-    let (class, subject, detail) = (number()?, number()?, number()?);
-    if parts.next().is_some() || !matches!(class, 2 | 4 | 5) {
-        return None;
-    }
-    Some((class, subject, detail))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn parse(status: &str) -> Status {
+        Status::parse(status).expect(status)
+    }
+
     fn t(status: &str) -> Class {
         Class::Transient {
-            status: status.into(),
+            status: parse(status),
         }
     }
 
     fn p(status: &str) -> Class {
         Class::Permanent {
-            status: status.into(),
+            status: parse(status),
         }
     }
 
@@ -121,14 +115,14 @@ mod tests {
                 421,
                 Some("4.3.2"),
                 Class::Closing {
-                    status: "4.3.2".into(),
+                    status: parse("4.3.2"),
                 },
             ),
             (
                 421,
                 None,
                 Class::Closing {
-                    status: "4.0.0".into(),
+                    status: parse("4.0.0"),
                 },
             ),
             (550, Some("5.1.1"), p("5.1.1")),

@@ -363,6 +363,7 @@ pub(crate) fn refusal(reply: &Reply, stage: Stage) -> Result<Outcome, SessionErr
 mod tests {
     use super::*;
     use crate::outbound::reply::parse;
+    use crate::status::{Failure, Status};
 
     fn plan(rcpts: &[usize]) -> Plan {
         Plan {
@@ -397,8 +398,9 @@ mod tests {
         (
             i,
             Outcome::Failed {
-                status: status.into(),
+                status: Status::parse(status).expect("a status"),
                 reply: reply.into(),
+                reason: Failure::Rejected,
             },
         )
     }
@@ -500,7 +502,7 @@ mod tests {
             (
                 i,
                 Outcome::Deferred {
-                    status: "4.3.0".into(),
+                    status: Status::transient(3, 0),
                     reply: "451 4.3.0 try later".into(),
                 },
             )

@@ -12,6 +12,7 @@ use smtp_proto::{
 
 use super::Capabilities;
 use super::outcome::{Class, Outcome, classify};
+use crate::status::Failure;
 
 /// A parsed reply from the next hop.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,6 +40,7 @@ impl Reply {
             Class::Permanent { status } => Some(Outcome::Failed {
                 status,
                 reply: self.to_string(),
+                reason: Failure::Rejected,
             }),
             _ => None,
         }
@@ -117,6 +119,7 @@ pub(crate) fn capabilities(raw: &[u8]) -> Capabilities {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::status::Status;
 
     #[test]
     fn finds_the_end_of_single_and_multi_line_replies() {
@@ -215,14 +218,15 @@ mod tests {
         assert_eq!(
             reply(550, Some("5.1.1")).refusal(),
             Some(Outcome::Failed {
-                status: "5.1.1".into(),
-                reply: "550 5.1.1 no such user".into()
+                status: Status::NO_SUCH_MAILBOX,
+                reply: "550 5.1.1 no such user".into(),
+                reason: Failure::Rejected,
             })
         );
         assert_eq!(
             reply(450, None).refusal(),
             Some(Outcome::Deferred {
-                status: "4.0.0".into(),
+                status: Status::transient(0, 0),
                 reply: "450 no such user".into()
             })
         );

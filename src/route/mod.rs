@@ -15,6 +15,7 @@ use crate::config::{Config, DomainConfig, Route, RouteHost};
 use crate::domain::RelayDomains;
 use crate::outbound;
 pub use crate::outbound::Hop;
+use crate::status::Status;
 use resolver::{Dns, normalise};
 
 /// Our own names: `server.hostname` and `also_known_as`, lower-case.
@@ -64,13 +65,13 @@ impl RouteError {
     }
 
     /// RFC 3463 status for notices and logs.
-    pub fn status(&self) -> &'static str {
+    pub fn status(&self) -> Status {
         match self {
-            RouteError::Dns(_) => "4.4.3",
-            RouteError::Loop => "4.4.6",
-            RouteError::NoAddresses => "4.4.4",
-            RouteError::NoSuchDomain => "5.1.2",
-            RouteError::NullMx => "5.1.10",
+            RouteError::Dns(_) => Status::transient(4, 3),
+            RouteError::Loop => Status::transient(4, 6),
+            RouteError::NoAddresses => Status::transient(4, 4),
+            RouteError::NoSuchDomain => Status::permanent(1, 2),
+            RouteError::NullMx => Status::permanent(1, 10),
         }
     }
 }
@@ -398,7 +399,7 @@ mod tests {
             RouteError::NoAddresses,
         ] {
             assert!(!temporary.is_permanent());
-            assert!(temporary.status().starts_with('4'));
+            assert_eq!(temporary.status().class(), 4);
         }
     }
 }

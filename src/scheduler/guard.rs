@@ -16,8 +16,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::outcome::Result as RcptResult;
+use super::outcome::RcptResult;
 use crate::spool::{Pause, PausedBy};
+use crate::status::Failure;
 
 /// One guard for the whole server, shared by every worker (refusals to one
 /// domain arrive on many connections at once) and by the admin API.
@@ -171,20 +172,18 @@ impl Guard {
 }
 
 /// A permanent refusal in the primary's own words (a 5xx reply), as opposed
-/// to a failure we decided ourselves (no such domain, a size or 8-bit rule):
-/// only the primary's refusals say something about the primary.
+/// to a failure we decided ourselves (no such domain, a size or 8-bit rule)
+/// or an operator's return: only the primary's refusals say something about
+/// the primary.
 fn refused_by_primary(result: &RcptResult) -> bool {
-    match result {
+    matches!(
+        result,
         RcptResult::Failed {
-            reply,
             remote: Some(_),
+            reason: Failure::Rejected,
             ..
-        } => {
-            let code = reply.as_bytes();
-            code.len() >= 3 && code[0] == b'5' && code[1..3].iter().all(u8::is_ascii_digit)
         }
-        _ => false,
-    }
+    )
 }
 
 /// What a result becomes while the domain is paused: nothing fails or
@@ -203,14 +202,16 @@ fn hold(result: &mut RcptResult) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::status::Status;
 
     fn refused(n: usize) -> (usize, RcptResult) {
         (
             n,
             RcptResult::Failed {
-                status: "5.1.1".into(),
+                status: Status::NO_SUCH_MAILBOX,
                 reply: "550 5.1.1 <u@example.com>: no such user".into(),
                 remote: Some("primary.test".into()),
+                reason: Failure::Rejected,
             },
         )
     }
@@ -230,7 +231,7 @@ mod tests {
         (
             n,
             RcptResult::Deferred {
-                status: "4.2.0".into(),
+                status: Status::transient(2, 0),
                 reply: "450 4.2.0 busy".into(),
                 remote: Some("primary.test".into()),
                 unreachable: false,
@@ -243,9 +244,10 @@ mod tests {
         (
             n,
             RcptResult::Failed {
-                status: "5.1.2".into(),
+                status: Status::permanent(1, 2),
                 reply: "example.com: no such domain (NXDOMAIN)".into(),
                 remote: None,
+                reason: Failure::Routing,
             },
         )
     }

@@ -10,12 +10,13 @@ use std::sync::Arc;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::info;
 
-use super::outcome::{self, Result as RcptResult};
+use super::outcome::{self, RcptResult};
 use super::worker::Ctx;
 use super::{Command, guard};
 use crate::address::domain_of;
 use crate::route::Destinations;
 use crate::spool::{CommitError, Envelope, PARKED, Pause, QueueId, RcptStatus};
+use crate::status::Status;
 
 /// Why an operator's pause or resume did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +90,7 @@ impl Handle {
         let mut domains: Vec<String> = Vec::new();
         let mut results = Vec::new();
         let suspended = RcptResult::Deferred {
-            status: "4.4.1".into(),
+            status: Status::transient(4, 1),
             reply: "delivery temporarily suspended: primary unreachable".into(),
             remote: None,
             unreachable: true,

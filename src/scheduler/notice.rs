@@ -82,14 +82,17 @@ pub fn plan(
         };
         let id = next_id();
         let message_id = format!("<{id}.dsn@{}>", policy.hostname);
+        // The DSN is text: the status as it is written in it.
+        let statuses: Vec<String> = owed.iter().map(|n| n.status.to_string()).collect();
         let recipients = owed
             .iter()
-            .filter_map(|n| {
+            .zip(&statuses)
+            .filter_map(|(n, status)| {
                 let recipient = env.recipients.get(n.index)?;
                 Some(RecipientReport {
                     recipient,
                     action,
-                    status: &n.status,
+                    status,
                     remote_mta: n.remote.as_deref(),
                     diagnostic: n.diagnostic.as_deref(),
                     last_attempt_ms: Some(now_ms),
@@ -167,6 +170,7 @@ fn notice_message(
 mod tests {
     use super::*;
     use crate::spool::testing;
+    use crate::status::Status;
 
     fn envelope(sender: &str, notify: u8) -> Envelope {
         let mut env = testing::envelope(sender, &["r0@example.com", "r1@example.com"]);
@@ -185,7 +189,7 @@ mod tests {
         Notice {
             index,
             kind: NoticeKind::Failed,
-            status: "5.1.1".into(),
+            status: Status::NO_SUCH_MAILBOX,
             remote: Some("mx1.example.com".into()),
             diagnostic: Some("550 5.1.1 unknown".into()),
         }
@@ -270,7 +274,7 @@ mod tests {
         let env = envelope("s@example.org", Notify::FAILURE);
         let delayed = Notice {
             kind: NoticeKind::Delayed,
-            status: "4.4.1".into(),
+            status: Status::transient(4, 1),
             ..failed(0)
         };
         assert!(run(&env, std::slice::from_ref(&delayed), BouncePolicy::Sender).is_empty());
@@ -280,7 +284,7 @@ mod tests {
         assert!(String::from_utf8_lossy(&p[0].body).contains("Will-Retry-Until:"));
         let relayed = Notice {
             kind: NoticeKind::Relayed,
-            status: "2.0.0".into(),
+            status: Status::success(0, 0),
             ..failed(1)
         };
         assert!(run(&env, std::slice::from_ref(&relayed), BouncePolicy::Sender).is_empty());

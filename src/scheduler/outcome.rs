@@ -3,16 +3,20 @@
 //! attempt (backoff), expiry, and which notices (DSNs) are owed. Takes `now` and
 //! the random sample as arguments; touches neither the clock nor the spool.
 //! Whether a domain is paused is the drain guard's business (`guard.rs`): it
-//! turns results into [`Result::Paused`] before they get here.
+//! turns results into [`RcptResult::Paused`] before they get here.
 
 use std::time::Duration;
 
 use super::backoff::{Backoff, expired};
 use crate::spool::{Envelope, Notify, PARKED, RcptStatus, Recipient};
+use crate::status::{Failure, Status};
+
+/// 4.4.7: the message stayed in the queue past its lifetime (RFC 3463).
+const EXPIRED: Status = Status::transient(4, 7);
 
 /// The result of one attempt for one recipient.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Result {
+pub enum RcptResult {
     /// The next hop took responsibility (2xx after the final dot).
     Delivered {
         reply: String,
@@ -23,13 +27,15 @@ pub enum Result {
     },
     /// Permanently refused (5xx, or a permanent routing failure).
     Failed {
-        status: String,
+        status: Status,
         reply: String,
         remote: Option<String>,
+        /// Why, as counted; decided by whoever refused.
+        reason: Failure,
     },
     /// Try again later (4xx, timeout, connection failure, DNS trouble).
     Deferred {
-        status: String,
+        status: Status,
         reply: String,
         remote: Option<String>,
         /// The primary could not be reached at all: release this recipient as
@@ -61,7 +67,7 @@ pub struct Rules {
 pub struct Notice {
     pub index: usize,
     pub kind: NoticeKind,
-    pub status: String,
+    pub status: Status,
     pub remote: Option<String>,
     pub diagnostic: Option<String>,
 }
@@ -78,17 +84,33 @@ pub enum NoticeKind {
 pub struct Applied {
     pub recipients: Vec<(usize, Recipient)>,
     pub notices: Vec<Notice>,
+    /// The recipients given up on by this attempt, and why (for the metrics).
+    pub failures: Vec<(usize, Failure)>,
+}
+
+/// When an attempt happened, and what decides the next one.
+struct At<'a> {
+    arrived_ms: u64,
+    now_ms: u64,
+    rules: &'a Rules,
+    sample: f64,
 }
 
 /// Applies `results` (recipient index, result) to a copy of the recipients of
 /// `env` as of `now_ms`. `sample` is uniform in [0, 1) and staggers retries.
 pub fn apply(
     env: &Envelope,
-    results: &[(usize, Result)],
+    results: &[(usize, RcptResult)],
     now_ms: u64,
     rules: &Rules,
     sample: f64,
 ) -> Applied {
+    let at = At {
+        arrived_ms: env.arrived_ms,
+        now_ms,
+        rules,
+        sample,
+    };
     let mut applied = Applied::default();
     for (index, result) in results {
         let Some(current) = env.recipients.get(*index) else {
@@ -99,86 +121,101 @@ pub fn apply(
         }
         let mut r = current.clone();
         r.attempts = r.attempts.saturating_add(1);
-        let notice = |kind, status: &str, remote: &Option<String>, reply: &str| Notice {
-            index: *index,
-            kind,
-            status: status.to_owned(),
-            remote: remote.clone(),
-            diagnostic: Some(reply.to_owned()),
-        };
-        match result {
-            Result::Delivered {
-                reply,
-                relayed,
-                remote,
-            } => {
-                r.status = RcptStatus::Delivered;
-                r.last_reply = Some(reply.clone());
-                r.unreachable = false;
-                r.suspect = false;
-                if *relayed && r.notify.has(Notify::SUCCESS) {
-                    applied.notices.push(notice(
-                        NoticeKind::Relayed,
-                        "2.0.0",
-                        &Some(remote.clone()),
-                        reply,
-                    ));
-                }
-            }
-            Result::Failed {
+        let (notice, failure) = settle(&mut r, result, &at);
+        if let Some((kind, status, remote, diagnostic)) = notice {
+            applied.notices.push(Notice {
+                index: *index,
+                kind,
                 status,
-                reply,
                 remote,
-            } => {
-                r.status = RcptStatus::Failed;
-                r.last_reply = Some(reply.clone());
-                r.unreachable = false;
-                r.suspect = false;
-                applied
-                    .notices
-                    .push(notice(NoticeKind::Failed, status, remote, reply));
-            }
-            Result::Deferred {
-                status,
-                reply,
-                remote,
-                unreachable,
-            } => {
-                r.last_reply = Some(reply.clone());
-                r.suspect = false;
-                if expired(env.arrived_ms, now_ms, rules.lifetime) {
-                    r.status = RcptStatus::Failed;
-                    r.unreachable = false;
-                    let why = format!("message expired in the queue; last reply: {reply}");
-                    r.last_reply = Some(why.clone());
-                    applied
-                        .notices
-                        .push(notice(NoticeKind::Failed, "4.4.7", remote, &why));
-                } else {
-                    let delay = rules.backoff.delay(r.attempts, sample);
-                    r.next_attempt_ms = now_ms.saturating_add(delay.as_millis() as u64);
-                    r.unreachable = *unreachable;
-                    let warn = rules.delay_warning.is_some_and(|after| {
-                        now_ms.saturating_sub(env.arrived_ms) >= after.as_millis() as u64
-                    });
-                    if warn && !r.delay_notified {
-                        r.delay_notified = true;
-                        applied
-                            .notices
-                            .push(notice(NoticeKind::Delayed, status, remote, reply));
-                    }
-                }
-            }
-            Result::Paused { reply, suspect } => {
-                r.last_reply = Some(reply.clone());
-                r.next_attempt_ms = PARKED;
-                r.unreachable = false;
-                r.suspect = *suspect;
-            }
+                diagnostic: Some(diagnostic),
+            });
+        }
+        if let Some(failure) = failure {
+            applied.failures.push((*index, failure));
         }
         applied.recipients.push((*index, r));
     }
     applied
+}
+
+/// A notice's kind, status, remote host and diagnostic.
+type Owed = (NoticeKind, Status, Option<String>, String);
+
+/// What one result does to recipient `r`: the notice it calls for, and why
+/// the recipient was given up on, if it was.
+fn settle(r: &mut Recipient, result: &RcptResult, at: &At) -> (Option<Owed>, Option<Failure>) {
+    match result {
+        RcptResult::Delivered {
+            reply,
+            relayed,
+            remote,
+        } => {
+            r.status = RcptStatus::Delivered;
+            r.last_reply = Some(reply.clone());
+            r.unreachable = false;
+            r.suspect = false;
+            let owed = (*relayed && r.notify.has(Notify::SUCCESS)).then(|| {
+                let status = Status::success(0, 0);
+                (
+                    NoticeKind::Relayed,
+                    status,
+                    Some(remote.clone()),
+                    reply.clone(),
+                )
+            });
+            (owed, None)
+        }
+        RcptResult::Failed {
+            status,
+            reply,
+            remote,
+            reason,
+        } => {
+            r.status = RcptStatus::Failed;
+            r.last_reply = Some(reply.clone());
+            r.unreachable = false;
+            r.suspect = false;
+            let owed = (NoticeKind::Failed, *status, remote.clone(), reply.clone());
+            (Some(owed), Some(*reason))
+        }
+        RcptResult::Deferred {
+            status,
+            reply,
+            remote,
+            unreachable,
+        } => {
+            r.last_reply = Some(reply.clone());
+            r.suspect = false;
+            if expired(at.arrived_ms, at.now_ms, at.rules.lifetime) {
+                r.status = RcptStatus::Failed;
+                r.unreachable = false;
+                let why = format!("message expired in the queue; last reply: {reply}");
+                r.last_reply = Some(why.clone());
+                let owed = (NoticeKind::Failed, EXPIRED, remote.clone(), why);
+                return (Some(owed), Some(Failure::Expired));
+            }
+            let delay = at.rules.backoff.delay(r.attempts, at.sample);
+            r.next_attempt_ms = at.now_ms.saturating_add(delay.as_millis() as u64);
+            r.unreachable = *unreachable;
+            let warn = at.rules.delay_warning.is_some_and(|after| {
+                at.now_ms.saturating_sub(at.arrived_ms) >= after.as_millis() as u64
+            });
+            if !warn || r.delay_notified {
+                return (None, None);
+            }
+            r.delay_notified = true;
+            let owed = (NoticeKind::Delayed, *status, remote.clone(), reply.clone());
+            (Some(owed), None)
+        }
+        RcptResult::Paused { reply, suspect } => {
+            r.last_reply = Some(reply.clone());
+            r.next_attempt_ms = PARKED;
+            r.unreachable = false;
+            r.suspect = *suspect;
+            (None, None)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -209,9 +246,9 @@ mod tests {
         }
     }
 
-    fn deferred(unreachable: bool) -> Result {
-        Result::Deferred {
-            status: "4.4.1".into(),
+    fn deferred(unreachable: bool) -> RcptResult {
+        RcptResult::Deferred {
+            status: Status::transient(4, 1),
             reply: "connection refused".into(),
             remote: None,
             unreachable,
@@ -224,7 +261,7 @@ mod tests {
         let results = [
             (
                 0,
-                Result::Delivered {
+                RcptResult::Delivered {
                     reply: "250 ok".into(),
                     relayed: false,
                     remote: "mx1".into(),
@@ -232,10 +269,11 @@ mod tests {
             ),
             (
                 1,
-                Result::Failed {
-                    status: "5.1.1".into(),
+                RcptResult::Failed {
+                    status: Status::NO_SUCH_MAILBOX,
                     reply: "550 5.1.1 unknown".into(),
                     remote: Some("mx1".into()),
+                    reason: Failure::Rejected,
                 },
             ),
             (2, deferred(true)),
@@ -257,7 +295,8 @@ mod tests {
         assert_eq!(a.notices.len(), 1);
         assert_eq!(a.notices[0].kind, NoticeKind::Failed);
         assert_eq!(a.notices[0].index, 1);
-        assert_eq!(a.notices[0].status, "5.1.1");
+        assert_eq!(a.notices[0].status, Status::NO_SUCH_MAILBOX);
+        assert_eq!(a.failures, [(1, Failure::Rejected)]);
     }
 
     #[test]
@@ -274,7 +313,8 @@ mod tests {
         let env = envelope(1);
         let a = apply(&env, &[(0, deferred(true))], 5 * 1440 * MIN, &rules(), 0.0);
         assert_eq!(a.recipients[0].1.status, RcptStatus::Failed);
-        assert_eq!(a.notices[0].status, "4.4.7");
+        assert_eq!(a.notices[0].status.to_string(), "4.4.7");
+        assert_eq!(a.failures, [(0, Failure::Expired)]);
         assert_eq!(a.notices[0].kind, NoticeKind::Failed);
     }
 
@@ -307,7 +347,7 @@ mod tests {
     fn relayed_notice_only_when_success_was_asked() {
         let mut env = envelope(2);
         env.recipients[0].notify = Notify(Notify::SUCCESS | Notify::FAILURE);
-        let relayed = |relayed| Result::Delivered {
+        let relayed = |relayed| RcptResult::Delivered {
             reply: "250 ok".into(),
             relayed,
             remote: "mx1".into(),
@@ -331,7 +371,7 @@ mod tests {
         let mut env = envelope(2);
         env.recipients[1].unreachable = true;
         let long_after = 30 * 1440 * MIN;
-        let paused = |suspect| Result::Paused {
+        let paused = |suspect| RcptResult::Paused {
             reply: "550 5.1.1 no such user".into(),
             suspect,
         };

@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::outcome::Result as RcptResult;
+use super::outcome::RcptResult;
 use super::worker::{self, Ctx};
 use super::{Event, Job, Scheduler};
 use crate::address::domain_of;
 use crate::route::Destinations;
 use crate::spool::{Change, CommitError, Envelope, Finished, QueueId, RcptStatus, Recipient};
+use crate::status::{Failure, Status};
 
 impl Scheduler {
     /// Parks, without an attempt, jobs for paused domains (in the background).
@@ -50,7 +51,7 @@ impl Scheduler {
                     .cloned()
                     .unwrap_or_else(|| "primary unreachable".into());
                 let result = RcptResult::Deferred {
-                    status: "4.4.1".into(),
+                    status: Status::transient(4, 1),
                     reply: format!("delivery temporarily suspended: {reason}"),
                     remote: None,
                     unreachable: true,
@@ -167,10 +168,12 @@ pub(super) async fn bounce(ctx: &Arc<Ctx>, id: QueueId) -> Result<Option<usize>,
         .filter(|(_, r)| r.status == RcptStatus::Queued)
         .map(|(i, _)| i)
         .collect();
+    // Counted with the refusals, as it always was: the label set is fixed.
     let result = RcptResult::Failed {
-        status: "5.0.0".into(),
+        status: Status::permanent(0, 0),
         reply: "returned to the sender by the operator".into(),
         remote: None,
+        reason: Failure::Rejected,
     };
     let results = rcpts.iter().map(|&i| (i, result.clone())).collect();
     let job = Job {

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::guard;
 use super::notice;
-use super::outcome::{self, NoticeKind, Result as RcptResult, Rules};
+use super::outcome::{self, NoticeKind, RcptResult, Rules};
 use crate::config::BouncePolicy;
 use crate::domain::RelayDomains;
 use crate::health::Health;
@@ -22,9 +22,8 @@ use crate::metrics::Metrics;
 use crate::outbound::{self, Connection, Hop, Outcome, Progress, SessionError, Ticket};
 use crate::route::{Destination, RouteError, Router};
 use crate::shutdown::Shutdown;
-use crate::spool::{
-    Change, CommitError, Envelope, Finished, PARKED, Pause, RcptStatus, Recipient, Spool,
-};
+use crate::spool::{Change, CommitError, Envelope, Finished, PARKED, Pause, RcptStatus, Spool};
+use crate::status::{Failure, Status};
 
 use super::{Event, Job};
 use crate::clock::Clock;
@@ -534,7 +533,7 @@ pub(super) async fn record(
             "{outcome}"
         );
     }
-    count(ctx, &job.domain, &applied.recipients, tried);
+    count(ctx, &job.domain, &applied, tried);
     let notices: Vec<_> = notices
         .into_iter()
         .map(|(kind, n)| {
@@ -556,7 +555,7 @@ pub(super) async fn record(
                 let address = env.recipients.get(*i)?.address.clone();
                 match result {
                     RcptResult::Delivered { .. } => Some((address, true)),
-                    RcptResult::Failed { status, .. } if status == "5.1.1" => {
+                    RcptResult::Failed { status, .. } if *status == Status::NO_SUCH_MAILBOX => {
                         Some((address, false))
                     }
                     _ => None,
@@ -663,9 +662,10 @@ pub(super) async fn park(ctx: &Ctx, jobs: Vec<Job>) {
 }
 
 /// Bumps the delivery counters for one recorded attempt.
-fn count(ctx: &Ctx, domain: &str, recipients: &[(usize, Recipient)], tried: bool) {
+fn count(ctx: &Ctx, domain: &str, applied: &outcome::Applied, tried: bool) {
     let m = &ctx.metrics;
     let label = m.label(domain);
+    let recipients = &applied.recipients;
     let result = if !tried {
         "suspended"
     } else if recipients
@@ -683,34 +683,12 @@ fn count(ctx: &Ctx, domain: &str, recipients: &[(usize, Recipient)], tried: bool
     };
     m.attempts.with_label_values(&[label, result]).inc();
     for (_, r) in recipients {
-        match r.status {
-            RcptStatus::Delivered => m.delivered.with_label_values(&[label]).inc(),
-            RcptStatus::Failed => {
-                let status = r.last_reply.as_deref().unwrap_or("");
-                let reason = failure_reason(r, status);
-                m.failed.with_label_values(&[label, reason]).inc();
-            }
-            RcptStatus::Queued => {}
+        if r.status == RcptStatus::Delivered {
+            m.delivered.with_label_values(&[label]).inc();
         }
     }
-}
-
-/// Why a recipient failed, as counted: expired in the queue, a routing
-/// failure (no such domain, null MX), our own rules (size, 8-bit, SMTPUTF8),
-/// or the next hop's refusal.
-fn failure_reason(r: &Recipient, reply: &str) -> &'static str {
-    if reply.starts_with("message expired") {
-        "expired"
-    } else if reply.contains("(NXDOMAIN)") || reply.contains("(null MX)") {
-        "routing"
-    } else if r
-        .last_reply
-        .as_deref()
-        .is_some_and(|t| t.starts_with("5.6.") || t.contains(" 5.6.") || t.contains(" 5.3.4"))
-    {
-        "policy"
-    } else {
-        "rejected"
+    for (_, reason) in &applied.failures {
+        m.failed.with_label_values(&[label, reason.label()]).inc();
     }
 }
 
@@ -721,10 +699,15 @@ fn from_outcome(outcome: Outcome, remote: &str) -> RcptResult {
             relayed,
             remote: remote.to_owned(),
         },
-        Outcome::Failed { status, reply } => RcptResult::Failed {
+        Outcome::Failed {
+            status,
+            reply,
+            reason,
+        } => RcptResult::Failed {
             status,
             reply,
             remote: Some(remote.to_owned()),
+            reason,
         },
         Outcome::Deferred { status, reply } => RcptResult::Deferred {
             status,
@@ -735,20 +718,19 @@ fn from_outcome(outcome: Outcome, remote: &str) -> RcptResult {
     }
 }
 
-/// RFC 3463 status for a session that failed: the reply's own if it carried one.
-fn session_status(e: &SessionError) -> String {
-    match e.reply() {
-        Some(reply) => match outbound::classify(reply.code, reply.enhanced.as_deref()) {
+/// RFC 3463 status for a session that failed: the reply's own if it carried
+/// one, as transient: the session as a whole failing is always temporary for
+/// the mail.
+fn session_status(e: &SessionError) -> Status {
+    match e.reply().map(|reply| reply.class()) {
+        Some(
             outbound::Class::Transient { status }
             | outbound::Class::Permanent { status }
-            | outbound::Class::Closing { status } => {
-                // The session as a whole failing is always temporary for the mail.
-                format!("4{}", &status[1..])
-            }
-            _ => "4.4.2".into(),
-        },
-        None if e.unreachable() => "4.4.1".into(),
-        None => "4.4.2".into(),
+            | outbound::Class::Closing { status },
+        ) => status.as_transient(),
+        Some(_) => Status::transient(4, 2),
+        None if e.unreachable() => Status::transient(4, 1),
+        None => Status::transient(4, 2),
     }
 }
 
@@ -761,20 +743,56 @@ fn session_failure(e: &SessionError, hop: &Hop) -> RcptResult {
     }
 }
 
+/// The result for every recipient of a destination that could not be
+/// routed: a domain that cannot get mail fails ([`Failure::Routing`]); DNS
+/// trouble, a loop or no addresses wait.
 fn route_failure(e: &RouteError, domain: &str) -> RcptResult {
     let reply = format!("{domain}: {e}");
     if e.is_permanent() {
         RcptResult::Failed {
-            status: e.status().to_owned(),
+            status: e.status(),
             reply,
             remote: None,
+            reason: Failure::Routing,
         }
     } else {
         RcptResult::Deferred {
-            status: e.status().to_owned(),
+            status: e.status(),
             reply,
             remote: None,
             unreachable: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_domain_that_cannot_get_mail_fails_for_routing() {
+        for error in [RouteError::NullMx, RouteError::NoSuchDomain] {
+            let RcptResult::Failed { status, reason, .. } = route_failure(&error, "example.com")
+            else {
+                panic!("{error:?} should fail");
+            };
+            assert_eq!(reason, Failure::Routing);
+            assert_eq!(status.class(), 5);
+        }
+        let null_mx = route_failure(&RouteError::NullMx, "example.com");
+        assert!(
+            matches!(&null_mx, RcptResult::Failed { status, .. } if status.to_string() == "5.1.10"),
+            "{null_mx:?}"
+        );
+        for error in [
+            RouteError::Dns("SERVFAIL".into()),
+            RouteError::Loop,
+            RouteError::NoAddresses,
+        ] {
+            assert!(matches!(
+                route_failure(&error, "example.com"),
+                RcptResult::Deferred { .. }
+            ));
         }
     }
 }
