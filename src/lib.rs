@@ -26,8 +26,9 @@
 //! list of relay domains: which covers a name, its metric label),
 //! [`health`] (whether each primary is up, since when, and its
 //! recent changes: delivery reports, everyone else reads), [`shutdown`] (the
-//! signal every task watches), [`status`] (RFC 3463 status codes and why a
-//! recipient failed, decided once and carried to notices and metrics).
+//! signal every task watches), [`status`] (RFC 3463 status codes, why a
+//! recipient failed and why a client was refused: decided once, carried to
+//! notices and metrics).
 //!
 //! [`Server`] wires these together: the binary binds sockets, loads the config,
 //! and calls [`Server::start`]; tests do the same on `127.0.0.1:0`.

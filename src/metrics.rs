@@ -18,6 +18,7 @@ use prometheus::{
 use crate::config::Config;
 pub use crate::domain::OTHER;
 use crate::domain::RelayDomains;
+use crate::status::{Failure, Rejection};
 
 /// Maps a recipient domain to its metric label (the configured relay
 /// domain it belongs to, or "other"), so per-domain gauges stay exact and
@@ -61,25 +62,6 @@ pub struct Metrics {
     dead_letters: IntGauge,
     quarantined: IntGauge,
 }
-
-/// Why an SMTP client was refused, as counted.
-pub const REJECT_REASONS: &[&str] = &[
-    "relay",
-    "unknown_user",
-    "size",
-    "too_many_recipients",
-    "syntax",
-    "loop",
-    "spool_full",
-    "spool_error",
-    "access",
-    "limits",
-    "timeout",
-    "too_many_errors",
-    "smtputf8",
-    "pipelining",
-    "other",
-];
 
 /// A metric family as exposed: name, help and label names.
 struct Family {
@@ -276,7 +258,7 @@ impl Metrics {
             for result in ["delivered", "deferred", "failed", "suspended"] {
                 self.attempts.with_label_values(&[label, result]);
             }
-            for reason in crate::status::Failure::ALL {
+            for reason in Failure::ALL {
                 self.failed.with_label_values(&[label, reason.label()]);
             }
         }
@@ -284,8 +266,8 @@ impl Metrics {
             self.primary_up.with_label_values(&[name]).set(1);
             self.domain_paused.with_label_values(&[name]).set(0);
         }
-        for reason in REJECT_REASONS {
-            self.rejected.with_label_values(&[reason]);
+        for reason in Rejection::ALL {
+            self.rejected.with_label_values(&[reason.label()]);
         }
         for kind in ["failed", "delayed", "relayed"] {
             self.dsn_sent.with_label_values(&[kind]);
@@ -319,8 +301,8 @@ impl Metrics {
     }
 
     /// Counts an SMTP refusal.
-    pub fn reject(&self, reason: &str) {
-        self.rejected.with_label_values(&[reason]).inc();
+    pub fn reject(&self, reason: Rejection) {
+        self.rejected.with_label_values(&[reason.label()]).inc();
     }
 
     pub fn observe_commit(&self, elapsed: Duration) {

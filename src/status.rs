@@ -1,9 +1,10 @@
-//! The words every stage uses about how a delivery went: an RFC 3463
-//! enhanced status code ([`Status`]) and why a recipient was given up on
-//! ([`Failure`]). Both are decided where the decision is made (a reply read,
-//! a rule applied, a route looked up, a lifetime run out) and carried as they
-//! are to the spool's notices, the DSNs and the metrics; nobody recovers them
-//! from reply text. A leaf: it imports no stage.
+//! The words every stage uses about how mail fared: an RFC 3463 enhanced
+//! status code ([`Status`]), why a recipient was given up on ([`Failure`]),
+//! and why an SMTP client was refused ([`Rejection`]). Each is decided where
+//! the decision is made (a reply read, a rule applied, a route looked up, a
+//! lifetime run out, a command refused) and carried as it is to the notices,
+//! the DSNs and the metrics; nobody recovers one from reply text. A leaf: it
+//! imports no stage.
 
 use std::fmt;
 
@@ -131,6 +132,81 @@ impl Failure {
     }
 }
 
+/// Why an SMTP client was refused: the `reason` label of
+/// `mxspool_smtp_rejected_total`, chosen by whoever builds the refusal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Rejection {
+    /// Not one of our relay domains (or a routing trick in the local part).
+    Relay,
+    /// Not on the domain's recipient list, or known not to exist.
+    UnknownUser,
+    /// Bigger than `max_message_size`.
+    Size,
+    TooManyRecipients,
+    /// A command out of order, malformed, or not supported.
+    Syntax,
+    /// The message has passed through too many hops.
+    Loop,
+    /// The spool's disk is (nearly) full.
+    SpoolFull,
+    /// The spool could not store the message.
+    SpoolError,
+    /// The client's address is not allowed (`allow`/`deny`).
+    Access,
+    /// Connection limits: in total, per address, per minute.
+    Limits,
+    /// The client was silent too long.
+    Timeout,
+    /// The client made too many errors in one session.
+    TooManyErrors,
+    /// The message needs SMTPUTF8 the client did not ask for.
+    Smtputf8,
+    /// The client sent ahead without PIPELINING.
+    Pipelining,
+    Other,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 15] = [
+        Rejection::Relay,
+        Rejection::UnknownUser,
+        Rejection::Size,
+        Rejection::TooManyRecipients,
+        Rejection::Syntax,
+        Rejection::Loop,
+        Rejection::SpoolFull,
+        Rejection::SpoolError,
+        Rejection::Access,
+        Rejection::Limits,
+        Rejection::Timeout,
+        Rejection::TooManyErrors,
+        Rejection::Smtputf8,
+        Rejection::Pipelining,
+        Rejection::Other,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::Relay => "relay",
+            Rejection::UnknownUser => "unknown_user",
+            Rejection::Size => "size",
+            Rejection::TooManyRecipients => "too_many_recipients",
+            Rejection::Syntax => "syntax",
+            Rejection::Loop => "loop",
+            Rejection::SpoolFull => "spool_full",
+            Rejection::SpoolError => "spool_error",
+            Rejection::Access => "access",
+            Rejection::Limits => "limits",
+            Rejection::Timeout => "timeout",
+            Rejection::TooManyErrors => "too_many_errors",
+            Rejection::Smtputf8 => "smtputf8",
+            Rejection::Pipelining => "pipelining",
+            Rejection::Other => "other",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,5 +270,30 @@ mod tests {
     fn each_failure_has_its_label() {
         let labels: Vec<&str> = Failure::ALL.iter().map(|f| f.label()).collect();
         assert_eq!(labels, ["rejected", "expired", "routing", "policy"]);
+    }
+
+    #[test]
+    fn each_rejection_has_its_own_label() {
+        let labels: Vec<&str> = Rejection::ALL.iter().map(|r| r.label()).collect();
+        assert_eq!(
+            labels,
+            [
+                "relay",
+                "unknown_user",
+                "size",
+                "too_many_recipients",
+                "syntax",
+                "loop",
+                "spool_full",
+                "spool_error",
+                "access",
+                "limits",
+                "timeout",
+                "too_many_errors",
+                "smtputf8",
+                "pipelining",
+                "other",
+            ]
+        );
     }
 }

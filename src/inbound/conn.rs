@@ -28,6 +28,7 @@ use crate::address::domain_of;
 use crate::knowledge::{Knowledge, Verdict};
 use crate::shutdown::Shutdown;
 use crate::spool::{Client, CommitError, Envelope, NewMessage};
+use crate::status::Rejection;
 
 /// Longest a whole session may last: slow-drip clients cannot hold a slot
 /// indefinitely by sending one byte per timeout period.
@@ -75,11 +76,13 @@ where
 {
     let policy = inbound.policy();
     let farewell = match &stop {
-        Stop::Timeout => Some(Reply::new(
+        Stop::Timeout => Some(Reply::refuse(
+            Rejection::Timeout,
             421,
             "4.4.2",
             format!("{} Error: timeout exceeded", policy.hostname),
         )),
+        // Our own goodbye, not a refusal of the client: not counted.
         Stop::Shutdown => Some(Reply::new(
             421,
             "4.3.2",
@@ -91,10 +94,7 @@ where
         Stop::Eof | Stop::Io(_) | Stop::StartTls => None,
     };
     if let Some(reply) = farewell {
-        if matches!(stop, Stop::Timeout) {
-            inbound.metrics.reject("timeout");
-        }
-        reply.write_to(&mut io.output);
+        counted(inbound, reply).write_to(&mut io.output);
         let _ = tokio::time::timeout(Duration::from_secs(5), io.flush()).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), io.stream.shutdown()).await;
@@ -237,9 +237,9 @@ where
     match step {
         Step::Reply(reply) => {
             debug!(%reply, "server");
-            if reply.is_error() {
+            if let Some(why) = reply.rejection {
                 info!(reply = %reply, "rejected");
-                inbound.metrics.reject(reply.reason());
+                inbound.metrics.reject(why);
             }
             reply.write_to(&mut io.output);
         }
@@ -265,13 +265,11 @@ where
         Step::Verify(address) => {
             // The session asks only once per command; never loop on it.
             warn!(%address, "second callout request for one command");
-            Reply::new(451, "4.3.0", "Error: try again later").write_to(&mut io.output);
+            Reply::refuse(Rejection::Other, 451, "4.3.0", "Error: try again later")
+                .write_to(&mut io.output);
         }
         Step::Close(reply) => {
-            if reply.is_error() {
-                inbound.metrics.reject(reply.reason());
-            }
-            reply.write_to(&mut io.output);
+            counted(inbound, reply).write_to(&mut io.output);
             return Err(io.flush().await.err().unwrap_or(Stop::Eof));
         }
         Step::Data(reply) => {
@@ -305,8 +303,7 @@ where
     let reply = match session.finish_data(&data, policy) {
         Err(reply) => {
             info!(reply = %reply, size = data.size, "message refused");
-            inbound.metrics.reject(reply.reason());
-            reply
+            counted(inbound, reply)
         }
         Ok(transaction) => store(inbound, session, peer, policy, transaction, data).await,
     };
@@ -336,9 +333,9 @@ where
     .await?;
     let reply = match session.end_chunk(policy) {
         Chunked::Reply(reply) => {
-            if reply.is_error() {
+            if let Some(why) = reply.rejection {
                 info!(reply = %reply, size, "chunk refused");
-                inbound.metrics.reject(reply.reason());
+                inbound.metrics.reject(why);
             }
             reply
         }
@@ -408,8 +405,21 @@ async fn store(
     commit(inbound, envelope, body).await
 }
 
+/// `reply`, its refusal (if it is one) counted.
+fn counted(inbound: &Inbound, reply: Reply) -> Reply {
+    if let Some(why) = reply.rejection {
+        inbound.metrics.reject(why);
+    }
+    reply
+}
+
 fn out_of_sync() -> Reply {
-    Reply::new(554, "5.5.0", "Error: SMTP protocol synchronization")
+    Reply::refuse(
+        Rejection::Pipelining,
+        554,
+        "5.5.0",
+        "Error: SMTP protocol synchronization",
+    )
 }
 
 /// Stores the message and says how it went; 250 only once it is on disk.
@@ -436,13 +446,19 @@ async fn commit(inbound: &Inbound, mut envelope: Envelope, body: Vec<u8>) -> Rep
         }
         Err(CommitError::Full) => {
             warn!(queue_id = %id, size, "spool full, message refused");
-            inbound.metrics.reject("spool_full");
-            Reply::new(452, "4.3.1", "Error: insufficient system storage")
+            let text = "Error: insufficient system storage";
+            counted(
+                inbound,
+                Reply::refuse(Rejection::SpoolFull, 452, "4.3.1", text),
+            )
         }
         Err(e) => {
             warn!(queue_id = %id, error = %e, "message not stored");
-            inbound.metrics.reject("spool_error");
-            Reply::new(451, "4.3.0", "Error: queue file write error")
+            let text = "Error: queue file write error";
+            counted(
+                inbound,
+                Reply::refuse(Rejection::SpoolError, 451, "4.3.0", text),
+            )
         }
     }
 }

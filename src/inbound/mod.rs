@@ -42,6 +42,7 @@ use crate::metrics::Metrics;
 use crate::scheduler;
 use crate::shutdown::Shutdown;
 use crate::spool::Spool;
+use crate::status::Rejection;
 use policy::Policy;
 use reply::Reply;
 
@@ -298,15 +299,18 @@ pub async fn listen(
 /// once: the reply goes into the fresh socket's empty send buffer or not at
 /// all, so nothing here waits for the client.
 fn over_limit(stream: TcpStream, inbound: &Inbound) {
-    inbound.metrics.reject("limits");
     let hostname = inbound.policy().hostname.clone();
-    let mut out = Vec::new();
-    Reply::new(
+    let reply = Reply::refuse(
+        Rejection::Limits,
         421,
         "4.7.0",
         format!("{hostname} Error: too many connections"),
-    )
-    .write_to(&mut out);
+    );
+    if let Some(why) = reply.rejection {
+        inbound.metrics.reject(why);
+    }
+    let mut out = Vec::new();
+    reply.write_to(&mut out);
     let _ = stream.try_write(&out);
     tracing::debug!("too many connections; refused");
 }
@@ -325,20 +329,26 @@ async fn admit(
     let hostname = inbound.policy().hostname.clone();
     if !inbound.policy().admits(ip) {
         info!("connection refused by allow/deny");
-        inbound.metrics.reject("access");
         refuse(
             stream,
-            Reply::new(554, "5.7.1", format!("{hostname} Access denied")),
+            &inbound.metrics,
+            Reply::refuse(
+                Rejection::Access,
+                554,
+                "5.7.1",
+                format!("{hostname} Access denied"),
+            ),
         )
         .await;
         return;
     }
     if !inbound.within_rate(ip) {
         warn!("connection rate limit exceeded");
-        inbound.metrics.reject("limits");
         refuse(
             stream,
-            Reply::new(
+            &inbound.metrics,
+            Reply::refuse(
+                Rejection::Limits,
                 421,
                 "4.7.0",
                 format!(
@@ -351,10 +361,11 @@ async fn admit(
     }
     let Some(_ip_slot) = inbound.enter(ip) else {
         warn!("too many connections from this address");
-        inbound.metrics.reject("limits");
         refuse(
             stream,
-            Reply::new(
+            &inbound.metrics,
+            Reply::refuse(
+                Rejection::Limits,
                 421,
                 "4.7.0",
                 format!("{hostname} Error: too many connections from your address"),
@@ -370,7 +381,10 @@ async fn admit(
 }
 
 /// Says why we will not talk, without waiting long for a slow client to listen.
-async fn refuse(mut stream: TcpStream, reply: Reply) {
+async fn refuse(mut stream: TcpStream, metrics: &Metrics, reply: Reply) {
+    if let Some(why) = reply.rejection {
+        metrics.reject(why);
+    }
     let mut out = Vec::new();
     reply.write_to(&mut out);
     let _ = tokio::time::timeout(Duration::from_secs(10), async {

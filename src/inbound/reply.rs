@@ -1,6 +1,9 @@
-//! SMTP replies: a code, an RFC 3463 enhanced status code, and text.
+//! SMTP replies: a code, an RFC 3463 enhanced status code, and text; a
+//! refusal also says why, for `mxspool_smtp_rejected_total`.
 
 use std::fmt;
+
+use crate::status::Rejection;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reply {
@@ -10,17 +13,42 @@ pub struct Reply {
     pub status: &'static str,
     /// One element per line of a multi-line reply.
     pub lines: Vec<String>,
+    /// Why the client was refused, as counted; set by whoever refused, so
+    /// the count never has to guess from code and status.
+    pub rejection: Option<Rejection>,
 }
 
 impl Reply {
-    /// Reply text may quote what the client sent (a path, an ETRN node):
-    /// control characters in it become `?` (RFC 5321 §4.2: text is printable).
+    /// A reply that refuses nothing (or, our shutdown's 421, that is not
+    /// the client's fault). Reply text may quote what the client sent (a
+    /// path, an ETRN node): control characters in it become `?` (RFC 5321
+    /// §4.2: text is printable).
     pub fn new(code: u16, status: &'static str, text: impl Into<String>) -> Reply {
         Reply {
             code,
             status,
             lines: vec![printable(text.into())],
+            rejection: None,
         }
+    }
+
+    /// A refusal (4xx or 5xx), counted under `why`.
+    pub fn refuse(
+        why: Rejection,
+        code: u16,
+        status: &'static str,
+        text: impl Into<String>,
+    ) -> Reply {
+        Reply {
+            rejection: Some(why),
+            ..Reply::new(code, status, text)
+        }
+    }
+
+    /// A command refused as malformed, out of order or unsupported: the
+    /// refusal counted as `syntax`, the most common one.
+    pub fn syntax(code: u16, status: &'static str, text: impl Into<String>) -> Reply {
+        Reply::refuse(Rejection::Syntax, code, status, text)
     }
 
     /// A multi-line reply (EHLO); no enhanced code on lines that are keywords.
@@ -29,6 +57,7 @@ impl Reply {
             code,
             status: "",
             lines,
+            rejection: None,
         }
     }
 
@@ -67,27 +96,6 @@ fn printable(text: String) -> String {
     }
 }
 
-impl Reply {
-    /// Why this refusal happened, as counted in `mxspool_smtp_rejected_total`.
-    pub fn reason(&self) -> &'static str {
-        match (self.code, self.status) {
-            (_, "5.7.1") => "relay",
-            (_, "5.1.1") => "unknown_user",
-            (_, "5.3.4") | (_, "5.2.3") => "size",
-            (_, "4.5.3") => "too_many_recipients",
-            (_, "5.4.6") => "loop",
-            (_, "4.3.1") => "spool_full",
-            (_, "4.3.0") => "spool_error",
-            (421, "4.7.0") => "too_many_errors",
-            (_, "4.4.2") => "timeout",
-            (_, "5.6.7") => "smtputf8",
-            (_, "5.5.0") => "pipelining",
-            (500..=599, s) if s.starts_with("5.5.") || s == "5.1.3" || s == "5.1.7" => "syntax",
-            _ => "other",
-        }
-    }
-}
-
 impl fmt::Display for Reply {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut out = Vec::new();
@@ -101,31 +109,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn refusals_have_a_counted_reason() {
-        for (code, status, reason) in [
-            (550, "5.7.1", "relay"),
-            (550, "5.1.1", "unknown_user"),
-            (552, "5.3.4", "size"),
-            (452, "4.5.3", "too_many_recipients"),
-            (554, "5.4.6", "loop"),
-            (452, "4.3.1", "spool_full"),
-            (451, "4.3.0", "spool_error"),
-            (421, "4.7.0", "too_many_errors"),
-            (421, "4.4.2", "timeout"),
-            (553, "5.6.7", "smtputf8"),
-            (554, "5.5.0", "pipelining"),
-            (500, "5.5.2", "syntax"),
-            (501, "5.1.3", "syntax"),
-            (503, "5.5.1", "syntax"),
-            (459, "4.7.1", "other"),
-        ] {
-            assert_eq!(
-                Reply::new(code, status, "x").reason(),
-                reason,
-                "{code} {status}"
-            );
-            assert!(crate::metrics::REJECT_REASONS.contains(&reason));
-        }
+    fn a_refusal_carries_its_reason_and_renders_without_it() {
+        let refused = Reply::refuse(Rejection::Relay, 550, "5.7.1", "Relay access denied");
+        assert_eq!(refused.rejection, Some(Rejection::Relay));
+        assert!(refused.is_error());
+        assert_eq!(refused.to_string(), "550 5.7.1 Relay access denied");
+        assert_eq!(Reply::new(250, "2.0.0", "Ok").rejection, None);
     }
 
     #[test]

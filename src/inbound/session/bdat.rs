@@ -55,14 +55,14 @@ impl Session {
             return Step::Close(bdat_not_offered());
         }
         let fate = match (&self.chunks, &self.transaction) {
-            (Chunks::Failed, _) => Fate::Discard(Reply::new(
+            (Chunks::Failed, _) => Fate::Discard(Reply::syntax(
                 503,
                 "5.5.1",
                 format!("Error: {size} octets discarded after an earlier error"),
             )),
-            (_, None) => Fate::Refuse(Reply::new(503, "5.5.1", "Error: need MAIL command")),
+            (_, None) => Fate::Refuse(Reply::syntax(503, "5.5.1", "Error: need MAIL command")),
             (_, Some(t)) if t.recipients.is_empty() => {
-                Fate::Refuse(Reply::new(503, "5.5.1", "Error: need RCPT command"))
+                Fate::Refuse(Reply::syntax(503, "5.5.1", "Error: need RCPT command"))
             }
             (Chunks::Receiving(content), _)
                 if content.octets().saturating_add(size) > policy.max_message_size =>
@@ -107,7 +107,7 @@ impl Session {
     /// and with any refusal.
     pub fn end_chunk(&mut self, policy: &Policy) -> Chunked {
         let Some(Chunk { size, last, fate }) = self.reading.take() else {
-            return Chunked::Reply(Reply::new(503, "5.5.1", "Error: no chunk was announced"));
+            return Chunked::Reply(Reply::syntax(503, "5.5.1", "Error: no chunk was announced"));
         };
         let refused = match fate {
             Fate::Keep if matches!(&self.chunks, Chunks::Receiving(c) if c.oversize()) => {
@@ -126,7 +126,7 @@ impl Session {
             return Chunked::Reply(Reply::new(250, "2.0.0", format!("Ok: {size} octets")));
         }
         let Chunks::Receiving(content) = std::mem::replace(&mut self.chunks, Chunks::None) else {
-            return Chunked::Reply(Reply::new(503, "5.5.1", "Error: need MAIL command"));
+            return Chunked::Reply(Reply::syntax(503, "5.5.1", "Error: need MAIL command"));
         };
         let data = content.finish();
         match self.finish_data(&data, policy) {
@@ -140,7 +140,7 @@ impl Session {
 /// command, and without the extension we cannot tell them from commands: stop
 /// listening rather than guess.
 pub(super) fn bdat_not_offered() -> Reply {
-    Reply::new(
+    Reply::syntax(
         503,
         "5.5.1",
         "Error: BDAT without CHUNKING; closing connection",
@@ -273,13 +273,13 @@ mod tests {
         let no_mail = bdat(&mut s, &p, "BDAT 3 LAST", b"abc");
         assert_eq!(
             no_mail,
-            Chunked::Reply(Reply::new(503, "5.5.1", "Error: need MAIL command"))
+            Chunked::Reply(Reply::syntax(503, "5.5.1", "Error: need MAIL command"))
         );
         run(&mut s, &p, &[("MAIL FROM:<a@b.test>", 250)]);
         let no_rcpt = bdat(&mut s, &p, "BDAT 3 LAST", b"abc");
         assert_eq!(
             no_rcpt,
-            Chunked::Reply(Reply::new(503, "5.5.1", "Error: need RCPT command"))
+            Chunked::Reply(Reply::syntax(503, "5.5.1", "Error: need RCPT command"))
         );
         // Either refusal ended the transaction.
         run(&mut s, &p, &[("RCPT TO:<x@example.com>", 503)]);

@@ -5,6 +5,7 @@ use super::{Session, Step, Transaction, need_helo, too_big};
 use crate::inbound::data::{Data, count_received};
 use crate::inbound::policy::Policy;
 use crate::inbound::reply::Reply;
+use crate::status::Rejection;
 
 impl Session {
     /// DATA: 354 and the message's lines, once there are recipients and
@@ -12,12 +13,12 @@ impl Session {
     pub(super) fn data(&self) -> Step {
         let reply = match &self.transaction {
             _ if self.helo.is_none() => need_helo(),
-            None => Reply::new(503, "5.5.1", "Error: need MAIL command"),
+            None => Reply::syntax(503, "5.5.1", "Error: need MAIL command"),
             Some(_) if matches!(self.chunks, Chunks::Receiving(_)) => {
-                Reply::new(503, "5.5.1", "Error: DATA after BDAT")
+                Reply::syntax(503, "5.5.1", "Error: DATA after BDAT")
             }
             Some(t) if t.recipients.is_empty() => {
-                Reply::new(554, "5.5.1", "Error: no valid recipients")
+                Reply::syntax(554, "5.5.1", "Error: no valid recipients")
             }
             Some(_) => {
                 return Step::Data(Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
@@ -33,13 +34,14 @@ impl Session {
         let transaction = self
             .transaction
             .take()
-            .ok_or_else(|| Reply::new(503, "5.5.1", "Error: need MAIL command"))?;
+            .ok_or_else(|| Reply::syntax(503, "5.5.1", "Error: need MAIL command"))?;
         if data.oversize {
             return Err(too_big());
         }
         // Our own Received: makes one more; refuse before it would exceed the limit.
         if count_received(&data.body) >= policy.max_received_headers {
-            return Err(Reply::new(
+            return Err(Reply::refuse(
+                Rejection::Loop,
                 554,
                 "5.4.6",
                 "Error: too many hops (mail forwarding loop?)",

@@ -13,11 +13,11 @@ impl Session {
     /// STARTTLS: the handshake, if it was offered and no transaction has begun.
     pub(super) fn starttls(&self) -> Step {
         let reply = match self.tls {
-            Tls::Unavailable => Reply::new(502, "5.5.1", "Error: STARTTLS not available"),
-            Tls::Active => Reply::new(503, "5.5.1", "Error: TLS already active"),
+            Tls::Unavailable => Reply::syntax(502, "5.5.1", "Error: STARTTLS not available"),
+            Tls::Active => Reply::syntax(503, "5.5.1", "Error: TLS already active"),
             Tls::Offered if self.helo.is_none() => need_helo(),
             Tls::Offered if self.transaction.is_some() => {
-                Reply::new(503, "5.5.1", "Error: MAIL transaction in progress")
+                Reply::syntax(503, "5.5.1", "Error: MAIL transaction in progress")
             }
             Tls::Offered => {
                 return Step::StartTls(Reply::new(220, "2.0.0", "Ready to start TLS"));

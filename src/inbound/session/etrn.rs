@@ -3,15 +3,17 @@
 use super::{Session, Step, need_helo};
 use crate::inbound::policy::Policy;
 use crate::inbound::reply::Reply;
+use crate::status::Rejection;
 
 impl Session {
     pub(super) fn etrn(&mut self, name: &str, policy: &Policy) -> Step {
         let reply = if self.helo.is_none() {
             need_helo()
         } else if self.transaction.is_some() {
-            Reply::new(503, "5.5.1", "Error: MAIL transaction in progress")
+            Reply::syntax(503, "5.5.1", "Error: MAIL transaction in progress")
         } else if !policy.etrn_allowed(self.ip) {
-            Reply::new(
+            Reply::refuse(
+                Rejection::Other,
                 459,
                 "4.7.1",
                 format!("<{name}>: ETRN not allowed from this client"),
@@ -22,7 +24,8 @@ impl Session {
                 reply: Reply::new(250, "2.0.0", format!("Queuing for node <{name}> started")),
             };
         } else {
-            Reply::new(
+            Reply::refuse(
+                Rejection::Other,
                 458,
                 "4.5.4",
                 format!("Unable to queue messages for node <{name}>"),

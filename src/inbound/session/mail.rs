@@ -6,10 +6,11 @@ use smtp_proto::{
 
 use super::bdat::Chunks;
 use super::params::{MAX_ENVID, has_control, is_dsn_text};
-use super::{Env, Session, Transaction, need_helo, too_big};
+use super::{Env, Session, Transaction, need_helo, no_room, too_big};
 use crate::address;
 use crate::inbound::reply::Reply;
 use crate::spool::{BodyType, Ret};
+use crate::status::Rejection;
 
 /// MAIL FROM flags we advertise an extension for; anything else is refused.
 const MAIL_FLAGS_SUPPORTED: u64 =
@@ -21,11 +22,11 @@ impl Session {
             return need_helo();
         };
         if self.transaction.is_some() {
-            return Reply::new(503, "5.5.1", "Error: nested MAIL command");
+            return Reply::syntax(503, "5.5.1", "Error: nested MAIL command");
         }
         let has_params = from.flags != 0 || from.size != 0 || from.env_id.is_some();
         if has_params && !esmtp {
-            return Reply::new(555, "5.5.4", "Error: MAIL parameters need EHLO");
+            return Reply::syntax(555, "5.5.4", "Error: MAIL parameters need EHLO");
         }
         if from.flags & !MAIL_FLAGS_SUPPORTED != 0
             || from.trans_id.is_some()
@@ -37,23 +38,24 @@ impl Session {
             || from.hold_until != 0
             || from.mt_priority != 0
         {
-            return Reply::new(555, "5.5.4", "Error: unsupported MAIL parameter");
+            return Reply::syntax(555, "5.5.4", "Error: unsupported MAIL parameter");
         }
         if from
             .env_id
             .as_deref()
             .is_some_and(|v| !is_dsn_text(v, MAX_ENVID))
         {
-            return Reply::new(501, "5.5.4", "Error: bad ENVID parameter");
+            return Reply::syntax(501, "5.5.4", "Error: bad ENVID parameter");
         }
         if has_control(&from.address) {
             // RFC 5321 paths hold no control characters; the next hop would
             // refuse the address, and we would owe a bounce.
-            return Reply::new(501, "5.1.7", "Error: bad sender address syntax");
+            return Reply::syntax(501, "5.1.7", "Error: bad sender address syntax");
         }
         let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
         if !from.address.is_ascii() && !smtputf8 {
-            return Reply::new(
+            return Reply::refuse(
+                Rejection::Smtputf8,
                 553,
                 "5.6.7",
                 "Error: must declare SMTPUTF8 to send unicode address",
@@ -66,14 +68,14 @@ impl Session {
             sender.pop();
         }
         if address::path(&sender, smtputf8).is_none() {
-            return Reply::new(501, "5.1.7", "Error: bad sender address syntax");
+            return Reply::syntax(501, "5.1.7", "Error: bad sender address syntax");
         }
         let size = from.size as u64;
         if size > env.policy.max_message_size {
             return too_big();
         }
         if !(env.spool_has_room)(size) {
-            return Reply::new(452, "4.3.1", "Error: insufficient system storage");
+            return no_room();
         }
         self.transaction = Some(Transaction {
             sender,

@@ -22,6 +22,7 @@ use super::policy::Policy;
 use super::reply::Reply;
 pub use crate::knowledge::Knowledge;
 use crate::spool::{BodyType, Recipient, Ret};
+use crate::status::Rejection;
 
 /// Errors a client may make before we hang up (Postfix's `smtpd_hard_error_limit`).
 pub const MAX_ERRORS: u32 = 20;
@@ -157,7 +158,7 @@ impl Session {
             Ok(request) => self.request(request.into_owned(), line, env),
             // Without a size, the chunk that follows cannot be skipped.
             Err(_) if is_bdat(line) && self.is_esmtp() => {
-                return Step::Close(Reply::new(
+                return Step::Close(Reply::syntax(
                     501,
                     "5.5.4",
                     "Syntax: BDAT chunk-size [LAST]; closing connection",
@@ -171,7 +172,7 @@ impl Session {
 
     /// The line exceeded the command length limit and was discarded.
     pub fn line_too_long(&mut self) -> Step {
-        self.count_errors(Step::Reply(Reply::new(
+        self.count_errors(Step::Reply(Reply::syntax(
             500,
             "5.5.2",
             "Error: line too long",
@@ -233,11 +234,15 @@ impl Session {
                 chunk_size,
                 is_last,
             } => return self.bdat(chunk_size as u64, is_last, policy),
-            Request::Lhlo { .. } => Reply::new(500, "5.5.1", "Error: this is not an LMTP server"),
+            Request::Lhlo { .. } => {
+                Reply::syntax(500, "5.5.1", "Error: this is not an LMTP server")
+            }
             Request::StartTls => return self.starttls(),
-            Request::Auth { .. } => Reply::new(502, "5.5.1", "Error: authentication not enabled"),
+            Request::Auth { .. } => {
+                Reply::syntax(502, "5.5.1", "Error: authentication not enabled")
+            }
             Request::Expn { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
-                Reply::new(502, "5.5.1", "Error: command not implemented")
+                Reply::syntax(502, "5.5.1", "Error: command not implemented")
             }
         };
         Step::Reply(reply)
@@ -250,8 +255,14 @@ impl Session {
     }
 }
 
+fn no_room() -> Reply {
+    let text = "Error: insufficient system storage";
+    Reply::refuse(Rejection::SpoolFull, 452, "4.3.1", text)
+}
+
 fn too_big() -> Reply {
-    Reply::new(
+    Reply::refuse(
+        Rejection::Size,
         552,
         "5.3.4",
         "Error: message size exceeds fixed maximum message size",
@@ -259,27 +270,34 @@ fn too_big() -> Reply {
 }
 
 fn too_many_errors() -> Reply {
-    Reply::new(421, "4.7.0", "Error: too many errors")
+    Reply::refuse(
+        Rejection::TooManyErrors,
+        421,
+        "4.7.0",
+        "Error: too many errors",
+    )
 }
 
 fn need_helo() -> Reply {
-    Reply::new(503, "5.5.1", "Error: send HELO/EHLO first")
+    Reply::syntax(503, "5.5.1", "Error: send HELO/EHLO first")
 }
 
 fn parse_error(e: ParseError) -> Reply {
     match e {
-        ParseError::UnknownCommand => Reply::new(500, "5.5.2", "Error: command not recognized"),
+        ParseError::UnknownCommand => Reply::syntax(500, "5.5.2", "Error: command not recognized"),
         ParseError::InvalidSenderAddress => {
-            Reply::new(501, "5.1.7", "Error: bad sender address syntax")
+            Reply::syntax(501, "5.1.7", "Error: bad sender address syntax")
         }
         ParseError::InvalidRecipientAddress => {
-            Reply::new(501, "5.1.3", "Error: bad recipient address syntax")
+            Reply::syntax(501, "5.1.3", "Error: bad recipient address syntax")
         }
-        ParseError::SyntaxError { syntax } => Reply::new(501, "5.5.4", format!("Syntax: {syntax}")),
+        ParseError::SyntaxError { syntax } => {
+            Reply::syntax(501, "5.5.4", format!("Syntax: {syntax}"))
+        }
         ParseError::InvalidParameter { param } => {
-            Reply::new(501, "5.5.4", format!("Error: invalid {param} parameter"))
+            Reply::syntax(501, "5.5.4", format!("Error: invalid {param} parameter"))
         }
-        ParseError::UnsupportedParameter { param } => Reply::new(
+        ParseError::UnsupportedParameter { param } => Reply::syntax(
             555,
             "5.5.4",
             format!(
@@ -287,9 +305,9 @@ fn parse_error(e: ParseError) -> Reply {
                 param.chars().take(40).collect::<String>()
             ),
         ),
-        ParseError::ResponseTooLong => Reply::new(500, "5.5.2", "Error: line too long"),
+        ParseError::ResponseTooLong => Reply::syntax(500, "5.5.2", "Error: line too long"),
         ParseError::NeedsMoreData { .. } | ParseError::InvalidResponse { .. } => {
-            Reply::new(500, "5.5.2", "Error: syntax error")
+            Reply::syntax(500, "5.5.2", "Error: syntax error")
         }
     }
 }
@@ -401,6 +419,30 @@ mod tests {
                     "{step:?}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn each_refusal_says_why_where_it_is_made() {
+        let p = policy::sample();
+        let env = plain(&p);
+        let mut s = local();
+        for (command, why) in [
+            ("MAIL FROM:<a@b.test>", Some(Rejection::Syntax)),
+            ("EHLO c", None),
+            ("MAIL FROM:<a@b.test> SIZE=2000", Some(Rejection::Size)),
+            ("MAIL FROM:<j\u{f6}rg@b.test>", Some(Rejection::Smtputf8)),
+            ("MAIL FROM:<a@b.test>", None),
+            ("RCPT TO:<x@example.net>", Some(Rejection::Relay)),
+            ("RCPT TO:<carol@example.org>", Some(Rejection::UnknownUser)),
+            ("BOGUS", Some(Rejection::Syntax)),
+        ] {
+            let step = s.command(format!("{command}\r\n").as_bytes(), &env);
+            let Step::Reply(r) = step else {
+                panic!("{command}: {step:?}");
+            };
+            assert_eq!(r.rejection, why, "{command}: {r}");
+            assert_eq!(r.is_error(), why.is_some(), "{command}: {r}");
         }
     }
 }

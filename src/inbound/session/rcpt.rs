@@ -12,6 +12,7 @@ use crate::config::UnknownRecipients;
 use crate::inbound::policy::{Policy, Refusal};
 use crate::inbound::reply::Reply;
 use crate::spool::{Notify, RcptStatus, Recipient};
+use crate::status::Rejection;
 
 /// RCPT TO flags we advertise an extension for; anything else is refused.
 const RCPT_FLAGS_SUPPORTED: u64 =
@@ -30,7 +31,7 @@ impl Session {
         let esmtp = self.is_esmtp();
         let receiving = matches!(self.chunks, Chunks::Receiving(_));
         let Some(transaction) = &mut self.transaction else {
-            return Ok(Reply::new(503, "5.5.1", "Error: need MAIL command"));
+            return Ok(Reply::syntax(503, "5.5.1", "Error: need MAIL command"));
         };
         if let Some(refusal) = rcpt_refusal(&to, esmtp, receiving, transaction, policy) {
             return Ok(refusal);
@@ -58,13 +59,17 @@ fn rcpt_refusal(
 ) -> Option<Reply> {
     if receiving {
         // The content has begun: its envelope is settled.
-        return Some(Reply::new(503, "5.5.1", "Error: RCPT after BDAT"));
+        return Some(Reply::syntax(503, "5.5.1", "Error: RCPT after BDAT"));
     }
     if (to.flags != 0 || to.orcpt.is_some()) && !esmtp {
-        return Some(Reply::new(555, "5.5.4", "Error: RCPT parameters need EHLO"));
+        return Some(Reply::syntax(
+            555,
+            "5.5.4",
+            "Error: RCPT parameters need EHLO",
+        ));
     }
     if to.flags & !RCPT_FLAGS_SUPPORTED != 0 || to.rrvs != 0 {
-        return Some(Reply::new(
+        return Some(Reply::syntax(
             555,
             "5.5.4",
             "Error: unsupported RCPT parameter",
@@ -75,24 +80,30 @@ fn rcpt_refusal(
         .as_deref()
         .is_some_and(|v| !is_dsn_text(v, MAX_ORCPT))
     {
-        return Some(Reply::new(501, "5.5.4", "Error: bad ORCPT parameter"));
+        return Some(Reply::syntax(501, "5.5.4", "Error: bad ORCPT parameter"));
     }
     if has_control(&to.address) {
-        return Some(Reply::new(
+        return Some(Reply::syntax(
             501,
             "5.1.3",
             "Error: bad recipient address syntax",
         ));
     }
     if !to.address.is_ascii() && !transaction.smtputf8 {
-        return Some(Reply::new(
+        return Some(Reply::refuse(
+            Rejection::Smtputf8,
             553,
             "5.6.7",
             "Error: must declare SMTPUTF8 to send unicode address",
         ));
     }
     if transaction.recipients.len() >= policy.max_recipients {
-        return Some(Reply::new(452, "4.5.3", "Error: too many recipients"));
+        return Some(Reply::refuse(
+            Rejection::TooManyRecipients,
+            452,
+            "4.5.3",
+            "Error: too many recipients",
+        ));
     }
     None
 }
@@ -110,7 +121,7 @@ fn relay_address(
     // tells them apart. The bare postmaster must be accepted (RFC 5321 §4.5.1).
     let address = if to.address.is_empty() {
         if !is_bare_postmaster(line) {
-            return Err(Reply::new(
+            return Err(Reply::syntax(
                 501,
                 "5.1.3",
                 "Error: bad recipient address syntax",
@@ -121,21 +132,23 @@ fn relay_address(
         match policy.check_recipient(&to.address) {
             Ok(address) => address,
             Err(Refusal::Syntax) => {
-                return Err(Reply::new(
+                return Err(Reply::syntax(
                     501,
                     "5.1.3",
                     "Error: bad recipient address syntax",
                 ));
             }
             Err(Refusal::Relay) => {
-                return Err(Reply::new(
+                return Err(Reply::refuse(
+                    Rejection::Relay,
                     550,
                     "5.7.1",
                     format!("<{}>: Relay access denied", to.address),
                 ));
             }
             Err(Refusal::UnknownUser) => {
-                return Err(Reply::new(
+                return Err(Reply::refuse(
+                    Rejection::UnknownUser,
                     550,
                     "5.1.1",
                     format!(
@@ -147,7 +160,7 @@ fn relay_address(
         }
     };
     if address::path(&address, smtputf8).is_none_or(|p| p.is_empty()) {
-        return Err(Reply::new(
+        return Err(Reply::syntax(
             501,
             "5.1.3",
             "Error: bad recipient address syntax",
@@ -173,7 +186,8 @@ fn unverified(
         match (env.knowledge)(address) {
             Knowledge::Exists => {}
             Knowledge::DoesNotExist => {
-                return Some(Ok(Reply::new(
+                return Some(Ok(Reply::refuse(
+                    Rejection::UnknownUser,
                     550,
                     "5.1.1",
                     format!("<{given}>: Recipient address rejected: User unknown"),
@@ -186,7 +200,8 @@ fn unverified(
             }
             Knowledge::Unseen => {
                 if unknown == UnknownRecipients::Tempfail {
-                    return Some(Ok(Reply::new(
+                    return Some(Ok(Reply::refuse(
+                        Rejection::Other,
                         450,
                         "4.1.1",
                         format!(
