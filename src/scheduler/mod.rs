@@ -30,6 +30,7 @@ mod handle;
 pub mod notice;
 pub mod outcome;
 mod primary;
+mod record;
 mod release;
 mod worker;
 

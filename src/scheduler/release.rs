@@ -10,6 +10,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::outcome::RcptResult;
+use super::record;
 use super::worker::{self, Ctx};
 use super::{Event, Job, Scheduler};
 use crate::address::domain_of;
@@ -25,7 +26,7 @@ impl Scheduler {
         }
         let ctx = self.ctx.clone();
         self.tasks
-            .spawn(async move { worker::park(&ctx, jobs).await });
+            .spawn(async move { record::park(&ctx, jobs).await });
     }
 
     /// Defers, without a connection attempt, mail for destinations that are down.
@@ -181,7 +182,7 @@ pub(super) async fn bounce(ctx: &Arc<Ctx>, id: QueueId) -> Result<Option<usize>,
         domain: Arc::from(crate::metrics::OTHER),
         rcpts: rcpts.clone(),
     };
-    worker::record(ctx, &job, &env, &body, results, false).await;
+    record::record(ctx, &job, &env, &body, results, false).await;
     Ok(Some(rcpts.len()))
 }
 

@@ -12,8 +12,9 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::guard;
-use super::notice;
-use super::outcome::{self, NoticeKind, RcptResult, Rules};
+use super::record::record;
+
+use super::outcome::{RcptResult, Rules};
 use crate::config::BouncePolicy;
 use crate::domain::RelayDomains;
 use crate::health::Health;
@@ -22,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::outbound::{self, Connection, Hop, Outcome, Progress, SessionError, Ticket};
 use crate::route::{Destination, RouteError, Router};
 use crate::shutdown::Shutdown;
-use crate::spool::{Change, CommitError, Envelope, Finished, PARKED, Pause, RcptStatus, Spool};
+use crate::spool::{Change, CommitError, Envelope, Pause, Spool};
 use crate::status::{Failure, Status};
 
 use super::{Event, Job};
@@ -142,7 +143,7 @@ impl Ctx {
     }
 
     /// Whether the primary's answers about `domain`'s recipients are kept.
-    fn learns(&self, domain: &str) -> bool {
+    pub fn learns(&self, domain: &str) -> bool {
         self.verified.covering(domain).is_some()
     }
 }
@@ -172,30 +173,52 @@ async fn run(ctx: &Arc<Ctx>, domain: &Arc<str>, dest: &Destination, queue: &Queu
     };
     let hops = match ctx.router.hops(domain, dest.route.as_ref()).await {
         Ok(hops) => hops,
-        Err(e) => {
-            if e == RouteError::Loop {
-                warn!(%domain, "mail loop: we are the best MX for this domain; deferring its mail");
-                ctx.metrics
-                    .loops
-                    .with_label_values(&[ctx.metrics.label(domain)])
-                    .inc();
-                let _ = ctx.events.send(Event::Loop {
-                    domain: domain.clone(),
-                });
-            }
-            // The same answer holds for everything queued for this destination.
-            let result = route_failure(&e, domain);
-            for job in std::iter::once(first).chain(drain(queue)) {
-                finish(ctx, &job, true, |_| result.clone()).await;
-            }
-            return;
+        Err(e) => return unroutable(ctx, domain, &e, first, queue).await,
+    };
+    let successes_before = queue.successes.load(Ordering::Acquire);
+    let mut connection = match open(&hops, dest, queue).await {
+        Ok(connection) => connection,
+        Err((hop, error)) => {
+            return not_connected(ctx, domain, (hop, error), successes_before, first, queue).await;
         }
     };
+    let _ = ctx.events.send(Event::Reachable {
+        domain: domain.clone(),
+    });
+    carry(ctx, domain, &mut connection, first, queue).await;
+    queue.update(&queue.connected, false);
+    connection.quit().await;
+}
+
+/// No route to the destination: the same answer holds for everything queued
+/// for it. A loop (we are its best MX) is said loudly and counted.
+async fn unroutable(ctx: &Ctx, domain: &Arc<str>, e: &RouteError, first: Job, queue: &Queue) {
+    if *e == RouteError::Loop {
+        warn!(%domain, "mail loop: we are the best MX for this domain; deferring its mail");
+        ctx.metrics
+            .loops
+            .with_label_values(&[ctx.metrics.label(domain)])
+            .inc();
+        let _ = ctx.events.send(Event::Loop {
+            domain: domain.clone(),
+        });
+    }
+    let result = route_failure(e, domain);
+    for job in std::iter::once(first).chain(drain(queue)) {
+        finish(ctx, &job, true, |_| result.clone()).await;
+    }
+}
+
+/// A connection to the first hop that takes one, or the last hop's error.
+async fn open(
+    hops: &[Hop],
+    dest: &Destination,
+    queue: &Queue,
+) -> Result<Connection, (Hop, SessionError)> {
     let mut failure = None;
     let mut connection = None;
-    let successes_before = queue.successes.load(Ordering::Acquire);
     queue.update(&queue.connecting, true);
-    for hop in &hops {
+    for hop in hops {
         match outbound::connect(hop, &dest.settings).await {
             Ok(c) => {
                 connection = Some(c);
@@ -209,40 +232,42 @@ async fn run(ctx: &Arc<Ctx>, domain: &Arc<str>, dest: &Destination, queue: &Queu
         queue.connected.fetch_add(1, Ordering::AcqRel);
     }
     queue.update(&queue.connecting, false);
-    let Some(mut connection) = connection else {
-        let (hop, error) = failure.expect("a route has at least one hop");
-        if queue.congested(successes_before).await {
-            // Other connections carry mail: the host is up but will not take
-            // one more. Leave the mail to them and open fewer.
-            info!(%domain, hop = %hop.name, addr = %hop.addr, %error,
-                "cannot open another connection; fewer from now on");
-            queue.jobs().push_front(first);
-            let _ = ctx.events.send(Event::Congested {
-                domain: domain.clone(),
-                connected: Some(queue.connected.load(Ordering::Acquire)),
-            });
-            return;
-        }
-        let unreachable = error.unreachable();
-        info!(%domain, hop = %hop.name, addr = %hop.addr, %error, "cannot deliver");
-        if unreachable {
-            let _ = ctx.events.send(Event::Unreachable {
-                domain: domain.clone(),
-                reason: error.to_string(),
-            });
-        }
-        let result = session_failure(&error, &hop);
-        for job in std::iter::once(first).chain(drain(queue)) {
-            finish(ctx, &job, true, |_| result.clone()).await;
-        }
+    connection.ok_or_else(|| failure.expect("a route has at least one hop"))
+}
+
+/// No hop took a connection. If others of ours carry mail, the host is up
+/// but will not take one more: leave the mail to them and open fewer.
+/// Otherwise everything queued gets the session's failure, and an
+/// unreachable primary is reported.
+async fn not_connected(
+    ctx: &Ctx,
+    domain: &Arc<str>,
+    (hop, error): (Hop, SessionError),
+    successes_before: u64,
+    first: Job,
+    queue: &Queue,
+) {
+    if queue.congested(successes_before).await {
+        info!(%domain, hop = %hop.name, addr = %hop.addr, %error,
+            "cannot open another connection; fewer from now on");
+        queue.jobs().push_front(first);
+        let _ = ctx.events.send(Event::Congested {
+            domain: domain.clone(),
+            connected: Some(queue.connected.load(Ordering::Acquire)),
+        });
         return;
-    };
-    let _ = ctx.events.send(Event::Reachable {
-        domain: domain.clone(),
-    });
-    carry(ctx, domain, &mut connection, first, queue).await;
-    queue.update(&queue.connected, false);
-    connection.quit().await;
+    }
+    info!(%domain, hop = %hop.name, addr = %hop.addr, %error, "cannot deliver");
+    if error.unreachable() {
+        let _ = ctx.events.send(Event::Unreachable {
+            domain: domain.clone(),
+            reason: error.to_string(),
+        });
+    }
+    let result = session_failure(&error, &hop);
+    for job in std::iter::once(first).chain(drain(queue)) {
+        finish(ctx, &job, true, |_| result.clone()).await;
+    }
 }
 
 /// A message handed to the connection, until its outcome is in.
@@ -322,33 +347,8 @@ async fn carry(
             Progress::Failed { tickets, error } => {
                 info!(%domain, %remote, error = %error, messages = tickets.len(),
                     "connection failed with messages in flight; deferring them");
-                let _ = ctx.events.send(Event::Congested {
-                    domain: domain.clone(),
-                    connected: None,
-                });
-                if error.unreachable() {
-                    let _ = ctx.events.send(Event::Unreachable {
-                        domain: domain.clone(),
-                        reason: error.to_string(),
-                    });
-                }
-                // No outcome will come for anything still in flight.
-                for (_, message) in sent.drain() {
-                    info!(queue_id = %message.env.id, %domain, %remote, %error, "delivery attempt failed");
-                    let result = RcptResult::Deferred {
-                        status: session_status(&error),
-                        reply: format!("{remote}: {error}"),
-                        remote: Some(remote.clone()),
-                        unreachable: error.unreachable(),
-                    };
-                    let results = message
-                        .job
-                        .rcpts
-                        .iter()
-                        .map(|&i| (i, result.clone()))
-                        .collect();
-                    recording.start(ctx, message, results).await;
-                }
+                let in_flight = sent.drain().map(|(_, message)| message);
+                failed_in_flight(ctx, domain, &remote, &error, in_flight, &mut recording).await;
                 break;
             }
         }
@@ -358,6 +358,45 @@ async fn carry(
         queue.jobs().push_front(job);
     }
     recording.finish().await;
+}
+
+/// The connection failed: fewer connections from now on, an unreachable
+/// primary reported, and everything in flight deferred (no outcome will
+/// come for it).
+async fn failed_in_flight(
+    ctx: &Arc<Ctx>,
+    domain: &Arc<str>,
+    remote: &str,
+    error: &SessionError,
+    in_flight: impl Iterator<Item = Sent>,
+    recording: &mut Recording,
+) {
+    let _ = ctx.events.send(Event::Congested {
+        domain: domain.clone(),
+        connected: None,
+    });
+    if error.unreachable() {
+        let _ = ctx.events.send(Event::Unreachable {
+            domain: domain.clone(),
+            reason: error.to_string(),
+        });
+    }
+    for message in in_flight {
+        info!(queue_id = %message.env.id, %domain, %remote, %error, "delivery attempt failed");
+        let result = RcptResult::Deferred {
+            status: session_status(error),
+            reply: format!("{remote}: {error}"),
+            remote: Some(remote.to_owned()),
+            unreachable: error.unreachable(),
+        };
+        let results = message
+            .job
+            .rcpts
+            .iter()
+            .map(|&i| (i, result.clone()))
+            .collect();
+        recording.start(ctx, message, results).await;
+    }
 }
 
 /// The next job that is still queued, with its envelope and body: `first`,
@@ -402,7 +441,7 @@ impl Recording {
     }
 }
 
-fn done(ctx: &Ctx, job: &Job, unreachable: bool, delivered: bool) {
+pub(super) fn done(ctx: &Ctx, job: &Job, unreachable: bool, delivered: bool) {
     let _ = ctx.events.send(Event::Done {
         id: job.id,
         domain: job.domain.clone(),
@@ -470,226 +509,6 @@ enum Loaded {
     Gone,
     /// Queued, but its body is missing.
     NoBody,
-}
-
-/// Writes the attempt's results (and the notices they call for) to the spool,
-/// then tells the scheduler the job is done. The drain guard sees the results
-/// first: while the domain is paused nothing fails or expires.
-pub(super) async fn record(
-    ctx: &Ctx,
-    job: &Job,
-    env: &Envelope,
-    body: &[u8],
-    mut results: Vec<(usize, RcptResult)>,
-    tried: bool,
-) {
-    let now = ctx.clock.now_ms();
-    let label = ctx.metrics.label(&job.domain).to_owned();
-    let tripped = ctx.guard.lock().judge(&label, &mut results, now);
-    if let Some(pause) = tripped {
-        warn!(
-            domain = %label,
-            refusals = ctx.drain_guard,
-            "drain guard: the primary refused this many recipients in a row; delivery to the \
-             domain is paused and its refusals are kept instead of bounced until an operator \
-             resumes it (mxspool queue resume {label})"
-        );
-        if let Err(e) = ctx.publish_pause(&label, pause).await {
-            warn!(domain = %label, error = %e, "cannot record the pause; it holds until a restart");
-        }
-    }
-    let applied = outcome::apply(env, &results, now, &ctx.rules, fastrand::f64());
-    let mut after = env.clone();
-    for (i, r) in &applied.recipients {
-        after.recipients[*i] = r.clone();
-    }
-    let policy = notice::Policy {
-        bounce: ctx.bounce,
-        postmaster: &ctx.postmaster,
-        hostname: &ctx.hostname,
-        lifetime_ms: ctx.rules.lifetime.as_millis() as u64,
-    };
-    let spool = &ctx.spool;
-    let notices = notice::plan(&after, body, &applied.notices, &policy, now, &mut || {
-        spool.next_id(now.saturating_mul(1000))
-    });
-    for (i, r) in &applied.recipients {
-        let outcome = match r.status {
-            RcptStatus::Delivered => "delivered",
-            RcptStatus::Failed => "failed",
-            RcptStatus::Queued if r.next_attempt_ms == PARKED && r.suspect => {
-                "refusal held: domain paused"
-            }
-            RcptStatus::Queued if r.next_attempt_ms == PARKED => "parked: domain paused",
-            RcptStatus::Queued => "deferred",
-        };
-        info!(
-            queue_id = %env.id,
-            to = %r.address,
-            domain = %job.domain,
-            attempts = r.attempts,
-            reply = r.last_reply.as_deref().unwrap_or(""),
-            index = i,
-            "{outcome}"
-        );
-    }
-    count(ctx, &job.domain, &applied, tried);
-    let notices: Vec<_> = notices
-        .into_iter()
-        .map(|(kind, n)| {
-            let kind = match kind {
-                NoticeKind::Failed => "failed",
-                NoticeKind::Delayed => "delayed",
-                NoticeKind::Relayed => "relayed",
-            };
-            info!(queue_id = %n.envelope.id, about = %env.id, to = %n.envelope.recipients[0].address, kind, "notice queued");
-            ctx.metrics.dsn_sent.with_label_values(&[kind]).inc();
-            n
-        })
-        .collect();
-    if ctx.learns(&job.domain) {
-        // 250 means the mailbox exists; 5.1.1 means it does not (DESIGN.md).
-        let verdicts = results
-            .iter()
-            .filter_map(|(i, result)| {
-                let address = env.recipients.get(*i)?.address.clone();
-                match result {
-                    RcptResult::Delivered { .. } => Some((address, true)),
-                    RcptResult::Failed { status, .. } if *status == Status::NO_SUCH_MAILBOX => {
-                        Some((address, false))
-                    }
-                    _ => None,
-                }
-            })
-            .collect();
-        ctx.learned.learn(verdicts, now);
-    }
-    let has_notices = !notices.is_empty();
-    let waits_for_primary = applied
-        .recipients
-        .iter()
-        .any(|(_, r)| r.status == RcptStatus::Queued && r.unreachable);
-    let bounce = ctx.bounce;
-    let patches_delivered = applied
-        .recipients
-        .iter()
-        .any(|(_, r)| r.status == RcptStatus::Delivered);
-    let patches = applied.recipients;
-    let guard = ctx.guard.clone();
-    let change = Change::Edit(Box::new(move |env: &mut Envelope| {
-        // Resumed since the results were judged: what would wait for the
-        // resume is due now instead (the resume's own release may have run).
-        let resumed = guard.paused(&label).is_none();
-        for (i, mut r) in patches {
-            if resumed && r.next_attempt_ms == PARKED {
-                r.next_attempt_ms = now;
-            }
-            // Only recipients still waiting: an operator may have acted meanwhile.
-            if let Some(slot) = env.recipients.get_mut(i)
-                && slot.status == RcptStatus::Queued
-            {
-                *slot = r;
-            }
-        }
-        if notice::unreportable(env, bounce) {
-            Finished::Bury
-        } else {
-            Finished::Remove
-        }
-    }));
-    match ctx.spool.change(job.id, change, notices).await {
-        Ok(Some(env)) if env.next_due_ms().is_none() => {
-            tracing::debug!(queue_id = %env.id, "message finished");
-        }
-        Ok(_) => {}
-        Err(e) => {
-            // The attempt stays unrecorded: the message is tried again, so a
-            // recipient may get it twice, but none loses it.
-            warn!(queue_id = %job.id, error = %e, "cannot record delivery outcome");
-            // Typically a full disk: give it a moment rather than retrying hot.
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        }
-    }
-    if has_notices {
-        ctx.queued.notify_one();
-    }
-    let delivered = tried && patches_delivered;
-    done(ctx, job, waits_for_primary, delivered);
-}
-
-/// Takes jobs of a paused domain out of the due order without an attempt:
-/// their recipients wait, parked, for the resume, which makes them due. A job
-/// whose domain was resumed by the time it is written stays due.
-pub(super) async fn park(ctx: &Ctx, jobs: Vec<Job>) {
-    let changes = jobs
-        .iter()
-        .map(|job| {
-            let guard = ctx.guard.clone();
-            let label = ctx.metrics.label(&job.domain).to_owned();
-            let rcpts = job.rcpts.clone();
-            let edit = move |env: &mut Envelope| {
-                if guard.paused(&label).is_some() {
-                    for i in rcpts {
-                        if let Some(r) = env.recipients.get_mut(i)
-                            && r.status == RcptStatus::Queued
-                        {
-                            r.next_attempt_ms = PARKED;
-                            r.unreachable = false;
-                        }
-                    }
-                }
-                Finished::Remove
-            };
-            (job.id, Change::Edit(Box::new(edit)))
-        })
-        .collect();
-    let results = ctx.spool.change_many(changes).await;
-    let mut failed = false;
-    for (job, result) in jobs.iter().zip(&results) {
-        if let Err(e) = result {
-            warn!(queue_id = %job.id, domain = %job.domain, error = %e,
-                "cannot park mail of a paused domain");
-            failed = true;
-        }
-    }
-    if failed {
-        // Typically a full disk: the jobs come due again; not at once.
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    }
-    for job in &jobs {
-        done(ctx, job, false, false);
-    }
-}
-
-/// Bumps the delivery counters for one recorded attempt.
-fn count(ctx: &Ctx, domain: &str, applied: &outcome::Applied, tried: bool) {
-    let m = &ctx.metrics;
-    let label = m.label(domain);
-    let recipients = &applied.recipients;
-    let result = if !tried {
-        "suspended"
-    } else if recipients
-        .iter()
-        .any(|(_, r)| r.status == RcptStatus::Queued)
-    {
-        "deferred"
-    } else if recipients
-        .iter()
-        .any(|(_, r)| r.status == RcptStatus::Failed)
-    {
-        "failed"
-    } else {
-        "delivered"
-    };
-    m.attempts.with_label_values(&[label, result]).inc();
-    for (_, r) in recipients {
-        if r.status == RcptStatus::Delivered {
-            m.delivered.with_label_values(&[label]).inc();
-        }
-    }
-    for (_, reason) in &applied.failures {
-        m.failed.with_label_values(&[label, reason.label()]).inc();
-    }
 }
 
 fn from_outcome(outcome: Outcome, remote: &str) -> RcptResult {
