@@ -28,6 +28,7 @@ mod recover;
 mod store;
 #[cfg(test)]
 pub(crate) use record::testing;
+mod tables;
 mod writer;
 
 use std::path::{Path, PathBuf};
