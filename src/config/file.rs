@@ -41,6 +41,10 @@ pub struct Server {
     pub allow: Vec<String>,
     pub deny: Vec<String>,
     pub etrn_allow: Vec<String>,
+    pub trusted: Vec<String>,
+    pub dnsbl: Vec<String>,
+    pub dnswl: Vec<String>,
+    pub dnsbl_threshold: i32,
 }
 
 impl Default for Server {
@@ -60,6 +64,10 @@ impl Default for Server {
             allow: vec!["0.0.0.0/0".into(), "::/0".into()],
             deny: Vec::new(),
             etrn_allow: vec!["127.0.0.0/8".into()],
+            trusted: Vec::new(),
+            dnsbl: Vec::new(),
+            dnswl: Vec::new(),
+            dnsbl_threshold: 1,
         }
     }
 }

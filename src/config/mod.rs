@@ -17,6 +17,7 @@
 //!   the key;
 //! - `print`: a [`Config`] turned back into the file layer, for `check-config`.
 
+mod dnslist;
 mod file;
 mod print;
 mod validate;
@@ -29,6 +30,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use crate::domain::{RelayDomain, RelayDomains};
+pub use dnslist::{AnswerFilter, DnsList, Kind as DnsListKind};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -64,6 +66,15 @@ pub struct ServerConfig {
     pub allow: Vec<IpNet>,
     pub deny: Vec<IpNet>,
     pub etrn_allow: Vec<IpNet>,
+    /// Partner relays: never checked against DNS lists (nor, later,
+    /// greylisted or deferred).
+    pub trusted: Vec<IpNet>,
+    /// DNS blocklists consulted about every other client at connect.
+    pub dnsbl: Vec<DnsList>,
+    /// DNS allowlists: their (negative) weights offset the blocklists'.
+    pub dnswl: Vec<DnsList>,
+    /// A client whose summed weight reaches this is refused at RCPT.
+    pub dnsbl_threshold: i32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

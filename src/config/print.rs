@@ -72,6 +72,10 @@ fn server(s: &ServerConfig) -> file::Server {
         allow: nets(&s.allow),
         deny: nets(&s.deny),
         etrn_allow: nets(&s.etrn_allow),
+        trusted: nets(&s.trusted),
+        dnsbl: s.dnsbl.iter().map(ToString::to_string).collect(),
+        dnswl: s.dnswl.iter().map(ToString::to_string).collect(),
+        dnsbl_threshold: s.dnsbl_threshold,
     }
 }
 

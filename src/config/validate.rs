@@ -15,9 +15,9 @@ use ipnet::IpNet;
 
 use super::file;
 use super::{
-    BouncePolicy, Config, ConfigError, DeliveryConfig, DomainConfig, HttpConfig, LogConfig,
-    LogFormat, Route, RouteHost, ServerConfig, SpoolConfig, TlsConfig, TlsPolicy,
-    UnknownRecipients,
+    BouncePolicy, Config, ConfigError, DeliveryConfig, DnsList, DnsListKind, DomainConfig,
+    HttpConfig, LogConfig, LogFormat, Route, RouteHost, ServerConfig, SpoolConfig, TlsConfig,
+    TlsPolicy, UnknownRecipients,
 };
 use crate::address::is_domain_name;
 use crate::domain::Domain;
@@ -103,7 +103,43 @@ impl Validator<'_> {
             allow: self.nets("server.allow", &s.allow)?,
             deny: self.nets("server.deny", &s.deny)?,
             etrn_allow: self.nets("server.etrn_allow", &s.etrn_allow)?,
+            trusted: self.nets("server.trusted", &s.trusted)?,
+            dnsbl: self.dns_lists("server.dnsbl", &s.dnsbl, DnsListKind::Block)?,
+            dnswl: self.dns_lists("server.dnswl", &s.dnswl, DnsListKind::Allow)?,
+            dnsbl_threshold: self.dnsbl_threshold(s.dnsbl_threshold)?,
         })
+    }
+
+    /// `server.dnsbl` or `server.dnswl`: postscreen's `zone[=filter][*weight]`.
+    fn dns_lists(
+        &self,
+        key: &str,
+        values: &[String],
+        kind: DnsListKind,
+    ) -> Result<Vec<DnsList>, ConfigError> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                DnsList::parse(v, kind).map_err(|why| {
+                    self.err(
+                        format!("{key}[{i}]"),
+                        format!("invalid DNS list {v:?}: {why}"),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// At least 1: a threshold of 0 or less would refuse every client.
+    fn dnsbl_threshold(&self, threshold: i32) -> Result<i32, ConfigError> {
+        if threshold < 1 {
+            return Err(self.err(
+                "server.dnsbl_threshold",
+                "must be at least 1 (0 or less would refuse every client)",
+            ));
+        }
+        Ok(threshold)
     }
 
     /// `server.also_known_as`, normalised like `server.hostname`.
@@ -561,8 +597,62 @@ mod tests {
     }
 
     #[test]
+    fn dns_lists_and_trusted_clients() {
+        let c = parse(
+            r#"
+            [server]
+            hostname = "mx2.example.net"
+            trusted = ["198.51.100.0/24", "2001:db8::7"]
+            dnsbl = ["zen.spamhaus.org*2", "bl.spamcop.net=127.0.0.2*1"]
+            dnswl = ["list.dnswl.org*-2", "swl.example.org"]
+            dnsbl_threshold = 2
+            [[domain]]
+            name = "example.com"
+            "#,
+        )
+        .unwrap();
+        let s = &c.server;
+        assert_eq!(
+            s.trusted,
+            ["198.51.100.0/24", "2001:db8::7/128"].map(|n| n.parse::<IpNet>().unwrap())
+        );
+        let show = |lists: &[DnsList]| lists.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            show(&s.dnsbl),
+            ["zen.spamhaus.org*2", "bl.spamcop.net=127.0.0.2*1"]
+        );
+        assert_eq!(show(&s.dnswl), ["list.dnswl.org*-2", "swl.example.org*-1"]);
+        assert_eq!(s.dnsbl_threshold, 2);
+        // Printed and parsed again: the same lists.
+        let again = parse(&c.to_toml()).unwrap();
+        assert_eq!(again.server, c.server);
+
+        let d = parse(crate::config::tests::MINIMAL).unwrap();
+        assert!(d.server.trusted.is_empty() && d.server.dnsbl.is_empty());
+        assert!(d.server.dnswl.is_empty());
+        assert_eq!(d.server.dnsbl_threshold, 1);
+    }
+
+    #[test]
     fn errors_name_the_file_and_the_key() {
         assert_errors(&[
+            (
+                "[server]\ndnsbl = [\"zen.spamhaus.org\", \"bl.example=127.0.0\"]\n",
+                "server.dnsbl[1]: invalid DNS list \"bl.example=127.0.0\"",
+            ),
+            (
+                "[server]\ndnsbl = [\"zen.spamhaus.org*x\"]\n",
+                "server.dnsbl[0]: invalid DNS list",
+            ),
+            (
+                "[server]\ndnswl = [\"list.dnswl.org*2\"]\n",
+                "server.dnswl[0]: invalid DNS list \"list.dnswl.org*2\": an allowlist",
+            ),
+            (
+                "[server]\ndnsbl_threshold = 0\n",
+                "server.dnsbl_threshold: must be at least 1",
+            ),
+            ("[server]\ntrusted = [\"partner\"]\n", "server.trusted[0]"),
             ("[server]\nlisten = [\"nope\"]\n", "server.listen[0]"),
             ("[delivery]\nretry_factor = 0.5\n", "delivery.retry_factor"),
             (
