@@ -388,6 +388,10 @@ fn start_delivery(
         health,
         learned,
         callouts,
+        dnsbl: Arc::new(inbound::dnsbl::Lookups::new(
+            &config.delivery.nameservers,
+            metrics.clone(),
+        )?),
         metrics: metrics.clone(),
         clock: clock.clone(),
     };

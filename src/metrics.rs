@@ -61,6 +61,8 @@ pub struct Metrics {
     oldest_age: GaugeVec,
     dead_letters: IntGauge,
     quarantined: IntGauge,
+    /// DNS list lookups that failed or timed out (taken as "not listed").
+    pub dnsbl_errors: IntCounterVec,
 }
 
 /// A metric family as exposed: name, help and label names.
@@ -241,6 +243,7 @@ impl Metrics {
             oldest_age: r.float_gauge_vec(&OLDEST_AGE),
             dead_letters: r.gauge(&DEAD_LETTERS),
             quarantined: r.gauge(&QUARANTINED),
+            dnsbl_errors: dnsbl_errors(&registry, config),
             registry,
         };
         metrics.start_at_zero();
@@ -332,6 +335,26 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
     }
+}
+
+/// `mxspool_dnsbl_lookup_errors_total{zone}`, a series per configured list
+/// from the start (zones come from the config: the label stays bounded).
+fn dnsbl_errors(registry: &Registry, config: &Config) -> IntCounterVec {
+    let errors = IntCounterVec::new(
+        Opts::new(
+            "mxspool_dnsbl_lookup_errors_total",
+            "DNS list lookups that failed or timed out, taken as not listed",
+        ),
+        &["zone"],
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(errors.clone()))
+        .expect("unique metric");
+    for list in config.server.dnsbl.iter().chain(&config.server.dnswl) {
+        errors.with_label_values(&[&list.zone]);
+    }
+    errors
 }
 
 #[cfg(test)]

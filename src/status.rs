@@ -163,11 +163,13 @@ pub enum Rejection {
     Smtputf8,
     /// The client sent ahead without PIPELINING.
     Pipelining,
+    /// The client's address is listed in DNS blocklists (`dnsbl`).
+    Dnsbl,
     Other,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 15] = [
+    pub const ALL: [Rejection; 16] = [
         Rejection::Relay,
         Rejection::UnknownUser,
         Rejection::Size,
@@ -182,6 +184,7 @@ impl Rejection {
         Rejection::TooManyErrors,
         Rejection::Smtputf8,
         Rejection::Pipelining,
+        Rejection::Dnsbl,
         Rejection::Other,
     ];
 
@@ -202,6 +205,7 @@ impl Rejection {
             Rejection::TooManyErrors => "too_many_errors",
             Rejection::Smtputf8 => "smtputf8",
             Rejection::Pipelining => "pipelining",
+            Rejection::Dnsbl => "dnsbl",
             Rejection::Other => "other",
         }
     }

@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 
 use super::Inbound;
 use super::data::Data;
+use super::dnsbl::Screen;
 pub use super::io::MAX_LINE;
 use super::io::{Input, Io, Stop};
 use super::policy::Policy;
@@ -47,9 +48,11 @@ where
     } else {
         Tls::Unavailable
     };
+    // DNS lists are asked while we greet; the answer is needed at RCPT.
+    let mut screen = inbound.dnsbl.start(peer.ip(), &inbound.policy().dnsbl);
     Session::greeting(&inbound.policy()).write_to(&mut io.output);
     let session = Session::with_tls(peer.ip(), tls);
-    let stop = converse(&mut io, session, peer, &inbound, &mut shutdown).await;
+    let stop = converse(&mut io, session, peer, &inbound, &mut screen, &mut shutdown).await;
     let (Stop::StartTls, Some(acceptor)) = (&stop, acceptor) else {
         return finish(io, stop, &inbound).await;
     };
@@ -65,7 +68,7 @@ where
     debug!("TLS established");
     let mut io = Io::new(stream, deadline);
     let session = Session::with_tls(peer.ip(), Tls::Active);
-    let stop = converse(&mut io, session, peer, &inbound, &mut shutdown).await;
+    let stop = converse(&mut io, session, peer, &inbound, &mut screen, &mut shutdown).await;
     finish(io, stop, &inbound).await;
 }
 
@@ -111,6 +114,7 @@ async fn converse<S>(
     mut session: Session,
     peer: SocketAddr,
     inbound: &Inbound,
+    screen: &mut Screen,
     shutdown: &mut Shutdown,
 ) -> Stop
 where
@@ -125,12 +129,46 @@ where
             Err(stop) => return stop,
         };
         let policy = inbound.policy();
+        if let Input::Line(line) = &input
+            && is_rcpt(line)
+        {
+            session.screened(screen.verdict().await);
+        }
         let step = next_step(io, &mut session, &input, inbound, &policy).await;
+        if let Step::Reply(reply) = &step
+            && reply.rejection == Some(Rejection::Dnsbl)
+        {
+            log_listed(&session, &input, screen).await;
+        }
         let done = perform(io, &mut session, step, peer, inbound, &policy, shutdown).await;
         if let Err(stop) = done {
             return stop;
         }
     }
+}
+
+/// Whether a command line is RCPT: the DNS lists' verdict is due then.
+fn is_rcpt(line: &[u8]) -> bool {
+    line.get(..4)
+        .is_some_and(|verb| verb.eq_ignore_ascii_case(b"RCPT"))
+}
+
+/// Logs a DNS list refusal with who was refused, for what, and which list
+/// decided.
+async fn log_listed(session: &Session, input: &Input, screen: &mut Screen) {
+    let Input::Line(line) = input else { return };
+    let rcpt = String::from_utf8_lossy(line);
+    let (zone, score) = screen
+        .verdict()
+        .await
+        .map_or(("", 0), |b| (b.zone.as_str(), b.score));
+    info!(
+        sender = session.sender().unwrap_or(""),
+        recipient = %rcpt.trim_end(),
+        zone,
+        score,
+        "refused: client blocked by DNS lists"
+    );
 }
 
 /// What the session makes of one line of input. At most one callout per

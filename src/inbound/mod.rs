@@ -1,9 +1,11 @@
 //! (1) SMTP in: accept connections, hold SMTP conversations, and hand finished
-//! messages to the spool. Inbound never resolves DNS and never delivers: it
-//! reads primary health ([`crate::health`]) and asks recipient knowledge
-//! ([`crate::knowledge`]), which may call out to a primary.
+//! messages to the spool. Inbound never delivers, and resolves nothing but
+//! the client's address in DNS lists: it reads primary health
+//! ([`crate::health`]) and asks recipient knowledge ([`crate::knowledge`]),
+//! which may call out to a primary.
 //!
 //! - `policy.rs`: relay domains, recipient lists, connection lists, limits.
+//! - `dnsbl.rs`: DNS blocklists and allowlists, looked up at connect.
 //! - `session/`: the pure SMTP state machine.
 //! - `data.rs`: the DATA and BDAT byte filters (end of data, dot-stuffing,
 //!   line endings, the size limit).
@@ -13,6 +15,7 @@
 
 pub mod conn;
 pub mod data;
+pub mod dnsbl;
 mod io;
 pub mod policy;
 pub mod received;
@@ -65,6 +68,8 @@ pub struct Inbound {
     pub health: Arc<Health>,
     pub learned: Arc<Learned>,
     pub callouts: Arc<Callouts>,
+    /// DNS list lookups about connecting clients.
+    pub dnsbl: Arc<dnsbl::Lookups>,
     pub metrics: Arc<Metrics>,
     /// Queue IDs (arrival times) and learned verdicts' ages read it.
     pub clock: Clock,
@@ -87,6 +92,7 @@ pub struct Services {
     pub health: Arc<Health>,
     pub learned: Arc<Learned>,
     pub callouts: Arc<Callouts>,
+    pub dnsbl: Arc<dnsbl::Lookups>,
     pub metrics: Arc<Metrics>,
     pub clock: Clock,
 }
@@ -104,6 +110,7 @@ impl Inbound {
             health,
             learned,
             callouts,
+            dnsbl,
             metrics,
             clock,
         } = services;
@@ -123,6 +130,7 @@ impl Inbound {
             health,
             learned,
             callouts,
+            dnsbl,
             metrics,
             clock,
             queued,

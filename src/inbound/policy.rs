@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -12,6 +13,7 @@ use ipnet::IpNet;
 use crate::address::is_domain_name;
 use crate::config::{Config, ConfigError, UnknownRecipients};
 use crate::domain::{Domain, RelayDomains};
+use crate::inbound::dnsbl::Lists;
 
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -32,6 +34,9 @@ pub struct Policy {
     allow: Vec<IpNet>,
     deny: Vec<IpNet>,
     etrn_allow: Vec<IpNet>,
+    /// DNS lists, their threshold, and the trusted clients never looked up;
+    /// shared with the lookups a connection starts.
+    pub dnsbl: Arc<Lists>,
 }
 
 #[derive(Debug, Clone)]
@@ -76,6 +81,7 @@ impl Policy {
             allow: config.server.allow.clone(),
             deny: config.server.deny.clone(),
             etrn_allow: config.server.etrn_allow.clone(),
+            dnsbl: Arc::new(Lists::from_config(&config.server)),
         })
     }
 
@@ -181,6 +187,7 @@ pub(crate) fn sample() -> Policy {
         allow: vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
         deny: vec!["192.0.2.0/24".parse().unwrap()],
         etrn_allow: vec!["127.0.0.0/8".parse().unwrap()],
+        dnsbl: Arc::default(),
     }
 }
 

@@ -16,7 +16,8 @@ use crate::domain::RelayDomains;
 use crate::outbound;
 pub use crate::outbound::Hop;
 use crate::status::Status;
-use resolver::{Dns, normalise};
+use resolver::normalise;
+pub use resolver::{Dns, Patience};
 
 /// Our own names: `server.hostname` and `also_known_as`, lower-case.
 #[derive(Clone, Debug)]

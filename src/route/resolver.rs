@@ -2,21 +2,30 @@
 //! tells "this name does not exist" (permanent) from "DNS is not answering"
 //! (temporary). Nothing here knows about MX preferences or about us.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use hickory_resolver::config::{NameServerConfig, ResolverConfig};
 use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::proto::rr::RData;
+use hickory_resolver::proto::rr::{RData, RecordType};
 use hickory_resolver::{Resolver, TokioResolver};
 
 use super::{Mx, MxAnswer, RouteError};
 use crate::domain::Domain;
 
 /// How long one query may take, and how often it is tried.
-const TIMEOUT: Duration = Duration::from_secs(5);
-const ATTEMPTS: usize = 2;
+#[derive(Clone, Copy, Debug)]
+pub struct Patience {
+    pub timeout: Duration,
+    pub attempts: usize,
+}
+
+/// Delivery's: a slow answer only delays mail that waits anyway.
+const DELIVERY: Patience = Patience {
+    timeout: Duration::from_secs(5),
+    attempts: 2,
+};
 /// Negative answers are cached briefly: a DNS fix should be seen soon.
 const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 
@@ -27,6 +36,16 @@ pub struct Dns {
 impl Dns {
     /// `nameservers` empty: the system's configuration (/etc/resolv.conf).
     pub fn new(nameservers: &[SocketAddr]) -> Result<Dns, RouteError> {
+        Dns::with_patience(nameservers, DELIVERY)
+    }
+
+    /// [`Dns::new`] with its own timeout: a client waiting at RCPT cannot
+    /// wait as long as delivery can. Answers are cached for their TTL (and
+    /// negative ones briefly), in a cache of hickory's default size.
+    pub fn with_patience(
+        nameservers: &[SocketAddr],
+        patience: Patience,
+    ) -> Result<Dns, RouteError> {
         let mut builder = if nameservers.is_empty() {
             Resolver::builder_tokio()
                 .map_err(|e| RouteError::Dns(format!("resolver setup: {e}")))?
@@ -47,8 +66,8 @@ impl Dns {
             )
         };
         let options = builder.options_mut();
-        options.timeout = TIMEOUT;
-        options.attempts = ATTEMPTS;
+        options.timeout = patience.timeout;
+        options.attempts = patience.attempts;
         options.negative_max_ttl = Some(NEGATIVE_TTL);
         // Names are always absolute here: no search-list expansion.
         options.ndots = 0;
@@ -90,6 +109,25 @@ impl Dns {
             Ok(lookup) => Ok(lookup.iter().collect()),
             Err(e) if e.is_no_records_found() => Ok(Vec::new()),
             Err(e) => Err(temporary(name, "A/AAAA", &e)),
+        }
+    }
+}
+
+impl Dns {
+    /// The IPv4 addresses `name` has; none (NXDOMAIN, no A records) is an
+    /// empty list, not an error.
+    pub async fn ipv4(&self, name: &str) -> Result<Vec<Ipv4Addr>, RouteError> {
+        match self.resolver.lookup(fqdn(name), RecordType::A).await {
+            Ok(lookup) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|record| match &record.data {
+                    RData::A(a) => Some(a.0),
+                    _ => None,
+                })
+                .collect()),
+            Err(e) if e.is_no_records_found() => Ok(Vec::new()),
+            Err(e) => Err(temporary(name, "A", &e)),
         }
     }
 }

@@ -204,6 +204,14 @@ impl TestServer {
         client
     }
 
+    /// A connection from `source` (any 127.x.y.z: every one is this host's),
+    /// its greeting read and checked.
+    pub async fn connect_from(&self, source: std::net::IpAddr) -> Client {
+        let mut client = Client::connect_from(self.addr, source).await;
+        client.expect(220).await;
+        client
+    }
+
     /// A connection after greeting and `EHLO client.test`.
     pub async fn ehlo(&self) -> Client {
         let mut client = self.connect().await;
@@ -419,6 +427,21 @@ pub struct Client {
 impl Client {
     pub async fn connect(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect(addr).await.expect("connect");
+        Client::from_stream(stream)
+    }
+
+    /// Connects from the local address `source` rather than the default one.
+    pub async fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> Client {
+        let socket = if source.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .expect("socket");
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .unwrap_or_else(|e| panic!("bind to {source}: {e}"));
+        let stream = socket.connect(addr).await.expect("connect");
         Client::from_stream(stream)
     }
 

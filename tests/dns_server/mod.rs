@@ -1,6 +1,7 @@
 //! A real DNS server for tests: answers UDP and TCP queries on a loopback port
 //! from an in-memory zone that tests change while it runs. Records carry TTL 0
-//! so a resolver sees every change at once.
+//! (unless a test sets another) so a resolver sees every change at once.
+//! Names under a silent zone get no answer at all, as from a dead server.
 #![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet};
@@ -20,6 +21,10 @@ struct Zone {
     /// Names that exist without records of their own (NODATA, not NXDOMAIN).
     exists: HashSet<String>,
     servfail: HashSet<String>,
+    /// Zones whose names are never answered (the query is dropped).
+    silent: HashSet<String>,
+    /// TTL of the records served.
+    ttl: u32,
     queries: Vec<(String, RecordType)>,
 }
 
@@ -124,6 +129,18 @@ impl TestDns {
         });
     }
 
+    /// Names in `zone` (and `zone` itself) get no answer from now on.
+    pub fn set_silent(&self, zone: &str) {
+        self.with(|z| {
+            z.silent.insert(key(zone));
+        });
+    }
+
+    /// The TTL of the records served from now on (0 unless set).
+    pub fn set_ttl(&self, seconds: u32) {
+        self.with(|z| z.ttl = seconds);
+    }
+
     /// Forgets the name: NXDOMAIN from now on.
     pub fn remove(&self, name: &str) {
         self.with(|z| {
@@ -158,6 +175,13 @@ fn answer(zone: &Mutex<Zone>, query: &[u8]) -> Option<Vec<u8>> {
     response.add_query(question);
     let mut z = zone.lock().unwrap();
     z.queries.push((name.clone(), kind));
+    if z.silent
+        .iter()
+        .any(|zone| name == *zone || name.ends_with(&format!(".{zone}")))
+    {
+        return None;
+    }
+    let ttl = z.ttl;
     if z.servfail.contains(&name) {
         response.metadata.response_code = ResponseCode::ServFail;
         return response.to_vec().ok();
@@ -178,7 +202,7 @@ fn answer(zone: &Mutex<Zone>, query: &[u8]) -> Option<Vec<u8>> {
                 };
                 answers.push(Record::from_rdata(
                     qname.clone(),
-                    0,
+                    ttl,
                     RData::MX(MX::new(*pref, exchange)),
                 ));
             }
@@ -190,7 +214,7 @@ fn answer(zone: &Mutex<Zone>, query: &[u8]) -> Option<Vec<u8>> {
                     (IpAddr::V6(v6), RecordType::AAAA) => RData::AAAA(AAAA(*v6)),
                     _ => continue,
                 };
-                answers.push(Record::from_rdata(qname.clone(), 0, data));
+                answers.push(Record::from_rdata(qname.clone(), ttl, data));
             }
         }
         _ => {}

@@ -18,6 +18,7 @@ use smtp_proto::{Error as ParseError, Request};
 use self::bdat::{Chunk, Chunks, bdat_not_offered, is_bdat};
 use self::ehlo::ehlo_reply;
 use super::data::Data;
+use super::dnsbl::Blocked;
 use super::policy::Policy;
 use super::reply::Reply;
 pub use crate::knowledge::Knowledge;
@@ -112,6 +113,8 @@ pub struct Session {
     /// Set between [`Step::Chunk`] and [`Session::end_chunk`].
     reading: Option<Chunk>,
     errors: u32,
+    /// The DNS lists refuse this client: RCPT says so, except to postmaster.
+    blocked: Option<Blocked>,
 }
 
 impl Session {
@@ -128,7 +131,19 @@ impl Session {
             chunks: Chunks::None,
             reading: None,
             errors: 0,
+            blocked: None,
         }
+    }
+
+    /// What the DNS lists concluded about the client (`None`: not refused),
+    /// learned before RCPT; the session itself never waits on DNS.
+    pub fn screened(&mut self, blocked: Option<&Blocked>) {
+        self.blocked = blocked.cloned();
+    }
+
+    /// The reverse path of the transaction in progress, for logs.
+    pub fn sender(&self) -> Option<&str> {
+        self.transaction.as_ref().map(|t| t.sender.as_str())
     }
 
     /// The client's EHLO/HELO name (empty before it gave one).

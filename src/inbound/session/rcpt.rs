@@ -36,7 +36,13 @@ impl Session {
         if let Some(refusal) = rcpt_refusal(&to, esmtp, receiving, transaction, policy) {
             return Ok(refusal);
         }
-        let address = match relay_address(&to, line, policy, transaction.smtputf8) {
+        let address = relay_address(&to, line, policy, transaction.smtputf8);
+        if let Some(blocked) = &self.blocked
+            && !address.as_deref().is_ok_and(|a| is_postmaster(a, &to))
+        {
+            return Ok(listed(self.ip.to_canonical(), &blocked.zone));
+        }
+        let address = match address {
             Ok(address) => address,
             Err(refusal) => return Ok(refusal),
         };
@@ -249,6 +255,27 @@ fn add_recipient(transaction: &mut Transaction, address: String, to: &RcptTo<Str
     }
 }
 
+/// Whether an accepted recipient is a postmaster, whom even a listed client
+/// may write to (RFC 5321 §4.5.1; Postfix's postscreen lets it through too):
+/// the bare `<postmaster>`, or `postmaster@` one of our domains.
+fn is_postmaster(address: &str, to: &RcptTo<String>) -> bool {
+    to.address.is_empty()
+        || address
+            .rsplit_once('@')
+            .is_some_and(|(local, _)| local.eq_ignore_ascii_case("postmaster"))
+}
+
+/// The refusal of a client the DNS lists block, naming the list as
+/// postscreen does.
+fn listed(ip: std::net::IpAddr, zone: &str) -> Reply {
+    Reply::refuse(
+        Rejection::Dnsbl,
+        550,
+        "5.7.1",
+        format!("Service unavailable; client [{ip}] blocked using {zone}"),
+    )
+}
+
 /// `RCPT TO:<postmaster>` (any case, optional space after the colon).
 fn is_bare_postmaster(line: &[u8]) -> bool {
     let text = String::from_utf8_lossy(line).to_ascii_lowercase();
@@ -360,6 +387,50 @@ mod tests {
         assert_eq!(t.sender, "a@b.test");
         let addrs: Vec<&str> = t.recipients.iter().map(|r| r.address.as_str()).collect();
         assert_eq!(addrs, ["alice@a_b.example.org", "alice@sub.example.org"]);
+    }
+
+    #[test]
+    fn a_listed_client_may_write_only_to_postmaster() {
+        let p = policy::sample();
+        let env = super::super::tests::plain(&p);
+        let mut s = Session::new("::ffff:192.0.2.7".parse().unwrap());
+        s.screened(Some(&crate::inbound::dnsbl::Blocked {
+            zone: "zen.example".into(),
+            score: 2,
+        }));
+        s.command(b"EHLO c\r\n", &env);
+        s.command(b"MAIL FROM:<a@b.test>\r\n", &env);
+        for (rcpt, code) in [
+            ("<x@example.com>", 550),
+            ("<x@example.net>", 550),
+            ("<postmaster@example.net>", 550),
+            ("<postmaster%x@example.com>", 550),
+            ("<PostMaster@example.com>", 250),
+            ("<postmaster@sub.example.org>", 250),
+            ("<Postmaster>", 250),
+        ] {
+            let step = s.command(format!("RCPT TO:{rcpt}\r\n").as_bytes(), &env);
+            let Step::Reply(reply) = step else {
+                panic!("{rcpt}: {step:?}")
+            };
+            assert_eq!(reply.code, code, "{rcpt}: {reply}");
+            if code == 550 {
+                assert_eq!(
+                    reply.to_string(),
+                    "550 5.7.1 Service unavailable; client [192.0.2.7] blocked using zen.example"
+                );
+                assert_eq!(reply.reason(), "dnsbl");
+            }
+        }
+        let t = s.transaction.clone().unwrap();
+        assert_eq!(t.recipients.len(), 3);
+        // A verdict of "not listed" lifts nothing it did not impose.
+        s.screened(None);
+        let step = s.command(b"RCPT TO:<x@example.com>\r\n", &env);
+        assert!(
+            matches!(step, Step::Reply(ref r) if r.code == 250),
+            "{step:?}"
+        );
     }
 
     #[test]
