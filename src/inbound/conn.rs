@@ -157,7 +157,8 @@ fn is_rcpt(line: &[u8]) -> bool {
 /// decided.
 async fn log_listed(session: &Session, input: &Input, screen: &mut Screen) {
     let Input::Line(line) = input else { return };
-    let rcpt = String::from_utf8_lossy(line);
+    let line = String::from_utf8_lossy(line);
+    let rcpt = line.split_once(':').map_or(&*line, |(_, path)| path);
     let (zone, score) = screen
         .verdict()
         .await

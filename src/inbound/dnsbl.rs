@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use tokio::task::{JoinHandle, JoinSet};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::config::{DnsList, ServerConfig};
 use crate::metrics::Metrics;
@@ -153,10 +153,13 @@ impl Lookups {
         let dns = self.dns.clone();
         let metrics = self.metrics.clone();
         let lists = lists.clone();
-        Screen::Pending(tokio::spawn(async move {
-            let answers = lookup_all(&dns, &metrics, ip, &lists).await;
-            lists.decide(&answers)
-        }))
+        Screen::Pending(tokio::spawn(
+            async move {
+                let answers = lookup_all(&dns, &metrics, ip, &lists).await;
+                lists.decide(&answers)
+            }
+            .in_current_span(),
+        ))
     }
 }
 
