@@ -296,6 +296,7 @@ mod tests {
                 "too_many_errors",
                 "smtputf8",
                 "pipelining",
+                "dnsbl",
                 "other",
             ]
         );

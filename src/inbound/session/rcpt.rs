@@ -419,7 +419,7 @@ mod tests {
                     reply.to_string(),
                     "550 5.7.1 Service unavailable; client [192.0.2.7] blocked using zen.example"
                 );
-                assert_eq!(reply.reason(), "dnsbl");
+                assert_eq!(reply.rejection, Some(Rejection::Dnsbl));
             }
         }
         let t = s.transaction.clone().unwrap();
