@@ -28,7 +28,8 @@
 //! recent changes: delivery reports, everyone else reads), [`shutdown`] (the
 //! signal every task watches), [`status`] (RFC 3463 status codes, why a
 //! recipient failed and why a client was refused: decided once, carried to
-//! notices and metrics).
+//! notices and metrics), [`clock`] (the one wall clock: delivery, health,
+//! the admin API and queue IDs read it; tests move it forward).
 //!
 //! [`Server`] wires these together: the binary binds sockets, loads the config,
 //! and calls [`Server::start`]; tests do the same on `127.0.0.1:0`.

@@ -275,9 +275,6 @@ impl Metrics {
         for kind in ["failed", "delayed", "relayed"] {
             self.dsn_sent.with_label_values(&[kind]);
         }
-        for verdict in crate::knowledge::Verdict::ALL {
-            self.callouts.with_label_values(&[verdict.label()]);
-        }
     }
 
     /// Every `domain` label value: the configured domains, then "other".

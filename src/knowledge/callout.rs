@@ -83,6 +83,10 @@ impl Callouts {
         dests: Arc<Destinations>,
         metrics: Arc<Metrics>,
     ) -> Callouts {
+        // Every verdict's series exists from the start, at zero.
+        for verdict in Verdict::ALL {
+            metrics.callouts.with_label_values(&[verdict.label()]);
+        }
         Callouts {
             gate: Gate::new(Instant::now()),
             learned,
