@@ -10,6 +10,10 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, RwLock};
 
+use std::time::Duration;
+
+use tracing::{info, warn};
+
 use crate::metrics::{Metrics, OTHER};
 
 /// State changes kept per relay domain.
@@ -22,6 +26,9 @@ pub struct Primary {
     pub up: bool,
     /// The last change, or the server's start, in Unix ms.
     pub since_ms: u64,
+    /// When the last check, probe or delivery reported on it (`None`: not
+    /// yet since the start).
+    pub checked_ms: Option<u64>,
     /// Recent changes, oldest first.
     pub history: VecDeque<Change>,
 }
@@ -59,9 +66,14 @@ impl Health {
         let primaries = relay_domains
             .into_iter()
             .map(|name| {
+                metrics
+                    .primary_last_change
+                    .with_label_values(&[&name])
+                    .set(seconds(now_ms));
                 let primary = Primary {
                     up: true,
                     since_ms: now_ms,
+                    checked_ms: None,
                     history: VecDeque::new(),
                 };
                 (name, primary)
@@ -86,9 +98,21 @@ impl Health {
         !self.read().down.is_empty()
     }
 
+    /// Whether relay domain `name`'s primary was up at its last report and
+    /// that report is younger than `max_age` (what `when_primary_up =
+    /// "defer"` needs: a stale "up" must not turn mail away).
+    pub fn fresh_up(&self, name: &str, now_ms: u64, max_age: Duration) -> bool {
+        self.read().primaries.get(name).is_some_and(|p| {
+            p.up && p
+                .checked_ms
+                .is_some_and(|at| u128::from(now_ms.saturating_sub(at)) < max_age.as_millis())
+        })
+    }
+
     /// The primary of destination `domain` was reached (`up`) or could not be
     /// (with `reason`), as of `now_ms`. Sets `mxspool_primary_up` of its relay
-    /// domain and, on a change, records it.
+    /// domain and, on a change, records it, logs it once (`primary up` /
+    /// `primary down`) and sets `mxspool_primary_last_change_timestamp_seconds`.
     pub fn report(&self, domain: &str, up: bool, reason: Option<&str>, now_ms: u64) {
         let label = self.metrics.label(domain);
         let mut state = self.write();
@@ -107,9 +131,19 @@ impl Health {
         let Some(primary) = state.primaries.get_mut(label) else {
             return;
         };
+        primary.checked_ms = Some(now_ms);
         if primary.up == up {
             return;
         }
+        if up {
+            info!(domain = %label, destination = %domain, "primary up");
+        } else {
+            warn!(domain = %label, destination = %domain, reason = reason.unwrap_or(""), "primary down");
+        }
+        self.metrics
+            .primary_last_change
+            .with_label_values(&[label])
+            .set(seconds(now_ms));
         primary.up = up;
         primary.since_ms = now_ms;
         if primary.history.len() == HISTORY {
@@ -134,6 +168,10 @@ impl Health {
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+fn seconds(ms: u64) -> i64 {
+    i64::try_from(ms / 1000).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub failed: IntCounterVec,
     pub dsn_sent: IntCounterVec,
     pub primary_up: IntGaugeVec,
+    /// When each relay domain's primary last changed state (Unix seconds).
+    pub primary_last_change: IntGaugeVec,
     /// 1 while a configured domain is paused (by an operator or the drain guard).
     pub domain_paused: IntGaugeVec,
     /// Open delivery connections per destination (see [`Metrics::connections`]).
@@ -140,6 +142,11 @@ const PRIMARY_UP: Family = Family {
     help: "1 while the domain's primary is reachable (or not known to be down)",
     labels: &["domain"],
 };
+const PRIMARY_LAST_CHANGE: Family = Family {
+    name: "mxspool_primary_last_change_timestamp_seconds",
+    help: "When the domain's primary last went up or down (or the server started), Unix time",
+    labels: &["domain"],
+};
 const DOMAIN_PAUSED: Family = Family {
     name: "mxspool_domain_paused",
     help: "1 while delivery to the domain is paused, by an operator or the drain guard",
@@ -231,6 +238,7 @@ impl Metrics {
             failed: r.counter_vec(&FAILED),
             dsn_sent: r.counter_vec(&DSN_SENT),
             primary_up: r.gauge_vec(&PRIMARY_UP),
+            primary_last_change: r.gauge_vec(&PRIMARY_LAST_CHANGE),
             domain_paused: r.gauge_vec(&DOMAIN_PAUSED),
             delivery_connections: r.gauge_vec(&DELIVERY_CONNECTIONS),
             sessions: r.gauge(&SESSIONS),

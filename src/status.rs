@@ -165,11 +165,13 @@ pub enum Rejection {
     Pipelining,
     /// The client's address is listed in DNS blocklists (`dnsbl`).
     Dnsbl,
+    /// `when_primary_up = "defer"` while the domain's primary is up.
+    PrimaryUp,
     Other,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 16] = [
+    pub const ALL: [Rejection; 17] = [
         Rejection::Relay,
         Rejection::UnknownUser,
         Rejection::Size,
@@ -185,6 +187,7 @@ impl Rejection {
         Rejection::Smtputf8,
         Rejection::Pipelining,
         Rejection::Dnsbl,
+        Rejection::PrimaryUp,
         Rejection::Other,
     ];
 
@@ -206,6 +209,7 @@ impl Rejection {
             Rejection::Smtputf8 => "smtputf8",
             Rejection::Pipelining => "pipelining",
             Rejection::Dnsbl => "dnsbl",
+            Rejection::PrimaryUp => "primary_up",
             Rejection::Other => "other",
         }
     }
@@ -297,6 +301,7 @@ mod tests {
                 "smtputf8",
                 "pipelining",
                 "dnsbl",
+                "primary_up",
                 "other",
             ]
         );

@@ -167,6 +167,7 @@ fn drive(
         knowledge: &knowledge,
         primary_down: &down,
         may_call_out: &call_out,
+        primary_up: &|_| false,
     };
     let step = session.command(line, &env);
     let Step::Verify(address) = step else {
@@ -187,6 +188,7 @@ fn drive(
         knowledge: &knowledge,
         primary_down: &down,
         may_call_out: &never,
+        primary_up: &|_| false,
     };
     (session.command(line, &env), Some(address))
 }

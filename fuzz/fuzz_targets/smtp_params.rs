@@ -62,6 +62,7 @@ fuzz_target!(|input: &[u8]| {
         knowledge: &knowledge,
         primary_down: &up,
         may_call_out: &up,
+        primary_up: &|_| false,
     };
     let mut session = Session::new(IpAddr::from([198, 51, 100, 7]));
     let Step::Reply(ehlo) = session.command(b"EHLO client.test\r\n", &env) else {

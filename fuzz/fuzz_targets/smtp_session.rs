@@ -90,6 +90,7 @@ fn command(session: &mut Session, policy: &Policy, world: &World, line: &[u8]) -
         knowledge: &knowledge,
         primary_down: &down,
         may_call_out: &call_out,
+        primary_up: &|_| false,
     };
     let step = session.command(line, &env);
     let Step::Verify(address) = step else {
@@ -116,6 +117,7 @@ fn command(session: &mut Session, policy: &Policy, world: &World, line: &[u8]) -
         knowledge: &knowledge,
         primary_down: &down,
         may_call_out: &never,
+        primary_up: &|_| false,
     };
     let step = session.command(line, &env);
     assert!(

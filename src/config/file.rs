@@ -105,6 +105,7 @@ pub struct Delivery {
     pub retry_max: String,
     pub retry_jitter: f64,
     pub probe_interval: String,
+    pub health_interval: String,
     pub drain_guard: u32,
     pub max_queue_lifetime: String,
     pub delay_warning_after: String,
@@ -125,6 +126,7 @@ impl Default for Delivery {
             retry_max: "1h".into(),
             retry_jitter: 0.2,
             probe_interval: "5s".into(),
+            health_interval: "60s".into(),
             drain_guard: 10,
             max_queue_lifetime: "5d".into(),
             delay_warning_after: "off".into(),
@@ -181,6 +183,7 @@ pub struct Domain {
     pub verify_recipients: bool,
     pub unknown_recipients: String,
     pub tls: String,
+    pub when_primary_up: String,
 }
 
 impl Default for Domain {
@@ -194,6 +197,7 @@ impl Default for Domain {
             verify_recipients: false,
             unknown_recipients: "accept".into(),
             tls: String::new(),
+            when_primary_up: "accept".into(),
         }
     }
 }

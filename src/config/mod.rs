@@ -102,6 +102,9 @@ pub struct DeliveryConfig {
     pub retry_jitter: f64,
     /// While mail waits for an unreachable primary, probe it this often.
     pub probe_interval: Duration,
+    /// Every primary is checked this often, mail or not (`None`: "off", only
+    /// while mail waits).
+    pub health_interval: Option<Duration>,
     /// Permanent refusals in a row from a domain's primary, with no delivery
     /// between, after which the domain is paused; 0: never.
     pub drain_guard: u32,
@@ -169,6 +172,7 @@ pub struct DomainConfig {
     pub recipients_file: Option<PathBuf>,
     pub verify_recipients: bool,
     pub unknown_recipients: UnknownRecipients,
+    pub when_primary_up: WhenPrimaryUp,
     /// Overrides `delivery.tls` for this domain.
     pub tls: Option<TlsPolicy>,
 }
@@ -185,6 +189,15 @@ impl DomainConfig {
 pub enum UnknownRecipients {
     Accept,
     Tempfail,
+}
+
+/// What RCPT gets while the domain's primary is known to be up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WhenPrimaryUp {
+    Accept,
+    /// `450 4.7.1`: real senders retry and reach the primary; bots aiming
+    /// only at the backup get nothing.
+    Defer,
 }
 
 /// A static next hop: `host:port`, `[ip]:port`, or either without a port.

@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use super::file;
 use super::{
     BouncePolicy, Config, DeliveryConfig, DomainConfig, LogFormat, Route, ServerConfig, TlsPolicy,
-    UnknownRecipients,
+    UnknownRecipients, WhenPrimaryUp,
 };
 
 /// The effective configuration as TOML (see [`Config::to_toml`]).
@@ -88,6 +88,10 @@ fn delivery(d: &DeliveryConfig) -> file::Delivery {
         retry_max: format_duration(d.retry_max),
         retry_jitter: d.retry_jitter,
         probe_interval: format_duration(d.probe_interval),
+        health_interval: d
+            .health_interval
+            .map(format_duration)
+            .unwrap_or_else(|| "off".into()),
         drain_guard: d.drain_guard,
         max_queue_lifetime: format_duration(d.max_queue_lifetime),
         delay_warning_after: d
@@ -125,6 +129,11 @@ fn domain(dom: &DomainConfig) -> file::Domain {
         }
         .into(),
         tls: dom.tls.map(tls_policy_name).unwrap_or_default().into(),
+        when_primary_up: match dom.when_primary_up {
+            WhenPrimaryUp::Accept => "accept",
+            WhenPrimaryUp::Defer => "defer",
+        }
+        .into(),
     }
 }
 

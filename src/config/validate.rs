@@ -17,7 +17,7 @@ use super::file;
 use super::{
     BouncePolicy, Config, ConfigError, DeliveryConfig, DnsList, DnsListKind, DomainConfig,
     HttpConfig, LogConfig, LogFormat, Route, RouteHost, ServerConfig, SpoolConfig, TlsConfig,
-    TlsPolicy, UnknownRecipients,
+    TlsPolicy, UnknownRecipients, WhenPrimaryUp,
 };
 use crate::address::is_domain_name;
 use crate::domain::Domain;
@@ -191,6 +191,10 @@ impl Validator<'_> {
             .collect::<Result<_, _>>()?;
         let (retry_initial, retry_max) = self.retry(d)?;
         let probe_interval = self.duration("delivery.probe_interval", &d.probe_interval)?;
+        let health_interval = match d.health_interval.as_str() {
+            "off" => None,
+            text => Some(self.duration("delivery.health_interval", text)?),
+        };
         let max_queue_lifetime =
             self.duration("delivery.max_queue_lifetime", &d.max_queue_lifetime)?;
         let delay_warning_after = match d.delay_warning_after.as_str() {
@@ -213,6 +217,7 @@ impl Validator<'_> {
             retry_max,
             retry_jitter: d.retry_jitter,
             probe_interval,
+            health_interval,
             drain_guard: d.drain_guard,
             max_queue_lifetime,
             delay_warning_after,
@@ -348,6 +353,7 @@ impl Validator<'_> {
                 "" => None,
                 other => Some(self.tls_policy(&key("tls"), other)?),
             },
+            when_primary_up: self.when_primary_up(&key("when_primary_up"), &d.when_primary_up)?,
         };
         if let Some(path) = &domain.recipients_file {
             std::fs::metadata(path)
@@ -367,6 +373,14 @@ impl Validator<'_> {
             "accept" => Ok(UnknownRecipients::Accept),
             "tempfail" => Ok(UnknownRecipients::Tempfail),
             other => Err(self.err(key, one_of(other, &["accept", "tempfail"]))),
+        }
+    }
+
+    fn when_primary_up(&self, key: &str, value: &str) -> Result<WhenPrimaryUp, ConfigError> {
+        match value {
+            "accept" => Ok(WhenPrimaryUp::Accept),
+            "defer" => Ok(WhenPrimaryUp::Defer),
+            other => Err(self.err(key, one_of(other, &["accept", "defer"]))),
         }
     }
 
@@ -506,6 +520,39 @@ fn one_of(got: &str, allowed: &[&str]) -> String {
 mod tests {
     use super::*;
     use crate::config::tests::{assert_errors, parse};
+
+    #[test]
+    fn health_checks_and_admission_by_primary_state() {
+        let c = parse("[[domain]]\nname = \"example.com\"\n").expect("valid");
+        assert_eq!(c.delivery.health_interval, Some(Duration::from_secs(60)));
+        assert_eq!(c.domains[0].when_primary_up, WhenPrimaryUp::Accept);
+        let c = parse(
+            r#"
+            [delivery]
+            health_interval = "off"
+            [[domain]]
+            name = "example.com"
+            when_primary_up = "defer"
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(c.delivery.health_interval, None);
+        assert_eq!(c.domains[0].when_primary_up, WhenPrimaryUp::Defer);
+        assert_errors(&[
+            (
+                "[delivery]\nhealth_interval = \"often\"\n",
+                "delivery.health_interval: invalid duration",
+            ),
+            (
+                "[delivery]\nhealth_interval = \"0s\"\n",
+                "delivery.health_interval: must be longer than zero",
+            ),
+            (
+                "[[domain]]\nname = \"example.com\"\nwhen_primary_up = \"refuse\"\n",
+                "domain[0].when_primary_up: \"refuse\" is not one of accept, defer",
+            ),
+        ]);
+    }
 
     #[test]
     fn values_are_parsed_and_normalised() {

@@ -229,12 +229,22 @@ where
         answer(address) == Some(Verdict::Unreachable) || inbound.health.is_down(&domain_of(address))
     };
     let may_call_out = |_: &str| asked.is_none();
+    let trusted = policy.dnsbl.trusts(session.ip());
+    let primary_up = |address: &str| {
+        policy.defers_when_up(address).is_some_and(|domain| {
+            !trusted
+                && inbound
+                    .health
+                    .fresh_up(domain, now, policy.primary_fresh_for)
+        })
+    };
     let env = Env {
         policy,
         spool_has_room: &spool_has_room,
         knowledge: &knowledge,
         primary_down: &primary_down,
         may_call_out: &may_call_out,
+        primary_up: &primary_up,
     };
     match input {
         // RFC 2920: only after our EHLO reply offered PIPELINING may a

@@ -11,7 +11,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use crate::address::is_domain_name;
-use crate::config::{Config, ConfigError, UnknownRecipients};
+use crate::config::{Config, ConfigError, UnknownRecipients, WhenPrimaryUp};
 use crate::domain::{Domain, RelayDomains};
 use crate::inbound::dnsbl::Lists;
 
@@ -37,6 +37,10 @@ pub struct Policy {
     /// DNS lists, their threshold, and the trusted clients never looked up;
     /// shared with the lookups a connection starts.
     pub dnsbl: Arc<Lists>,
+    /// How long a primary's last good check counts as "up" for
+    /// `when_primary_up = "defer"`: twice `health_interval` (or, with checks
+    /// off, twice `probe_interval`).
+    pub primary_fresh_for: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -46,6 +50,8 @@ struct Rules {
     /// With `verify_recipients`: what to do with never-seen recipients while
     /// the primary is down.
     verify: Option<UnknownRecipients>,
+    /// `when_primary_up = "defer"`: RCPT waits while the primary is up.
+    defer_when_up: bool,
 }
 
 /// Why a recipient is refused; the session turns it into a reply.
@@ -66,7 +72,13 @@ impl Policy {
         for d in &config.domains {
             let verify = d.verify_recipients.then_some(d.unknown_recipients);
             let recipients = d.load_recipients()?.into_iter().collect();
-            rules.insert(Domain::new(&d.name), Rules { recipients, verify });
+            let defer_when_up = d.when_primary_up == WhenPrimaryUp::Defer;
+            let rules_of = Rules {
+                recipients,
+                verify,
+                defer_when_up,
+            };
+            rules.insert(Domain::new(&d.name), rules_of);
         }
         Ok(Policy {
             hostname: config.server.hostname.clone(),
@@ -82,6 +94,10 @@ impl Policy {
             deny: config.server.deny.clone(),
             etrn_allow: config.server.etrn_allow.clone(),
             dnsbl: Arc::new(Lists::from_config(&config.server)),
+            primary_fresh_for: 2 * config
+                .delivery
+                .health_interval
+                .unwrap_or(config.delivery.probe_interval),
         })
     }
 
@@ -111,6 +127,17 @@ impl Policy {
     pub fn verification(&self, address: &str) -> Option<UnknownRecipients> {
         let domain = address.rsplit_once('@').map(|(_, d)| d)?;
         self.find(domain)?.verify
+    }
+
+    /// For an accepted address: the relay domain it belongs to, if that
+    /// domain defers mail while its primary is up (`when_primary_up`).
+    pub fn defers_when_up(&self, address: &str) -> Option<&str> {
+        let domain = address.rsplit_once('@').map(|(_, d)| d)?;
+        let relay = self.relay.covering(domain)?;
+        self.rules
+            .get(&relay.name)
+            .filter(|r| r.defer_when_up)
+            .map(|_| relay.name.as_str())
     }
 
     /// Judges a forward path as smtp-proto parsed it (quotes and source route
@@ -171,6 +198,7 @@ pub(crate) fn sample() -> Policy {
                 Rules {
                     recipients: HashSet::new(),
                     verify: None,
+                    defer_when_up: false,
                 },
             ),
             (
@@ -180,6 +208,7 @@ pub(crate) fn sample() -> Policy {
                         .into_iter()
                         .collect(),
                     verify: None,
+                    defer_when_up: false,
                 },
             ),
         ]
@@ -188,6 +217,7 @@ pub(crate) fn sample() -> Policy {
         deny: vec!["192.0.2.0/24".parse().unwrap()],
         etrn_allow: vec!["127.0.0.0/8".parse().unwrap()],
         dnsbl: Arc::default(),
+        primary_fresh_for: Duration::from_secs(120),
     }
 }
 

@@ -23,6 +23,7 @@
 //! The scheduler never speaks SMTP and never decides what a reply means.
 
 pub mod backoff;
+mod check;
 mod dispatch;
 mod domain;
 pub mod guard;
@@ -114,6 +115,11 @@ pub(crate) enum Event {
         domain: Arc<str>,
         up: bool,
     },
+    /// A health check of the domain's primary: `None` it answered, or why not.
+    Checked {
+        domain: Arc<str>,
+        reason: Option<String>,
+    },
     /// Mail was made due now (release after recovery, ETRN, flush).
     Released,
     /// The addresses of a down destination's hosts, to recognise it connecting.
@@ -155,6 +161,8 @@ pub struct Scheduler {
     /// Configured domains' routes and client settings.
     dests: Arc<Destinations>,
     probe_interval: Duration,
+    /// `delivery.health_interval`: every primary checked this often.
+    health_interval: Option<Duration>,
     connections_per_domain: usize,
     in_flight: HashSet<(QueueId, Arc<str>)>,
     events: mpsc::UnboundedReceiver<Event>,
@@ -233,6 +241,7 @@ impl Scheduler {
             domains: HashMap::new(),
             dests,
             probe_interval: d.probe_interval,
+            health_interval: d.health_interval,
             connections_per_domain: d.connections_per_domain,
             in_flight: HashSet::new(),
             events,
@@ -283,6 +292,16 @@ impl Scheduler {
         let mut forget_tick = tokio::time::interval(Duration::from_secs(24 * 3600));
         // A clock moved forward (tests) may have made mail due: look again.
         let mut moves = self.ctx.clock.moves();
+        // Outside `tasks`: it runs as long as the scheduler, which settles
+        // without waiting for it.
+        let checks = self.health_interval.map(|every| {
+            tokio::spawn(check::run(
+                self.ctx.clone(),
+                self.dests.clone(),
+                every,
+                self.shutdown.clone(),
+            ))
+        });
         loop {
             let wake = self.next_wake();
             tokio::select! {
@@ -307,6 +326,9 @@ impl Scheduler {
             }
         }
         self.wait_for_workers().await;
+        if let Some(checks) = checks {
+            let _ = checks.await;
+        }
     }
 
     fn command(&mut self, command: Command) {
@@ -453,6 +475,7 @@ impl Scheduler {
                     self.mark_up(&domain);
                 }
             }
+            Event::Checked { domain, reason } => self.checked(&domain, reason),
             Event::Released => self.rescan_soon(Duration::ZERO),
             Event::PrimaryAddresses { domain, ips } => {
                 if let Some(state) = self.domains.get_mut(&domain) {

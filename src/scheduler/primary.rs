@@ -61,6 +61,22 @@ impl Scheduler {
         });
     }
 
+    /// A health check's result: a primary that answers again releases what
+    /// waited for it; one that stopped answering is marked down, so new mail
+    /// waits for it instead of trying; either way health hears of it.
+    pub(super) fn checked(&mut self, domain: &Arc<str>, reason: Option<String>) {
+        let was_down = self.domains.get(domain).is_some_and(|s| s.down.is_some());
+        match reason {
+            None if was_down => self.mark_up(domain),
+            None => self.publish(domain, true, None),
+            Some(reason) if was_down => self.publish(domain, false, Some(&reason)),
+            Some(reason) => {
+                self.domain(domain);
+                self.mark_down(domain, reason);
+            }
+        }
+    }
+
     /// A client connected from `ip`: if it is a down primary, probe it now.
     pub(super) fn hint(&mut self, ip: IpAddr) {
         let ip = ip.to_canonical();

@@ -32,7 +32,8 @@ pub const POSTMASTER: &str = "hostmaster@example.com";
 /// `[delivery]`, `[http]`), each set once, then the `[[domain]]` tables. `{dir}`
 /// anywhere in a value is the test's directory; `{route}` is a next hop on
 /// 127.0.0.1 where nothing listens, so queued mail is only ever deferred and
-/// never leaves the machine.
+/// never leaves the machine. Primary health checks are off
+/// (`health_interval`) unless a test sets them.
 pub struct TestConfig {
     tables: BTreeMap<&'static str, BTreeMap<&'static str, String>>,
     domains: String,
@@ -70,6 +71,9 @@ include_subdomains = true
             .server("etrn_allow", r#"["127.0.0.0/8"]"#)
             .set("spool", "path", r#""{dir}/spool.redb""#)
             .set("delivery", "postmaster", &format!("{POSTMASTER:?}"))
+            // Continuous checks would add connections to every test's
+            // primary; tests/health.rs turns them on.
+            .set("delivery", "health_interval", r#""off""#)
             .set("http", "listen", r#""127.0.0.1:0""#)
     }
 }

@@ -143,6 +143,7 @@ mod tests {
             knowledge: &|_| Knowledge::Unseen,
             primary_down: &|_| false,
             may_call_out: &|_| false,
+            primary_up: &|_| false,
         };
         let mut s = local();
         s.command(b"EHLO c\r\n", &env);

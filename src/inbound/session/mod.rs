@@ -75,6 +75,10 @@ pub struct Env<'a> {
     pub primary_down: &'a dyn Fn(&str) -> bool,
     /// Whether the primary may be asked about a never-seen recipient now.
     pub may_call_out: &'a dyn Fn(&str) -> bool,
+    /// Whether RCPT for an (accepted) address waits because its domain defers
+    /// mail while its primary is up, the primary's last check succeeded and
+    /// is fresh, and the client is not trusted.
+    pub primary_up: &'a dyn Fn(&str) -> bool,
 }
 
 /// A mail transaction in progress: MAIL, then RCPTs.
@@ -139,6 +143,11 @@ impl Session {
     /// learned before RCPT; the session itself never waits on DNS.
     pub fn screened(&mut self, blocked: Option<&Blocked>) {
         self.blocked = blocked.cloned();
+    }
+
+    /// The client's address.
+    pub fn ip(&self) -> IpAddr {
+        self.ip
     }
 
     /// The reverse path of the transaction in progress, for logs.
@@ -355,6 +364,7 @@ mod tests {
             knowledge: &|_| Knowledge::Unseen,
             primary_down: &|_| false,
             may_call_out: &|_| false,
+            primary_up: &|_| false,
         }
     }
 

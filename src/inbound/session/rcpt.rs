@@ -49,6 +49,9 @@ impl Session {
         if let Some(answer) = unverified(&address, &to.address, policy, env) {
             return answer;
         }
+        if (env.primary_up)(&address) {
+            return Ok(primary_is_up(&address));
+        }
         add_recipient(transaction, address, &to);
         Ok(Reply::new(250, "2.1.5", "Ok"))
     }
@@ -265,6 +268,20 @@ fn is_postmaster(address: &str, to: &RcptTo<String>) -> bool {
             .is_some_and(|(local, _)| local.eq_ignore_ascii_case("postmaster"))
 }
 
+/// `when_primary_up = "defer"` while the primary answers: real senders
+/// retry and reach it; bots aiming only at the backup get nothing.
+fn primary_is_up(address: &str) -> Reply {
+    let domain = address.rsplit_once('@').map_or("", |(_, d)| d);
+    Reply::refuse(
+        Rejection::PrimaryUp,
+        450,
+        "4.7.1",
+        format!(
+            "<{address}>: Service unavailable; the primary MX of {domain} is up, deliver there"
+        ),
+    )
+}
+
 /// The refusal of a client the DNS lists block, naming the list as
 /// postscreen does.
 fn listed(ip: std::net::IpAddr, zone: &str) -> Reply {
@@ -464,6 +481,7 @@ mod tests {
                 knowledge: &knowledge,
                 primary_down: &primary_down,
                 may_call_out: &|_| false,
+                primary_up: &|_| false,
             };
             let mut s = local();
             s.command(b"EHLO c\r\n", &env);
@@ -499,6 +517,7 @@ mod tests {
                 knowledge: &knowledge,
                 primary_down: &primary_down,
                 may_call_out: &|_| true,
+                primary_up: &|_| false,
             };
             let mut s = local();
             s.command(b"EHLO c\r\n", &env);
