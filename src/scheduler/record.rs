@@ -4,14 +4,21 @@
 //! change before the scheduler hears the job is done. Parking a paused
 //! domain's jobs is recorded here too.
 
+use std::time::Duration;
+
 use tracing::{info, warn};
 
 use super::Job;
 use super::notice;
 use super::outcome::{self, NoticeKind, RcptResult};
 use super::worker::{Ctx, done};
-use crate::spool::{Change, Envelope, Finished, NewMessage, PARKED, RcptStatus, Recipient};
+use crate::spool::{
+    Change, CommitError, Envelope, Finished, NewMessage, PARKED, RcptStatus, Recipient,
+};
 use crate::status::Status;
+
+/// How long a failed outcome write waits before it is tried again.
+const RECORD_RETRY: Duration = Duration::from_secs(1);
 
 /// Writes the attempt's results (and the notices they call for) to the spool,
 /// then tells the scheduler the job is done. The drain guard sees the results
@@ -44,24 +51,51 @@ pub(super) async fn record(
             .recipients
             .iter()
             .any(|(_, r)| r.status == RcptStatus::Delivered);
-    let change = edit(ctx, label, applied.recipients, now);
-    match ctx.spool.change(job.id, change, notices).await {
-        Ok(Some(env)) if env.next_due_ms().is_none() => {
-            tracing::debug!(queue_id = %env.id, "message finished");
-        }
-        Ok(_) => {}
-        Err(e) => {
-            // The attempt stays unrecorded: the message is tried again, so a
-            // recipient may get it twice, but none loses it.
-            warn!(queue_id = %job.id, error = %e, "cannot record delivery outcome");
-            // Typically a full disk: give it a moment rather than retrying hot.
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        }
-    }
+    write(ctx, job, &label, applied.recipients, notices, now).await;
     if has_notices {
         ctx.queued.notify_one();
     }
     done(ctx, job, waits_for_primary, delivered);
+}
+
+/// Writes the new recipient states and the notices in one spool change. A
+/// write that fails (typically a full disk) is tried again every second
+/// until it lands: an unrecorded delivery would be made again, and its
+/// recipients would get the mail twice. Only a stop (or a spool over its
+/// size limit) leaves it unrecorded; the message is then tried again
+/// later, so nobody loses it.
+async fn write(
+    ctx: &Ctx,
+    job: &Job,
+    label: &str,
+    patches: Vec<(usize, Recipient)>,
+    notices: Vec<NewMessage>,
+    now: u64,
+) {
+    let mut warned = false;
+    loop {
+        let change = edit(ctx, label.to_owned(), patches.clone(), now);
+        match ctx.spool.change(job.id, change, notices.clone()).await {
+            Ok(Some(env)) if env.next_due_ms().is_none() => {
+                tracing::debug!(queue_id = %env.id, "message finished");
+                return;
+            }
+            Ok(_) => return,
+            Err(e @ CommitError::Io(_)) if !ctx.shutdown.is_set() => {
+                if !warned {
+                    warn!(queue_id = %job.id, error = %e,
+                        "cannot record delivery outcome; trying again until it is written");
+                    warned = true;
+                }
+                tokio::time::sleep(RECORD_RETRY).await;
+            }
+            Err(e) => {
+                warn!(queue_id = %job.id, error = %e,
+                    "delivery outcome not recorded; the message will be tried again");
+                return;
+            }
+        }
+    }
 }
 
 /// The drain guard's look at the results: refusals past its limit pause the

@@ -76,7 +76,7 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SCHEMA: u64 = 2;
 
 /// A message ready to be stored: everything the 250 promises.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct NewMessage {
     pub envelope: Envelope,
     /// The content as it will be forwarded: our `Received:` header, then the data.
