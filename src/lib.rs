@@ -393,6 +393,7 @@ fn start_delivery(
             &config.delivery.nameservers,
             metrics.clone(),
         )?),
+        spf: Arc::new(inbound::spf::Checker::new(&config.delivery.nameservers)?),
         metrics: metrics.clone(),
         clock: clock.clone(),
     };

@@ -165,13 +165,15 @@ pub enum Rejection {
     Pipelining,
     /// The client's address is listed in DNS blocklists (`dnsbl`).
     Dnsbl,
+    /// SPF says `fail` for a domain with `spf = "reject"`.
+    Spf,
     /// `when_primary_up = "defer"` while the domain's primary is up.
     PrimaryUp,
     Other,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 17] = [
+    pub const ALL: [Rejection; 18] = [
         Rejection::Relay,
         Rejection::UnknownUser,
         Rejection::Size,
@@ -187,6 +189,7 @@ impl Rejection {
         Rejection::Smtputf8,
         Rejection::Pipelining,
         Rejection::Dnsbl,
+        Rejection::Spf,
         Rejection::PrimaryUp,
         Rejection::Other,
     ];
@@ -209,6 +212,7 @@ impl Rejection {
             Rejection::Smtputf8 => "smtputf8",
             Rejection::Pipelining => "pipelining",
             Rejection::Dnsbl => "dnsbl",
+            Rejection::Spf => "spf",
             Rejection::PrimaryUp => "primary_up",
             Rejection::Other => "other",
         }
@@ -301,6 +305,7 @@ mod tests {
                 "smtputf8",
                 "pipelining",
                 "dnsbl",
+                "spf",
                 "primary_up",
                 "other",
             ]

@@ -184,6 +184,7 @@ pub struct Domain {
     pub unknown_recipients: String,
     pub tls: String,
     pub when_primary_up: String,
+    pub spf: String,
 }
 
 impl Default for Domain {
@@ -198,6 +199,7 @@ impl Default for Domain {
             unknown_recipients: "accept".into(),
             tls: String::new(),
             when_primary_up: "accept".into(),
+            spf: "off".into(),
         }
     }
 }

@@ -173,6 +173,7 @@ pub struct DomainConfig {
     pub verify_recipients: bool,
     pub unknown_recipients: UnknownRecipients,
     pub when_primary_up: WhenPrimaryUp,
+    pub spf: Spf,
     /// Overrides `delivery.tls` for this domain.
     pub tls: Option<TlsPolicy>,
 }
@@ -198,6 +199,19 @@ pub enum WhenPrimaryUp {
     /// `450 4.7.1`: real senders retry and reach the primary; bots aiming
     /// only at the backup get nothing.
     Defer,
+}
+
+/// What SPF (RFC 7208) of the client's MAIL FROM, or HELO for the null
+/// sender, does for mail to a domain. The primary sees only our address, so
+/// the backup is the last hop that can check it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Spf {
+    #[default]
+    Off,
+    /// `Authentication-Results:` and `Received-SPF:` say what we found.
+    Tag,
+    /// As `Tag`, and RCPT gets `550 5.7.23` when SPF says `fail`.
+    Reject,
 }
 
 /// A static next hop: `host:port`, `[ip]:port`, or either without a port.

@@ -12,8 +12,8 @@ use ipnet::IpNet;
 
 use super::file;
 use super::{
-    BouncePolicy, Config, DeliveryConfig, DomainConfig, LogFormat, Route, ServerConfig, TlsPolicy,
-    UnknownRecipients, WhenPrimaryUp,
+    BouncePolicy, Config, DeliveryConfig, DomainConfig, LogFormat, Route, ServerConfig, Spf,
+    TlsPolicy, UnknownRecipients, WhenPrimaryUp,
 };
 
 /// The effective configuration as TOML (see [`Config::to_toml`]).
@@ -132,6 +132,12 @@ fn domain(dom: &DomainConfig) -> file::Domain {
         when_primary_up: match dom.when_primary_up {
             WhenPrimaryUp::Accept => "accept",
             WhenPrimaryUp::Defer => "defer",
+        }
+        .into(),
+        spf: match dom.spf {
+            Spf::Off => "off",
+            Spf::Tag => "tag",
+            Spf::Reject => "reject",
         }
         .into(),
     }

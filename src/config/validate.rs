@@ -16,7 +16,7 @@ use ipnet::IpNet;
 use super::file;
 use super::{
     BouncePolicy, Config, ConfigError, DeliveryConfig, DnsList, DnsListKind, DomainConfig,
-    HttpConfig, LogConfig, LogFormat, Route, RouteHost, ServerConfig, SpoolConfig, TlsConfig,
+    HttpConfig, LogConfig, LogFormat, Route, RouteHost, ServerConfig, Spf, SpoolConfig, TlsConfig,
     TlsPolicy, UnknownRecipients, WhenPrimaryUp,
 };
 use crate::address::is_domain_name;
@@ -354,6 +354,7 @@ impl Validator<'_> {
                 other => Some(self.tls_policy(&key("tls"), other)?),
             },
             when_primary_up: self.when_primary_up(&key("when_primary_up"), &d.when_primary_up)?,
+            spf: self.spf(&key("spf"), &d.spf)?,
         };
         if let Some(path) = &domain.recipients_file {
             std::fs::metadata(path)
@@ -381,6 +382,15 @@ impl Validator<'_> {
             "accept" => Ok(WhenPrimaryUp::Accept),
             "defer" => Ok(WhenPrimaryUp::Defer),
             other => Err(self.err(key, one_of(other, &["accept", "defer"]))),
+        }
+    }
+
+    fn spf(&self, key: &str, value: &str) -> Result<Spf, ConfigError> {
+        match value {
+            "off" => Ok(Spf::Off),
+            "tag" => Ok(Spf::Tag),
+            "reject" => Ok(Spf::Reject),
+            other => Err(self.err(key, one_of(other, &["off", "tag", "reject"]))),
         }
     }
 
@@ -552,6 +562,22 @@ mod tests {
                 "domain[0].when_primary_up: \"refuse\" is not one of accept, defer",
             ),
         ]);
+    }
+
+    #[test]
+    fn spf_per_domain() {
+        let c = parse(
+            "[[domain]]\nname = \"a.test\"\n[[domain]]\nname = \"b.test\"\nspf = \"reject\"\n",
+        )
+        .expect("valid");
+        assert_eq!(c.domains[0].spf, Spf::Off);
+        assert_eq!(c.domains[1].spf, Spf::Reject);
+        let c = parse("[[domain]]\nname = \"a.test\"\nspf = \"tag\"\n").expect("valid");
+        assert_eq!(c.domains[0].spf, Spf::Tag);
+        assert_errors(&[(
+            "[[domain]]\nname = \"example.com\"\nspf = \"on\"\n",
+            "domain[0].spf: \"on\" is not one of off, tag, reject",
+        )]);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use smtp_proto::Request;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info, warn};
 
@@ -25,7 +26,9 @@ use super::policy::Policy;
 use super::received::Trace;
 use super::reply::Reply;
 use super::session::{Chunked, Env, Session, Step, Tls, Transaction};
+use super::spf;
 use crate::address::domain_of;
+use crate::config;
 use crate::knowledge::{Knowledge, Verdict};
 use crate::shutdown::Shutdown;
 use crate::spool::{Client, CommitError, Envelope, NewMessage};
@@ -133,12 +136,18 @@ where
             && is_rcpt(line)
         {
             session.screened(screen.verdict().await);
+            check_spf(&mut session, line, inbound, &policy).await;
         }
         let step = next_step(io, &mut session, &input, inbound, &policy).await;
         if let Step::Reply(reply) = &step
             && reply.rejection == Some(Rejection::Dnsbl)
         {
             log_listed(&session, &input, screen).await;
+        }
+        if let Step::Reply(reply) = &step
+            && reply.rejection == Some(Rejection::Spf)
+        {
+            log_spf_fail(&session, &input, peer);
         }
         let done = perform(io, &mut session, step, peer, inbound, &policy, shutdown).await;
         if let Err(stop) = done {
@@ -151,6 +160,45 @@ where
 fn is_rcpt(line: &[u8]) -> bool {
     line.get(..4)
         .is_some_and(|verb| verb.eq_ignore_ascii_case(b"RCPT"))
+}
+
+/// Before RCPT for a domain with `spf` on: checks SPF of the transaction's
+/// sender, unless that was done already, so the session can judge.
+async fn check_spf(session: &mut Session, line: &[u8], inbound: &Inbound, policy: &Policy) {
+    let Some(sender) = session.sender() else {
+        return;
+    };
+    if session.spf().is_some() {
+        return;
+    }
+    let Ok(Request::Rcpt { to }) = Request::parse(&mut line.iter()) else {
+        return;
+    };
+    if policy.spf(&to.address) == config::Spf::Off {
+        return;
+    }
+    let sender = sender.to_owned();
+    let helo = session.helo_name().to_owned();
+    let spf = inbound
+        .spf
+        .check(session.ip(), &helo, &sender, &policy.hostname)
+        .await;
+    debug!(result = spf.outcome.label(), %sender, %helo, "SPF");
+    session.spf_checked(spf);
+}
+
+/// Logs an SPF refusal with who was refused, for whom, and for what.
+fn log_spf_fail(session: &Session, input: &Input, peer: SocketAddr) {
+    let Input::Line(line) = input else { return };
+    let line = String::from_utf8_lossy(line);
+    let rcpt = line.split_once(':').map_or(&*line, |(_, path)| path);
+    info!(
+        client = %peer.ip(),
+        helo = session.helo_name(),
+        sender = session.sender().unwrap_or(""),
+        recipient = %rcpt.trim_end(),
+        "refused: SPF fail"
+    );
 }
 
 /// Logs a DNS list refusal with who was refused, for what, and which list
@@ -399,8 +447,11 @@ where
     Ok(reply)
 }
 
-/// Prepends our `Received:` to a finished message and commits it; the reply
-/// says how that went.
+/// Prepends our `Received:` to a finished message (and, for domains with
+/// `spf` on, what SPF said) and commits it; the reply says how that went.
+/// `Authentication-Results:` claiming to be ours are removed whatever the
+/// domain (RFC 8601 §5): a primary that trusts our results must be able to
+/// trust every one of them.
 async fn store(
     inbound: &Inbound,
     session: &Session,
@@ -425,10 +476,21 @@ async fn store(
         },
         date: (now_micros / 1_000_000) as i64,
     };
-    let header = trace.header();
-    let mut body = Vec::with_capacity(header.len() + data.body.len());
+    let mut header = String::new();
+    if let Some(spf) = session.spf()
+        && transaction
+            .recipients
+            .iter()
+            .any(|r| policy.spf(&r.address) != config::Spf::Off)
+    {
+        // Above our `Received:` (RFC 7208 §9.1).
+        header.push_str(&spf.header(&policy.hostname));
+    }
+    header.push_str(&trace.header());
+    let content = spf::strip_claims(&data.body, &policy.hostname);
+    let mut body = Vec::with_capacity(header.len() + content.len());
     body.extend_from_slice(header.as_bytes());
-    body.extend_from_slice(&data.body);
+    body.extend_from_slice(&content);
     let now_ms = now_micros / 1000;
     let mut recipients = transaction.recipients;
     for r in &mut recipients {

@@ -6,6 +6,7 @@
 //!
 //! - `policy.rs`: relay domains, recipient lists, connection lists, limits.
 //! - `dnsbl.rs`: DNS blocklists and allowlists, looked up at connect.
+//! - `spf.rs`: SPF of the sender, checked at RCPT; its header fields.
 //! - `session/`: the pure SMTP state machine.
 //! - `data.rs`: the DATA and BDAT byte filters (end of data, dot-stuffing,
 //!   line endings, the size limit).
@@ -21,6 +22,7 @@ pub mod policy;
 pub mod received;
 pub mod reply;
 pub mod session;
+pub mod spf;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -70,6 +72,8 @@ pub struct Inbound {
     pub callouts: Arc<Callouts>,
     /// DNS list lookups about connecting clients.
     pub dnsbl: Arc<dnsbl::Lookups>,
+    /// SPF checks of senders, for domains with `spf` on.
+    pub spf: Arc<spf::Checker>,
     pub metrics: Arc<Metrics>,
     /// Queue IDs (arrival times) and learned verdicts' ages read it.
     pub clock: Clock,
@@ -93,6 +97,7 @@ pub struct Services {
     pub learned: Arc<Learned>,
     pub callouts: Arc<Callouts>,
     pub dnsbl: Arc<dnsbl::Lookups>,
+    pub spf: Arc<spf::Checker>,
     pub metrics: Arc<Metrics>,
     pub clock: Clock,
 }
@@ -111,6 +116,7 @@ impl Inbound {
             learned,
             callouts,
             dnsbl,
+            spf,
             metrics,
             clock,
         } = services;
@@ -131,6 +137,7 @@ impl Inbound {
             learned,
             callouts,
             dnsbl,
+            spf,
             metrics,
             clock,
             queued,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use crate::address::is_domain_name;
-use crate::config::{Config, ConfigError, UnknownRecipients, WhenPrimaryUp};
+use crate::config::{Config, ConfigError, Spf, UnknownRecipients, WhenPrimaryUp};
 use crate::domain::{Domain, RelayDomains};
 use crate::inbound::dnsbl::Lists;
 
@@ -52,6 +52,7 @@ struct Rules {
     verify: Option<UnknownRecipients>,
     /// `when_primary_up = "defer"`: RCPT waits while the primary is up.
     defer_when_up: bool,
+    spf: Spf,
 }
 
 /// Why a recipient is refused; the session turns it into a reply.
@@ -77,6 +78,7 @@ impl Policy {
                 recipients,
                 verify,
                 defer_when_up,
+                spf: d.spf,
             };
             rules.insert(Domain::new(&d.name), rules_of);
         }
@@ -127,6 +129,14 @@ impl Policy {
     pub fn verification(&self, address: &str) -> Option<UnknownRecipients> {
         let domain = address.rsplit_once('@').map(|(_, d)| d)?;
         self.find(domain)?.verify
+    }
+
+    /// What SPF does for mail to `address` (`Off` outside our domains).
+    pub fn spf(&self, address: &str) -> Spf {
+        address
+            .rsplit_once('@')
+            .and_then(|(_, d)| self.find(d))
+            .map_or(Spf::Off, |r| r.spf)
     }
 
     /// For an accepted address: the relay domain it belongs to, if that
@@ -199,6 +209,7 @@ pub(crate) fn sample() -> Policy {
                     recipients: HashSet::new(),
                     verify: None,
                     defer_when_up: false,
+                    spf: Spf::Off,
                 },
             ),
             (
@@ -209,6 +220,7 @@ pub(crate) fn sample() -> Policy {
                         .collect(),
                     verify: None,
                     defer_when_up: false,
+                    spf: Spf::Off,
                 },
             ),
         ]

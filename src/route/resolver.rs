@@ -77,6 +77,11 @@ impl Dns {
         Ok(Dns { resolver })
     }
 
+    /// hickory's resolver itself, for a library that takes one (SPF).
+    pub fn resolver(&self) -> TokioResolver {
+        self.resolver.clone()
+    }
+
     pub async fn mx(&self, domain: &str) -> Result<MxAnswer, RouteError> {
         match self.resolver.mx_lookup(fqdn(domain)).await {
             Ok(lookup) => {

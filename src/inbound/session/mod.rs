@@ -21,6 +21,7 @@ use super::data::Data;
 use super::dnsbl::Blocked;
 use super::policy::Policy;
 use super::reply::Reply;
+use super::spf::Spf;
 pub use crate::knowledge::Knowledge;
 use crate::spool::{BodyType, Recipient, Ret};
 use crate::status::Rejection;
@@ -119,6 +120,10 @@ pub struct Session {
     errors: u32,
     /// The DNS lists refuse this client: RCPT says so, except to postmaster.
     blocked: Option<Blocked>,
+    /// SPF of the latest sender, checked before RCPT for a domain with
+    /// `spf` on; it counts only for the HELO name and sender it was
+    /// computed with.
+    spf: Option<Spf>,
 }
 
 impl Session {
@@ -136,6 +141,7 @@ impl Session {
             reading: None,
             errors: 0,
             blocked: None,
+            spf: None,
         }
     }
 
@@ -143,6 +149,20 @@ impl Session {
     /// learned before RCPT; the session itself never waits on DNS.
     pub fn screened(&mut self, blocked: Option<&Blocked>) {
         self.blocked = blocked.cloned();
+    }
+
+    /// What SPF said about the current sender, learned before RCPT; the
+    /// session itself never waits on DNS.
+    pub fn spf_checked(&mut self, spf: Spf) {
+        self.spf = Some(spf);
+    }
+
+    /// SPF of the transaction in progress, if it was checked.
+    pub fn spf(&self) -> Option<&Spf> {
+        let sender = self.sender()?;
+        self.spf
+            .as_ref()
+            .filter(|s| s.is_for(self.helo_name(), sender))
     }
 
     /// The client's address.

@@ -11,6 +11,7 @@ use crate::address;
 use crate::config::UnknownRecipients;
 use crate::inbound::policy::{Policy, Refusal};
 use crate::inbound::reply::Reply;
+use crate::inbound::spf;
 use crate::spool::{Notify, RcptStatus, Recipient};
 use crate::status::Rejection;
 
@@ -29,6 +30,7 @@ impl Session {
     ) -> Result<Reply, String> {
         let policy = env.policy;
         let esmtp = self.is_esmtp();
+        let spf = self.spf().cloned();
         let receiving = matches!(self.chunks, Chunks::Receiving(_));
         let Some(transaction) = &mut self.transaction else {
             return Ok(Reply::syntax(503, "5.5.1", "Error: need MAIL command"));
@@ -48,6 +50,11 @@ impl Session {
         };
         if let Some(answer) = unverified(&address, &to.address, policy, env) {
             return answer;
+        }
+        if !is_postmaster(&address, &to)
+            && let Some(refusal) = spf::refusal(spf.as_ref(), policy.spf(&address))
+        {
+            return Ok(refusal);
         }
         if (env.primary_up)(&address) {
             return Ok(primary_is_up(&address));
