@@ -477,7 +477,7 @@ async fn store(
         date: (now_micros / 1_000_000) as i64,
     };
     let mut header = String::new();
-    if let Some(spf) = session.spf()
+    if let Some(spf) = session.spf_for(&transaction.sender)
         && transaction
             .recipients
             .iter()

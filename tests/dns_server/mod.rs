@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, MX, SOA};
+use hickory_proto::rr::rdata::{A, AAAA, MX, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, UdpSocket};
 struct Zone {
     mx: HashMap<String, Vec<(u16, String)>>,
     ips: HashMap<String, Vec<IpAddr>>,
+    txt: HashMap<String, Vec<String>>,
     /// Names that exist without records of their own (NODATA, not NXDOMAIN).
     exists: HashSet<String>,
     servfail: HashSet<String>,
@@ -119,6 +120,15 @@ impl TestDns {
         });
     }
 
+    /// Replaces the TXT records of `name` (one string each).
+    pub fn set_txt(&self, name: &str, records: &[&str]) {
+        self.with(|z| {
+            z.exists.insert(key(name));
+            z.txt
+                .insert(key(name), records.iter().map(|r| r.to_string()).collect());
+        });
+    }
+
     pub fn set_servfail(&self, name: &str, on: bool) {
         self.with(|z| {
             if on {
@@ -148,6 +158,7 @@ impl TestDns {
             z.exists.remove(&k);
             z.mx.remove(&k);
             z.ips.remove(&k);
+            z.txt.remove(&k);
         });
     }
 
@@ -214,6 +225,12 @@ fn answer(zone: &Mutex<Zone>, query: &[u8]) -> Option<Vec<u8>> {
                     (IpAddr::V6(v6), RecordType::AAAA) => RData::AAAA(AAAA(*v6)),
                     _ => continue,
                 };
+                answers.push(Record::from_rdata(qname.clone(), ttl, data));
+            }
+        }
+        RecordType::TXT => {
+            for text in z.txt.get(&name).into_iter().flatten() {
+                let data = RData::TXT(TXT::new(vec![text.clone()]));
                 answers.push(Record::from_rdata(qname.clone(), ttl, data));
             }
         }

@@ -159,7 +159,12 @@ impl Session {
 
     /// SPF of the transaction in progress, if it was checked.
     pub fn spf(&self) -> Option<&Spf> {
-        let sender = self.sender()?;
+        self.spf_for(self.sender()?)
+    }
+
+    /// SPF of `sender` from this client as it is greeted now, if it was
+    /// checked (also once the transaction was handed over for commit).
+    pub fn spf_for(&self, sender: &str) -> Option<&Spf> {
         self.spf
             .as_ref()
             .filter(|s| s.is_for(self.helo_name(), sender))
