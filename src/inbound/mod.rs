@@ -1,6 +1,6 @@
 //! (1) SMTP in: accept connections, hold SMTP conversations, and hand finished
 //! messages to the spool. Inbound never delivers, and resolves nothing but
-//! the client's address in DNS lists: it reads primary health
+//! the client's address in DNS lists and the sender's SPF: it reads primary health
 //! ([`crate::health`]) and asks recipient knowledge ([`crate::knowledge`]),
 //! which may call out to a primary.
 //!
