@@ -238,3 +238,24 @@ async fn off_adds_nothing_and_asks_nothing() {
     c.quit().await;
     assert_eq!(dns.queries("fail.test", RecordType::TXT), 0);
 }
+
+#[tokio::test]
+async fn a_message_sent_by_bdat_is_tagged_too() {
+    let (_dns, t) = start().await;
+    let mut c = t.ehlo().await;
+    c.cmd("MAIL FROM:<a@soft.test>").await.assert(250);
+    c.cmd("RCPT TO:<u@tagged.test>").await.assert(250);
+    let mut chunk = format!("BDAT {} LAST\r\n", MESSAGE.len()).into_bytes();
+    chunk.extend_from_slice(MESSAGE);
+    c.send(chunk).await;
+    c.expect(250).await;
+    c.quit().await;
+    let stored = t.stored();
+    let body = String::from_utf8_lossy(&stored[0].1);
+    assert!(
+        body.starts_with(
+            "Authentication-Results: mx2.test;\r\n\tspf=softfail smtp.mailfrom=a@soft.test\r\n"
+        ),
+        "{body}"
+    );
+}
