@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # What the defences at the door cost: accept throughput with 20 sessions
 # (smtp-source -s 20), first with no admission controls, then with two DNS
-# blocklists and an allowlist asked for every connection through a real DNS
-# server on loopback (examples/bench_dns.rs). Mail queues for a primary that
-# is down, as during an outage.
+# blocklists and an allowlist asked for every connection and SPF checked
+# (spf = "tag": headers added) for every message, through a real DNS server
+# on loopback (examples/bench_dns.rs). Mail queues for a primary that is
+# down, as during an outage.
 #
 #   benches/admission.sh           5,000 messages, 5 runs each
 #   benches/admission.sh --smoke   200 messages, 1 run
@@ -33,7 +34,8 @@ now() { date +%s.%N; }
 stats() { sort -g | awk '{a[NR]=$1} END {printf "%.0f (min %.0f, max %.0f)", a[int((NR+1)/2)], a[1], a[NR]}'; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-# $1: extra [server] keys. Prints the median accept rate.
+# $1: extra [server] keys, $2: extra [[domain]] keys. Prints the median
+# accept rate.
 run() {
   rm -f "$WORK/spool.redb"
   cat > "$WORK/config.toml" <<CONF
@@ -54,6 +56,7 @@ level = "warn"
 [[domain]]
 name = "example.com"
 route = "[127.0.0.1]:9"
+${2:-}
 CONF
   "$TARGET/mxspool" serve -c "$WORK/config.toml" 2>>"$WORK/serve.log" & local server=$!
   until curl -sf "http://$HTTP/readyz" >/dev/null; do
@@ -76,7 +79,7 @@ CONF
 echo "admission cost: $MESSAGES messages of $SIZE bytes, 20 sessions, $RUNS runs, $(nproc) cores"
 printf 'no admission controls: ' >&2
 off=$(run "")
-printf 'dnsbl (2 zones) + dnswl (1 zone): ' >&2
+printf 'dnsbl (2 zones) + dnswl (1 zone) + spf = "tag": ' >&2
 on=$(run 'dnsbl = ["bl1.bench.test*2", "bl2.bench.test=127.0.0.2"]
-dnswl = ["wl.bench.test*-1"]')
-echo "with the DNS lists: $(echo "100 * $on / $off" | bc -l | xargs printf '%.0f')% of the rate without"
+dnswl = ["wl.bench.test*-1"]' 'spf = "tag"')
+echo "with DNS lists and SPF: $(echo "100 * $on / $off" | bc -l | xargs printf '%.0f')% of the rate without"
