@@ -70,6 +70,7 @@ use inbound::policy::Policy;
 use inbound::{Inbound, Limits};
 use knowledge::Learned;
 use knowledge::callout::Callouts;
+use knowledge::greylist::Greylist;
 use metrics::Metrics;
 use route::{Destinations, Router};
 use scheduler::Scheduler;
@@ -296,12 +297,13 @@ fn admin_token(config: &Config) -> Result<Option<http::Token>, ConfigError> {
     Ok(Some(token))
 }
 
-/// The opened spool, with what it kept besides the queue: the domain pauses
-/// and the recipient verdicts learned from the primaries.
+/// The opened spool, with what it kept besides the queue: the domain pauses,
+/// the recipient verdicts learned from the primaries, and greylisting's state.
 struct Opened {
     spool: Spool,
     paused: Vec<(String, spool::Pause)>,
     learned: Learned,
+    greylist: Greylist,
 }
 
 /// Opens the spool and reads what it kept, off the async threads (blocking
@@ -316,6 +318,7 @@ async fn open_spool(config: &Config, metrics: &Arc<Metrics>) -> Result<Opened, O
         }),
     };
     let path = config.spool.path.clone();
+    let greylist = config.greylist;
     tokio::task::spawn_blocking(move || {
         let spool = Spool::open_with(&path, options)?;
         let unreadable = |e: spool::ReadError| OpenError::Io {
@@ -325,10 +328,12 @@ async fn open_spool(config: &Config, metrics: &Arc<Metrics>) -> Result<Opened, O
         // A pause that could not be read must not be taken for none.
         let paused = spool.pauses().map_err(unreadable)?;
         let learned = Learned::load(spool.clone()).map_err(unreadable)?;
+        let greylist = Greylist::load(spool.clone(), greylist).map_err(unreadable)?;
         Ok::<_, OpenError>(Opened {
             spool,
             paused,
             learned,
+            greylist,
         })
     })
     .await
@@ -352,6 +357,7 @@ fn start_delivery(
         spool,
         paused,
         learned,
+        greylist,
     } = opened;
     let router = Arc::new(Router::for_config(config)?);
     let dests = Arc::new(Destinations::for_config(config, outbound));
@@ -361,6 +367,7 @@ fn start_delivery(
         clock.now_ms(),
     ));
     let learned = Arc::new(learned);
+    let greylist = Arc::new(greylist);
     let callouts = Arc::new(Callouts::new(
         learned.clone(),
         health.clone(),
@@ -377,6 +384,7 @@ fn start_delivery(
             dests,
             health: health.clone(),
             learned: learned.clone(),
+            greylist: greylist.clone(),
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
             clock: clock.clone(),
@@ -388,6 +396,7 @@ fn start_delivery(
         delivery,
         health,
         learned,
+        greylist,
         callouts,
         dnsbl: Arc::new(inbound::dnsbl::Lookups::new(
             &config.delivery.nameservers,

@@ -169,11 +169,13 @@ pub enum Rejection {
     Spf,
     /// `when_primary_up = "defer"` while the domain's primary is up.
     PrimaryUp,
+    /// An unseen (client network, sender, recipient) triplet, told to retry.
+    Greylist,
     Other,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 18] = [
+    pub const ALL: [Rejection; 19] = [
         Rejection::Relay,
         Rejection::UnknownUser,
         Rejection::Size,
@@ -191,6 +193,7 @@ impl Rejection {
         Rejection::Dnsbl,
         Rejection::Spf,
         Rejection::PrimaryUp,
+        Rejection::Greylist,
         Rejection::Other,
     ];
 
@@ -214,6 +217,7 @@ impl Rejection {
             Rejection::Dnsbl => "dnsbl",
             Rejection::Spf => "spf",
             Rejection::PrimaryUp => "primary_up",
+            Rejection::Greylist => "greylist",
             Rejection::Other => "other",
         }
     }
@@ -307,6 +311,7 @@ mod tests {
                 "dnsbl",
                 "spf",
                 "primary_up",
+                "greylist",
                 "other",
             ]
         );

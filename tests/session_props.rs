@@ -168,6 +168,7 @@ fn drive(
         primary_down: &down,
         may_call_out: &call_out,
         primary_up: &|_| false,
+        greylisted: &|_, _| false,
     };
     let step = session.command(line, &env);
     let Step::Verify(address) = step else {
@@ -189,6 +190,7 @@ fn drive(
         primary_down: &down,
         may_call_out: &never,
         primary_up: &|_| false,
+        greylisted: &|_, _| false,
     };
     (session.command(line, &env), Some(address))
 }

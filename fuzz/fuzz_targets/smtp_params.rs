@@ -63,6 +63,7 @@ fuzz_target!(|input: &[u8]| {
         primary_down: &up,
         may_call_out: &up,
         primary_up: &|_| false,
+        greylisted: &|_, _| false,
     };
     let mut session = Session::new(IpAddr::from([198, 51, 100, 7]));
     let Step::Reply(ehlo) = session.command(b"EHLO client.test\r\n", &env) else {

@@ -91,6 +91,7 @@ fn command(session: &mut Session, policy: &Policy, world: &World, line: &[u8]) -
         primary_down: &down,
         may_call_out: &call_out,
         primary_up: &|_| false,
+        greylisted: &|_, _| false,
     };
     let step = session.command(line, &env);
     let Step::Verify(address) = step else {
@@ -118,6 +119,7 @@ fn command(session: &mut Session, policy: &Policy, world: &World, line: &[u8]) -
         primary_down: &down,
         may_call_out: &never,
         primary_up: &|_| false,
+        greylisted: &|_, _| false,
     };
     let step = session.command(line, &env);
     assert!(

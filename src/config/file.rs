@@ -21,6 +21,7 @@ pub struct File {
     pub delivery: Delivery,
     pub http: Http,
     pub log: Log,
+    pub greylist: Greylist,
     pub domain: Vec<Domain>,
 }
 
@@ -174,6 +175,24 @@ impl Default for Log {
 
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct Greylist {
+    pub delay: String,
+    pub window: String,
+    pub remember: String,
+}
+
+impl Default for Greylist {
+    fn default() -> Self {
+        Greylist {
+            delay: "5m".into(),
+            window: "24h".into(),
+            remember: "35d".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Domain {
     pub name: String,
     pub include_subdomains: bool,
@@ -185,6 +204,7 @@ pub struct Domain {
     pub tls: String,
     pub when_primary_up: String,
     pub spf: String,
+    pub greylist: bool,
 }
 
 impl Default for Domain {
@@ -200,6 +220,7 @@ impl Default for Domain {
             tls: String::new(),
             when_primary_up: "accept".into(),
             spf: "off".into(),
+            greylist: false,
         }
     }
 }

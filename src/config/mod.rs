@@ -43,7 +43,20 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub http: HttpConfig,
     pub log: LogConfig,
+    pub greylist: GreylistConfig,
     pub domains: Vec<DomainConfig>,
+}
+
+/// `[greylist]`: how long an unseen (client network, sender, recipient)
+/// waits, and what is remembered, for domains with `greylist = true`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GreylistConfig {
+    /// A retry is accepted only this long after the first attempt.
+    pub delay: Duration,
+    /// … and only within this long of it; later, the triplet starts over.
+    pub window: Duration,
+    /// A client network that passed once skips greylisting this long.
+    pub remember: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -174,6 +187,9 @@ pub struct DomainConfig {
     pub unknown_recipients: UnknownRecipients,
     pub when_primary_up: WhenPrimaryUp,
     pub spf: Spf,
+    /// Unseen (client network, sender, recipient) triplets get `450 4.7.1`
+    /// until they retry after `[greylist] delay`.
+    pub greylist: bool,
     /// Overrides `delivery.tls` for this domain.
     pub tls: Option<TlsPolicy>,
 }

@@ -51,6 +51,11 @@ fn to_file(config: &Config) -> file::File {
             .into(),
             level: config.log.level.clone(),
         },
+        greylist: file::Greylist {
+            delay: format_duration(config.greylist.delay),
+            window: format_duration(config.greylist.window),
+            remember: format_duration(config.greylist.remember),
+        },
         domain: config.domains.iter().map(domain).collect(),
     }
 }
@@ -140,6 +145,7 @@ fn domain(dom: &DomainConfig) -> file::Domain {
             Spf::Reject => "reject",
         }
         .into(),
+        greylist: dom.greylist,
     }
 }
 

@@ -16,8 +16,8 @@ use ipnet::IpNet;
 use super::file;
 use super::{
     BouncePolicy, Config, ConfigError, DeliveryConfig, DnsList, DnsListKind, DomainConfig,
-    HttpConfig, LogConfig, LogFormat, Route, RouteHost, ServerConfig, Spf, SpoolConfig, TlsConfig,
-    TlsPolicy, UnknownRecipients, WhenPrimaryUp,
+    GreylistConfig, HttpConfig, LogConfig, LogFormat, Route, RouteHost, ServerConfig, Spf,
+    SpoolConfig, TlsConfig, TlsPolicy, UnknownRecipients, WhenPrimaryUp,
 };
 use crate::address::is_domain_name;
 use crate::domain::Domain;
@@ -49,6 +49,7 @@ impl Validator<'_> {
         let delivery = self.delivery(&f.delivery)?;
         let http = self.http(&f.http)?;
         let log = self.log(&f.log)?;
+        let greylist = self.greylist(&f.greylist)?;
         let domains = self.domains(&f.domain, delivery.port)?;
         Ok(Config {
             source: self.source.to_owned(),
@@ -58,7 +59,25 @@ impl Validator<'_> {
             delivery,
             http,
             log,
+            greylist,
             domains,
+        })
+    }
+
+    fn greylist(&self, g: &file::Greylist) -> Result<GreylistConfig, ConfigError> {
+        let delay = self.duration("greylist.delay", &g.delay)?;
+        let window = self.duration("greylist.window", &g.window)?;
+        let remember = self.duration("greylist.remember", &g.remember)?;
+        if window <= delay {
+            return Err(self.err(
+                "greylist.window",
+                "must be longer than greylist.delay (a retry must fit between them)",
+            ));
+        }
+        Ok(GreylistConfig {
+            delay,
+            window,
+            remember,
         })
     }
 
@@ -355,6 +374,7 @@ impl Validator<'_> {
             },
             when_primary_up: self.when_primary_up(&key("when_primary_up"), &d.when_primary_up)?,
             spf: self.spf(&key("spf"), &d.spf)?,
+            greylist: d.greylist,
         };
         if let Some(path) = &domain.recipients_file {
             std::fs::metadata(path)
@@ -530,6 +550,51 @@ fn one_of(got: &str, allowed: &[&str]) -> String {
 mod tests {
     use super::*;
     use crate::config::tests::{assert_errors, parse};
+
+    #[test]
+    fn greylisting() {
+        let c = parse("[[domain]]\nname = \"example.com\"\n").expect("valid");
+        assert_eq!(
+            c.greylist,
+            GreylistConfig {
+                delay: Duration::from_secs(300),
+                window: Duration::from_secs(24 * 3600),
+                remember: Duration::from_secs(35 * 24 * 3600),
+            }
+        );
+        assert!(!c.domains[0].greylist);
+        let c = parse(
+            r#"
+            [greylist]
+            delay = "1m"
+            window = "4h"
+            remember = "7d"
+            [[domain]]
+            name = "example.com"
+            greylist = true
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(c.greylist.delay, Duration::from_secs(60));
+        assert_eq!(c.greylist.window, Duration::from_secs(4 * 3600));
+        assert_eq!(c.greylist.remember, Duration::from_secs(7 * 24 * 3600));
+        assert!(c.domains[0].greylist);
+        assert_errors(&[
+            (
+                "[greylist]\ndelay = \"soon\"\n",
+                "greylist.delay: invalid duration",
+            ),
+            (
+                "[greylist]\nremember = \"0s\"\n",
+                "greylist.remember: must be longer than zero",
+            ),
+            (
+                "[greylist]\ndelay = \"2h\"\nwindow = \"1h\"\n",
+                "greylist.window: must be longer than greylist.delay",
+            ),
+            ("[greylist]\nwait = \"1m\"\n", "greylist.wait"),
+        ]);
+    }
 
     #[test]
     fn health_checks_and_admission_by_primary_state() {

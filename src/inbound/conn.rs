@@ -286,6 +286,14 @@ where
                     .fresh_up(domain, now, policy.primary_fresh_for)
         })
     };
+    let ip = session.ip();
+    let greylisted = |sender: &str, address: &str| {
+        !trusted
+            && policy.greylists(address)
+            && (inbound.greylist)
+                .check(ip, sender, address, now, &policy.greylist)
+                .refuses()
+    };
     let env = Env {
         policy,
         spool_has_room: &spool_has_room,
@@ -293,6 +301,7 @@ where
         primary_down: &primary_down,
         may_call_out: &may_call_out,
         primary_up: &primary_up,
+        greylisted: &greylisted,
     };
     match input {
         // RFC 2920: only after our EHLO reply offered PIPELINING may a

@@ -43,6 +43,7 @@ use crate::clock::Clock;
 use crate::health::Health;
 use crate::knowledge::Learned;
 use crate::knowledge::callout::Callouts;
+use crate::knowledge::greylist::Greylist;
 use crate::metrics::Metrics;
 use crate::scheduler;
 use crate::shutdown::Shutdown;
@@ -69,6 +70,8 @@ pub struct Inbound {
     delivery: scheduler::Handle,
     pub health: Arc<Health>,
     pub learned: Arc<Learned>,
+    /// Greylisting's triplets and passed client networks.
+    pub greylist: Arc<Greylist>,
     pub callouts: Arc<Callouts>,
     /// DNS list lookups about connecting clients.
     pub dnsbl: Arc<dnsbl::Lookups>,
@@ -95,6 +98,7 @@ pub struct Services {
     pub delivery: scheduler::Handle,
     pub health: Arc<Health>,
     pub learned: Arc<Learned>,
+    pub greylist: Arc<Greylist>,
     pub callouts: Arc<Callouts>,
     pub dnsbl: Arc<dnsbl::Lookups>,
     pub spf: Arc<spf::Checker>,
@@ -114,6 +118,7 @@ impl Inbound {
             delivery,
             health,
             learned,
+            greylist,
             callouts,
             dnsbl,
             spf,
@@ -135,6 +140,7 @@ impl Inbound {
             delivery,
             health,
             learned,
+            greylist,
             callouts,
             dnsbl,
             spf,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use crate::address::is_domain_name;
-use crate::config::{Config, ConfigError, Spf, UnknownRecipients, WhenPrimaryUp};
+use crate::config::{Config, ConfigError, GreylistConfig, Spf, UnknownRecipients, WhenPrimaryUp};
 use crate::domain::{Domain, RelayDomains};
 use crate::inbound::dnsbl::Lists;
 
@@ -41,6 +41,8 @@ pub struct Policy {
     /// `when_primary_up = "defer"`: twice `health_interval` (or, with checks
     /// off, twice `probe_interval`).
     pub primary_fresh_for: Duration,
+    /// `[greylist]`: the timings for domains with `greylist = true`.
+    pub greylist: GreylistConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -53,6 +55,8 @@ struct Rules {
     /// `when_primary_up = "defer"`: RCPT waits while the primary is up.
     defer_when_up: bool,
     spf: Spf,
+    /// `greylist = true`: unseen triplets wait `[greylist] delay`.
+    greylist: bool,
 }
 
 /// Why a recipient is refused; the session turns it into a reply.
@@ -79,6 +83,7 @@ impl Policy {
                 verify,
                 defer_when_up,
                 spf: d.spf,
+                greylist: d.greylist,
             };
             rules.insert(Domain::new(&d.name), rules_of);
         }
@@ -100,6 +105,7 @@ impl Policy {
                 .delivery
                 .health_interval
                 .unwrap_or(config.delivery.probe_interval),
+            greylist: config.greylist,
         })
     }
 
@@ -148,6 +154,17 @@ impl Policy {
             .get(&relay.name)
             .filter(|r| r.defer_when_up)
             .map(|_| relay.name.as_str())
+    }
+
+    /// Whether an accepted address belongs to a relay domain that greylists.
+    pub fn greylists(&self, address: &str) -> bool {
+        let Some((_, domain)) = address.rsplit_once('@') else {
+            return false;
+        };
+        self.relay
+            .covering(domain)
+            .and_then(|relay| self.rules.get(&relay.name))
+            .is_some_and(|r| r.greylist)
     }
 
     /// Judges a forward path as smtp-proto parsed it (quotes and source route
@@ -210,6 +227,7 @@ pub(crate) fn sample() -> Policy {
                     verify: None,
                     defer_when_up: false,
                     spf: Spf::Off,
+                    greylist: false,
                 },
             ),
             (
@@ -221,6 +239,7 @@ pub(crate) fn sample() -> Policy {
                     verify: None,
                     defer_when_up: false,
                     spf: Spf::Off,
+                    greylist: false,
                 },
             ),
         ]
@@ -230,6 +249,11 @@ pub(crate) fn sample() -> Policy {
         etrn_allow: vec!["127.0.0.0/8".parse().unwrap()],
         dnsbl: Arc::default(),
         primary_fresh_for: Duration::from_secs(120),
+        greylist: GreylistConfig {
+            delay: Duration::from_secs(300),
+            window: Duration::from_secs(24 * 3600),
+            remember: Duration::from_secs(35 * 24 * 3600),
+        },
     }
 }
 

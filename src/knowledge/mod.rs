@@ -7,8 +7,12 @@
 //! memory, so an RCPT never waits on a disk read (or on the spool's writer
 //! reopening the file). Verdicts age out: a mailbox that existed is trusted
 //! for [`TRUST_EXISTS`], one that did not for [`TRUST_MISSING`].
+//!
+//! What is known about clients is kept the same way: [`greylist`]'s triplets
+//! and the networks that passed, decided in memory, written through.
 
 pub mod callout;
+pub mod greylist;
 
 use std::collections::HashMap;
 use std::sync::RwLock;

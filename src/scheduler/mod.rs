@@ -51,6 +51,7 @@ use crate::config::{Config, DeliveryConfig, DomainConfig};
 use crate::domain::RelayDomains;
 use crate::health::Health;
 use crate::knowledge::Learned;
+use crate::knowledge::greylist::Greylist;
 use crate::metrics::Metrics;
 use crate::route::{Destination, Destinations, Router};
 use crate::shutdown::Shutdown;
@@ -163,6 +164,8 @@ pub struct Scheduler {
     probe_interval: Duration,
     /// `delivery.health_interval`: every primary checked this often.
     health_interval: Option<Duration>,
+    /// Greylisting's state, swept with the learned verdicts.
+    greylist: Arc<Greylist>,
     connections_per_domain: usize,
     in_flight: HashSet<(QueueId, Arc<str>)>,
     events: mpsc::UnboundedReceiver<Event>,
@@ -186,6 +189,7 @@ pub struct Parts {
     pub dests: Arc<Destinations>,
     pub health: Arc<Health>,
     pub learned: Arc<Learned>,
+    pub greylist: Arc<Greylist>,
     pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
     /// Where due times, backoff, expiry and notices read the time.
@@ -202,6 +206,7 @@ impl Scheduler {
             dests,
             health,
             learned,
+            greylist,
             metrics,
             shutdown,
             clock,
@@ -242,6 +247,7 @@ impl Scheduler {
             dests,
             probe_interval: d.probe_interval,
             health_interval: d.health_interval,
+            greylist,
             connections_per_domain: d.connections_per_domain,
             in_flight: HashSet::new(),
             events,
@@ -288,7 +294,8 @@ impl Scheduler {
         self.scan().await;
         let mut probe_tick = tokio::time::interval(self.probe_interval);
         probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Learned recipient verdicts past their trust period go (now, then daily).
+        // Learned recipient verdicts past their trust period, and greylisting's
+        // expired triplets and forgotten networks, go (now, then daily).
         let mut forget_tick = tokio::time::interval(Duration::from_secs(24 * 3600));
         // A clock moved forward (tests) may have made mail due: look again.
         let mut moves = self.ctx.clock.moves();
@@ -312,7 +319,11 @@ impl Scheduler {
                 Ok(()) = moves.changed() => self.rescan_soon(Duration::ZERO),
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
                 _ = probe_tick.tick() => self.probe_down_domains(),
-                _ = forget_tick.tick() => self.ctx.learned.forget_stale(self.ctx.clock.now_ms()),
+                _ = forget_tick.tick() => {
+                    let now = self.ctx.clock.now_ms();
+                    self.ctx.learned.forget_stale(now);
+                    self.greylist.forget_stale(now);
+                }
                 () = tokio::time::sleep_until(wake) => {
                     self.rescan_at = None;
                     self.scan().await;

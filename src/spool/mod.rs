@@ -10,7 +10,8 @@
 //! `due` (`(next attempt ms, ID)`, so a range scan yields due mail in order),
 //! `held` and `dead` (places a message moves to, not flags), `quarantine`
 //! (envelopes that did not decode or lost their body, kept for inspection),
-//! `learned`, `paused` (relay domains whose delivery is paused, so a pause
+//! `learned`, `greylist` and `greylist_passed` (greylisting's triplets and
+//! the client networks that passed), `paused` (relay domains whose delivery is paused, so a pause
 //! outlives a restart), `meta`. The file is untrusted input: the open sets
 //! right what disagrees inside it and logs the queue IDs concerned.
 //!
@@ -65,6 +66,10 @@ const LEARNED: TableDefinition<&str, LearnedRow> = TableDefinition::new("learned
 /// A learned verdict: whether the mailbox exists, and when that was learned
 /// (Unix ms).
 pub type LearnedRow = (bool, u64);
+/// Greylisting's triplets: "network sender recipient" -> first attempt (Unix ms).
+const GREYLIST: TableDefinition<&str, u64> = TableDefinition::new("greylist");
+/// Client networks that passed greylisting -> when they last did (Unix ms).
+const GREYLIST_PASSED: TableDefinition<&str, u64> = TableDefinition::new("greylist_passed");
 /// Paused relay domains: name -> [`Pause`] as a row (see `Pause::to_row`).
 const PAUSED: TableDefinition<&str, (u8, u64)> = TableDefinition::new("paused");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -74,6 +79,26 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// upgraded when opened (its records still decode), and an older mxspool
 /// refuses a spool of layout 2 instead of quarantining records it cannot read.
 const SCHEMA: u64 = 2;
+
+/// A change to greylisting's state (see `knowledge::greylist`).
+#[derive(Debug)]
+pub enum GreyWrite {
+    /// A triplet's first attempt (again, if its window had passed).
+    Seen { triplet: String, at_ms: u64 },
+    /// The triplet was retried in time: it goes, its client network is
+    /// remembered as of `at_ms`.
+    Passed {
+        triplet: Option<String>,
+        network: String,
+        at_ms: u64,
+    },
+    /// Drop triplets first seen before `seen_before` and networks that last
+    /// passed before `passed_before`.
+    Sweep {
+        seen_before: u64,
+        passed_before: u64,
+    },
+}
 
 /// A message ready to be stored: everything the 250 promises.
 #[derive(Debug, Clone)]
@@ -292,6 +317,12 @@ impl Spool {
             exists_before: now_ms.saturating_sub(TRUST_EXISTS.as_millis() as u64),
             missing_before: now_ms.saturating_sub(TRUST_MISSING.as_millis() as u64),
         });
+    }
+
+    /// Writes greylisting state with the next batch; not awaited, like
+    /// [`Spool::learn`]: a triplet lost to a crash only starts over.
+    pub fn greylist(&self, write: GreyWrite) {
+        let _ = self.send(Job::Grey(write));
     }
 
     /// Records durably that delivery to relay domain `domain` is paused

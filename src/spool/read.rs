@@ -7,8 +7,8 @@ use std::sync::atomic::Ordering;
 use redb::{ReadableTable, TableDefinition};
 
 use super::{
-    BODIES, DEAD, DUE, Envelope, HELD, LEARNED, LearnedRow, MESSAGES, PAUSED, Pause, QUARANTINE,
-    QueueId, ReadError, Spool, Stats, read_err,
+    BODIES, DEAD, DUE, Envelope, GREYLIST, GREYLIST_PASSED, HELD, LEARNED, LearnedRow, MESSAGES,
+    PAUSED, Pause, QUARANTINE, QueueId, ReadError, Spool, Stats, read_err,
 };
 
 impl Spool {
@@ -73,6 +73,22 @@ impl Spool {
         for row in table.iter().map_err(read_err)? {
             let (address, verdict) = row.map_err(read_err)?;
             out.push((address.value().to_owned(), verdict.value()));
+        }
+        Ok(out)
+    }
+
+    /// Greylisting's state: every triplet with its first attempt, and every
+    /// client network that passed with when it last did (Unix ms).
+    #[allow(clippy::type_complexity)]
+    pub fn greylist_all(&self) -> Result<(Vec<(String, u64)>, Vec<(String, u64)>), ReadError> {
+        let txn = self.inner.db.begin_read()?;
+        let mut out = (Vec::new(), Vec::new());
+        for (definition, rows) in [(GREYLIST, &mut out.0), (GREYLIST_PASSED, &mut out.1)] {
+            let table = txn.open_table(definition).map_err(read_err)?;
+            for row in table.iter().map_err(read_err)? {
+                let (key, at) = row.map_err(read_err)?;
+                rows.push((key.value().to_owned(), at.value()));
+            }
         }
         Ok(out)
     }

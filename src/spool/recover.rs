@@ -13,8 +13,8 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, Table, WriteTransacti
 
 use super::writer::{LabelTotals, Totals, labels_of};
 use super::{
-    BODIES, DEAD, DUE, Envelope, HELD, LEARNED, Labeler, MESSAGES, META, OpenError, PAUSED,
-    QUARANTINE, QueueId, SCHEMA,
+    BODIES, DEAD, DUE, Envelope, GREYLIST, GREYLIST_PASSED, HELD, LEARNED, Labeler, MESSAGES, META,
+    OpenError, PAUSED, QUARANTINE, QueueId, SCHEMA,
 };
 
 /// What the open found in the file: the totals to start from, what it set
@@ -180,6 +180,8 @@ pub(super) fn prepare(db: &Database, labeler: &Labeler) -> Result<Scan, PrepareE
         let dead = txn.open_table(DEAD)?;
         let mut quarantine = txn.open_table(QUARANTINE)?;
         txn.open_table(LEARNED)?;
+        txn.open_table(GREYLIST)?;
+        txn.open_table(GREYLIST_PASSED)?;
         txn.open_table(PAUSED)?;
 
         let queued = scan_messages(&mut scan, &mut messages, &held, &mut quarantine, labeler)?;

@@ -8,8 +8,8 @@ use redb::{ReadableTable, Table, WriteTransaction};
 
 use super::writer::{Change, Delta, Finished, Job, Labeler, Pending, io};
 use super::{
-    BODIES, CommitError, DEAD, DUE, Envelope, HELD, LEARNED, MESSAGES, NewMessage, PAUSED, Pause,
-    QUARANTINE, QueueId, RcptStatus,
+    BODIES, CommitError, DEAD, DUE, Envelope, GREYLIST, GREYLIST_PASSED, GreyWrite, HELD, LEARNED,
+    MESSAGES, NewMessage, PAUSED, Pause, QUARANTINE, QueueId, RcptStatus,
 };
 
 pub(super) struct Tables<'t, 'l> {
@@ -21,6 +21,8 @@ pub(super) struct Tables<'t, 'l> {
     dead: Table<'t, u64, &'static [u8]>,
     quarantine: Table<'t, u64, &'static [u8]>,
     learned: Table<'t, &'static str, (bool, u64)>,
+    greylist: Table<'t, &'static str, u64>,
+    greylist_passed: Table<'t, &'static str, u64>,
     paused: Table<'t, &'static str, (u8, u64)>,
 }
 
@@ -38,6 +40,8 @@ impl<'t, 'l> Tables<'t, 'l> {
             dead: txn.open_table(DEAD)?,
             quarantine: txn.open_table(QUARANTINE)?,
             learned: txn.open_table(LEARNED)?,
+            greylist: txn.open_table(GREYLIST)?,
+            greylist_passed: txn.open_table(GREYLIST_PASSED)?,
             paused: txn.open_table(PAUSED)?,
         })
     }
@@ -97,6 +101,11 @@ impl Tables<'_, '_> {
                 } => {
                     if failure.is_none() {
                         failure = self.forget(exists_before, missing_before).err().map(io);
+                    }
+                }
+                Job::Grey(write) => {
+                    if failure.is_none() {
+                        failure = self.grey(write).err().map(io);
                     }
                 }
                 Job::Pause {
@@ -168,6 +177,32 @@ impl Tables<'_, '_> {
             }
         };
         self.learned.retain(|_, verdict| !stale(verdict))?;
+        Ok(())
+    }
+
+    fn grey(&mut self, write: GreyWrite) -> Result<(), redb::Error> {
+        match write {
+            GreyWrite::Seen { triplet, at_ms } => {
+                self.greylist.insert(triplet.as_str(), at_ms)?;
+            }
+            GreyWrite::Passed {
+                triplet,
+                network,
+                at_ms,
+            } => {
+                if let Some(triplet) = triplet {
+                    self.greylist.remove(triplet.as_str())?;
+                }
+                self.greylist_passed.insert(network.as_str(), at_ms)?;
+            }
+            GreyWrite::Sweep {
+                seen_before,
+                passed_before,
+            } => {
+                self.greylist.retain(|_, at| at >= seen_before)?;
+                self.greylist_passed.retain(|_, at| at >= passed_before)?;
+            }
+        }
         Ok(())
     }
 

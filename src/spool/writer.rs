@@ -73,6 +73,8 @@ pub(super) enum Job {
         exists_before: u64,
         missing_before: u64,
     },
+    /// Greylisting's triplets and passed client networks.
+    Grey(super::GreyWrite),
     /// Record (`Some`) or clear (`None`) the pause of a relay domain.
     Pause {
         domain: String,

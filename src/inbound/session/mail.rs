@@ -144,6 +144,7 @@ mod tests {
             primary_down: &|_| false,
             may_call_out: &|_| false,
             primary_up: &|_| false,
+            greylisted: &|_, _| false,
         };
         let mut s = local();
         s.command(b"EHLO c\r\n", &env);

@@ -80,6 +80,11 @@ pub struct Env<'a> {
     /// mail while its primary is up, the primary's last check succeeded and
     /// is fresh, and the client is not trusted.
     pub primary_up: &'a dyn Fn(&str) -> bool,
+    /// Whether RCPT of (sender, accepted address) is told to retry later by
+    /// greylisting (its domain greylists, the client is neither trusted nor
+    /// on a DNS allowlist, and the triplet has not passed). Asking records
+    /// the attempt.
+    pub greylisted: &'a dyn Fn(&str, &str) -> bool,
 }
 
 /// A mail transaction in progress: MAIL, then RCPTs.
@@ -390,6 +395,7 @@ mod tests {
             primary_down: &|_| false,
             may_call_out: &|_| false,
             primary_up: &|_| false,
+            greylisted: &|_, _| false,
         }
     }
 

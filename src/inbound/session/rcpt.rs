@@ -56,6 +56,9 @@ impl Session {
         {
             return Ok(refusal);
         }
+        if !is_postmaster(&address, &to) && (env.greylisted)(&transaction.sender, &address) {
+            return Ok(greylisted(&address));
+        }
         if (env.primary_up)(&address) {
             return Ok(primary_is_up(&address));
         }
@@ -289,6 +292,16 @@ fn primary_is_up(address: &str) -> Reply {
     )
 }
 
+/// Greylisting: an unseen triplet is told to come back; real MTAs do.
+fn greylisted(address: &str) -> Reply {
+    Reply::refuse(
+        Rejection::Greylist,
+        450,
+        "4.7.1",
+        format!("<{address}>: Recipient address rejected: Greylisted, try again later"),
+    )
+}
+
 /// The refusal of a client the DNS lists block, naming the list as
 /// postscreen does.
 fn listed(ip: std::net::IpAddr, zone: &str) -> Reply {
@@ -472,6 +485,49 @@ mod tests {
     }
 
     #[test]
+    fn greylisting_asks_with_the_sender_and_spares_postmaster() {
+        let p = policy::sample();
+        let asked = std::cell::RefCell::new(Vec::new());
+        let greylisted = |sender: &str, address: &str| {
+            asked.borrow_mut().push(format!("{sender} {address}"));
+            address != "passed@example.com"
+        };
+        let env = Env {
+            policy: &p,
+            spool_has_room: &|_| true,
+            knowledge: &|_| Knowledge::Unseen,
+            primary_down: &|_| false,
+            may_call_out: &|_| false,
+            primary_up: &|_| false,
+            greylisted: &greylisted,
+        };
+        let mut s = local();
+        s.command(b"EHLO c\r\n", &env);
+        s.command(b"MAIL FROM:<a@b.test>\r\n", &env);
+        let reply = |s: &mut Session, rcpt: &str| match s
+            .command(format!("RCPT TO:<{rcpt}>\r\n").as_bytes(), &env)
+        {
+            Step::Reply(r) => (r.code, r.status, r.rejection),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            reply(&mut s, "new@example.com"),
+            (450, "4.7.1", Some(Rejection::Greylist))
+        );
+        assert_eq!(reply(&mut s, "passed@example.com"), (250, "2.1.5", None));
+        assert_eq!(
+            reply(&mut s, "postmaster@example.com"),
+            (250, "2.1.5", None)
+        );
+        // Refused before greylisting: not asked.
+        assert_eq!(reply(&mut s, "x@elsewhere.test").0, 550);
+        assert_eq!(
+            *asked.borrow(),
+            ["a@b.test new@example.com", "a@b.test passed@example.com"]
+        );
+    }
+
+    #[test]
     fn learned_recipients_decide_while_the_primary_is_down() {
         let p = policy::sample_verifying();
         let room = |_| true;
@@ -489,6 +545,7 @@ mod tests {
                 primary_down: &primary_down,
                 may_call_out: &|_| false,
                 primary_up: &|_| false,
+                greylisted: &|_, _| false,
             };
             let mut s = local();
             s.command(b"EHLO c\r\n", &env);
@@ -525,6 +582,7 @@ mod tests {
                 primary_down: &primary_down,
                 may_call_out: &|_| true,
                 primary_up: &|_| false,
+                greylisted: &|_, _| false,
             };
             let mut s = local();
             s.command(b"EHLO c\r\n", &env);
