@@ -2,15 +2,18 @@
 //! recipient) is told 450 4.7.1 until `[greylist] delay` has passed, its
 //! retry within `window` is accepted and its network remembered; a retry
 //! after the window starts over; the state survives a restart; trusted
-//! clients, postmaster and domains without `greylist` are never delayed.
+//! clients, clients a `dnswl` zone lists, postmaster and domains without
+//! `greylist` are never delayed.
 //! Time moves with the server's clock, not by waiting.
 
 mod common;
+mod dns_server;
 
 use std::net::IpAddr;
 use std::time::Duration;
 
 use common::{Client, TestConfig, TestServer};
+use dns_server::TestDns;
 
 const DELAY: Duration = Duration::from_secs(5 * 60);
 const WINDOW: Duration = Duration::from_secs(24 * 3600);
@@ -166,6 +169,27 @@ async fn trusted_clients_postmaster_and_other_domains_skip_it() {
     // The network has not passed greylisting by any of these.
     assert_eq!(
         attempt(&t, "127.0.0.1", "a@origin.test", "user@grey.test").await,
+        450
+    );
+}
+
+#[tokio::test]
+async fn clients_a_dns_allowlist_lists_skip_it() {
+    let dns = TestDns::start().await;
+    dns.set_ips("1.5.0.127.wl.test", &[ip("127.0.0.2")]);
+    let t = TestServer::start(
+        config()
+            .set("delivery", "nameservers", &format!("[\"{}\"]", dns.addr))
+            .server("dnswl", r#"["wl.test"]"#),
+    )
+    .await;
+    assert_eq!(
+        attempt(&t, "127.0.5.1", "a@origin.test", "user@grey.test").await,
+        250
+    );
+    // Its neighbour is not listed.
+    assert_eq!(
+        attempt(&t, "127.0.6.1", "a@origin.test", "user@grey.test").await,
         450
     );
 }

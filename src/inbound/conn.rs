@@ -136,6 +136,7 @@ where
             && is_rcpt(line)
         {
             session.screened(screen.verdict().await);
+            session.set_allowlisted(screen.allowlisted());
             check_spf(&mut session, line, inbound, &policy).await;
         }
         let step = next_step(io, &mut session, &input, inbound, &policy).await;
@@ -287,8 +288,9 @@ where
         })
     };
     let ip = session.ip();
+    let skips_greylist = trusted || session.allowlisted();
     let greylisted = |sender: &str, address: &str| {
-        !trusted
+        !skips_greylist
             && policy.greylists(address)
             && (inbound.greylist)
                 .check(ip, sender, address, now, &policy.greylist)

@@ -38,6 +38,8 @@ const PATIENCE: Patience = Patience {
 pub struct Lists {
     /// `dnsbl`, then `dnswl`: one weight each.
     lists: Vec<DnsList>,
+    /// How many of `lists` are `dnsbl`; the rest are `dnswl`.
+    blocklists: usize,
     threshold: i32,
     /// `trusted`: never looked up.
     trusted: Vec<IpNet>,
@@ -55,6 +57,7 @@ impl Lists {
     pub fn from_config(server: &ServerConfig) -> Lists {
         Lists {
             lists: server.dnsbl.iter().chain(&server.dnswl).cloned().collect(),
+            blocklists: server.dnsbl.len(),
             threshold: server.dnsbl_threshold,
             trusted: server.trusted.clone(),
         }
@@ -69,6 +72,16 @@ impl Lists {
     /// Whether the lists are to be consulted about `ip` at all.
     pub fn apply_to(&self, ip: IpAddr) -> bool {
         !self.lists.is_empty() && !self.trusts(ip)
+    }
+
+    /// Whether any `dnswl` zone lists the client, by every list's answers:
+    /// such a client skips greylisting.
+    pub fn allowlisted(&self, answers: &[Vec<Ipv4Addr>]) -> bool {
+        self.lists
+            .iter()
+            .zip(answers)
+            .skip(self.blocklists)
+            .any(|(list, answers)| listed(list, answers))
     }
 
     /// The verdict from every list's answers (`answers[i]` belongs to the
@@ -148,7 +161,7 @@ impl Lookups {
     /// (none configured, or a trusted client).
     pub fn start(&self, ip: IpAddr, lists: &Arc<Lists>) -> Screen {
         if !lists.apply_to(ip) {
-            return Screen::Known(None);
+            return Screen::Known(Verdict::default());
         }
         let dns = self.dns.clone();
         let metrics = self.metrics.clone();
@@ -156,7 +169,10 @@ impl Lookups {
         Screen::Pending(tokio::spawn(
             async move {
                 let answers = lookup_all(&dns, &metrics, ip, &lists).await;
-                lists.decide(&answers)
+                Verdict {
+                    blocked: lists.decide(&answers),
+                    allowlisted: lists.allowlisted(&answers),
+                }
             }
             .in_current_span(),
         ))
@@ -208,11 +224,20 @@ async fn lookup_all(
     answers.into_iter().map(Option::unwrap_or_default).collect()
 }
 
+/// What the DNS lists said about one client.
+#[derive(Clone, Debug, Default)]
+pub struct Verdict {
+    /// Refused: the score reached the threshold.
+    pub blocked: Option<Blocked>,
+    /// A `dnswl` zone lists it.
+    pub allowlisted: bool,
+}
+
 /// The DNS list verdict on one client: pending while the lookups run.
 /// Dropping it (the client left) cancels them.
 pub enum Screen {
-    Pending(JoinHandle<Option<Blocked>>),
-    Known(Option<Blocked>),
+    Pending(JoinHandle<Verdict>),
+    Known(Verdict),
 }
 
 impl Screen {
@@ -222,17 +247,23 @@ impl Screen {
         if let Screen::Pending(handle) = self {
             let verdict = handle.await.unwrap_or_else(|e| {
                 warn!(error = %e, "DNS list lookups ended abnormally; taken as not listed");
-                None
+                Verdict::default()
             });
-            if let Some(blocked) = &verdict {
+            if let Some(blocked) = &verdict.blocked {
                 info!(zone = %blocked.zone, score = blocked.score, "client listed");
             }
             *self = Screen::Known(verdict);
         }
         match self {
-            Screen::Known(verdict) => verdict.as_ref(),
+            Screen::Known(verdict) => verdict.blocked.as_ref(),
             Screen::Pending(_) => None,
         }
+    }
+
+    /// Whether a `dnswl` zone lists the client; false until [`Screen::verdict`]
+    /// has the answers.
+    pub fn allowlisted(&self) -> bool {
+        matches!(self, Screen::Known(v) if v.allowlisted)
     }
 }
 
@@ -257,6 +288,7 @@ mod tests {
                 .map(parse(DnsListKind::Block))
                 .chain(allow.iter().map(parse(DnsListKind::Allow)))
                 .collect(),
+            blocklists: block.len(),
             threshold,
             trusted: vec!["198.51.100.0/24".parse().unwrap()],
         }
@@ -324,6 +356,16 @@ mod tests {
         assert_eq!(wl.decide(&[vec![], hit()]), None);
         // Fewer answers than lists (cannot happen; still no panic).
         assert_eq!(two.decide(&[]), None);
+    }
+
+    #[test]
+    fn only_a_dnswl_listing_makes_a_client_allowlisted() {
+        let l = lists(&["a.example*-1"], &["wl.example"], 1);
+        let hit = || ips(&["127.0.0.2"]);
+        assert!(!l.allowlisted(&[vec![], vec![]]));
+        assert!(!l.allowlisted(&[hit(), vec![]]));
+        assert!(l.allowlisted(&[vec![], hit()]));
+        assert!(!l.allowlisted(&[]));
     }
 
     #[test]

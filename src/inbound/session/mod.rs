@@ -129,6 +129,8 @@ pub struct Session {
     /// `spf` on; it counts only for the HELO name and sender it was
     /// computed with.
     spf: Option<Spf>,
+    /// A `dnswl` zone lists the client: greylisting does not apply.
+    allowlisted: bool,
 }
 
 impl Session {
@@ -147,6 +149,7 @@ impl Session {
             errors: 0,
             blocked: None,
             spf: None,
+            allowlisted: false,
         }
     }
 
@@ -173,6 +176,16 @@ impl Session {
         self.spf
             .as_ref()
             .filter(|s| s.is_for(self.helo_name(), sender))
+    }
+
+    /// Whether a `dnswl` zone lists the client (it then skips greylisting).
+    pub fn set_allowlisted(&mut self, allowlisted: bool) {
+        self.allowlisted = allowlisted;
+    }
+
+    /// See [`Session::set_allowlisted`].
+    pub fn allowlisted(&self) -> bool {
+        self.allowlisted
     }
 
     /// The client's address.
