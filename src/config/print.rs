@@ -159,7 +159,17 @@ fn tls_policy_name(p: TlsPolicy) -> &'static str {
 }
 
 /// "5m", "1h 30m", "5d": the largest units that divide the duration exactly.
+/// A whole number of days, hours, minutes or seconds in the largest unit
+/// that divides it ("35d", not humantime's "1month4days13h26m24s").
 fn format_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d.subsec_nanos() == 0 && secs > 0 {
+        for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60), ("s", 1)] {
+            if secs.is_multiple_of(size) {
+                return format!("{}{unit}", secs / size);
+            }
+        }
+    }
     humantime::format_duration(d).to_string().replace(' ', "")
 }
 
@@ -199,9 +209,10 @@ mod tests {
         let again = parse(&printed).unwrap();
         assert_eq!(again, c, "{printed}");
         assert!(
-            printed.contains("max_queue_lifetime = \"1day12h\""),
+            printed.contains("max_queue_lifetime = \"36h\""),
             "{printed}"
         );
+        assert!(printed.contains("remember = \"35d\""), "{printed}");
 
         let plain = parse(MINIMAL).unwrap();
         let printed = plain.to_toml();
