@@ -292,7 +292,8 @@ where
     let greylisted = |sender: &str, address: &str| {
         !skips_greylist
             && policy.greylists(address)
-            && (inbound.greylist)
+            && inbound
+                .greylist
                 .check(ip, sender, address, now, &policy.greylist)
                 .refuses()
     };
