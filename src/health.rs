@@ -109,11 +109,13 @@ impl Health {
         })
     }
 
-    /// The primary of destination `domain` was reached (`up`) or could not be
-    /// (with `reason`), as of `now_ms`. Sets `mxspool_primary_up` of its relay
+    /// The primary of destination `domain` was reached (`up`, `detail`: the
+    /// host that answered, when known) or could not be (`detail`: why), as
+    /// of `now_ms`. Sets `mxspool_primary_up` of its relay
     /// domain and, on a change, records it, logs it once (`primary up` /
     /// `primary down`) and sets `mxspool_primary_last_change_timestamp_seconds`.
-    pub fn report(&self, domain: &str, up: bool, reason: Option<&str>, now_ms: u64) {
+    pub fn report(&self, domain: &str, up: bool, detail: Option<&str>, now_ms: u64) {
+        let reason = if up { None } else { detail };
         let label = self.metrics.label(domain);
         let mut state = self.write();
         if up {
@@ -136,7 +138,7 @@ impl Health {
             return;
         }
         if up {
-            info!(domain = %label, destination = %domain, "primary up");
+            info!(domain = %label, destination = %domain, host = detail.unwrap_or(""), "primary up");
         } else {
             warn!(domain = %label, destination = %domain, reason = reason.unwrap_or(""), "primary down");
         }

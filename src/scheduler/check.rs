@@ -101,7 +101,7 @@ async fn check(ctx: &Ctx, dests: &Destinations, group: Group) {
             for hop in hops {
                 match outbound::probe(hop, settings).await {
                     Ok(()) => {
-                        last = Ok(());
+                        last = Ok(format!("{} [{}]", hop.name, hop.addr));
                         break;
                     }
                     Err(e) => last = Err(format!("{} [{}]: {e}", hop.name, hop.addr)),
@@ -113,7 +113,7 @@ async fn check(ctx: &Ctx, dests: &Destinations, group: Group) {
     for domain in group.domains {
         let _ = ctx.events.send(Event::Checked {
             domain,
-            reason: verdict.clone().err(),
+            answer: verdict.clone(),
         });
     }
 }

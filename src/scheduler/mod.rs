@@ -116,10 +116,11 @@ pub(crate) enum Event {
         domain: Arc<str>,
         up: bool,
     },
-    /// A health check of the domain's primary: `None` it answered, or why not.
+    /// A health check of the domain's primary: the host that answered, or
+    /// why none did.
     Checked {
         domain: Arc<str>,
-        reason: Option<String>,
+        answer: Result<String, String>,
     },
     /// Mail was made due now (release after recovery, ETRN, flush).
     Released,
@@ -273,10 +274,11 @@ impl Scheduler {
 
     /// Reports a destination's health (inbound, callouts, the gauge and the
     /// admin API read it).
-    fn publish(&self, domain: &str, up: bool, reason: Option<&str>) {
+    /// `detail`: for down, why; for up, the host that answered (if known).
+    fn publish(&self, domain: &str, up: bool, detail: Option<&str>) {
         self.ctx
             .health
-            .report(domain, up, reason, self.ctx.clock.now_ms());
+            .report(domain, up, detail, self.ctx.clock.now_ms());
     }
 
     fn domain(&mut self, name: &str) -> (Arc<str>, &mut DomainState) {
@@ -470,7 +472,7 @@ impl Scheduler {
                     state.congest(connected, self.connections_per_domain);
                 }
             }
-            Event::Reachable { domain } => self.mark_up(&domain),
+            Event::Reachable { domain } => self.mark_up(&domain, None),
             Event::Unreachable { domain, reason } => self.mark_down(&domain, reason),
             Event::Loop { domain } => {
                 if let Some(state) = self.domains.get_mut(&domain) {
@@ -483,10 +485,10 @@ impl Scheduler {
                 }
                 if up {
                     info!(%domain, "primary answers again");
-                    self.mark_up(&domain);
+                    self.mark_up(&domain, None);
                 }
             }
-            Event::Checked { domain, reason } => self.checked(&domain, reason),
+            Event::Checked { domain, answer } => self.checked(&domain, answer),
             Event::Released => self.rescan_soon(Duration::ZERO),
             Event::PrimaryAddresses { domain, ips } => {
                 if let Some(state) = self.domains.get_mut(&domain) {

@@ -40,7 +40,7 @@ impl Scheduler {
     }
 
     /// The primary answered: release everything that waited for it.
-    pub(super) fn mark_up(&mut self, domain: &Arc<str>) {
+    pub(super) fn mark_up(&mut self, domain: &Arc<str>, host: Option<&str>) {
         let Some(state) = self.domains.get_mut(domain) else {
             return;
         };
@@ -50,7 +50,7 @@ impl Scheduler {
         state.looping = false;
         state.primary_ips.clear();
         let waiting: Vec<QueueId> = state.waiting.drain().collect();
-        self.publish(domain, true, None);
+        self.publish(domain, true, host);
         if waiting.is_empty() {
             return;
         }
@@ -64,13 +64,13 @@ impl Scheduler {
     /// A health check's result: a primary that answers again releases what
     /// waited for it; one that stopped answering is marked down, so new mail
     /// waits for it instead of trying; either way health hears of it.
-    pub(super) fn checked(&mut self, domain: &Arc<str>, reason: Option<String>) {
+    pub(super) fn checked(&mut self, domain: &Arc<str>, answer: Result<String, String>) {
         let was_down = self.domains.get(domain).is_some_and(|s| s.down.is_some());
-        match reason {
-            None if was_down => self.mark_up(domain),
-            None => self.publish(domain, true, None),
-            Some(reason) if was_down => self.publish(domain, false, Some(&reason)),
-            Some(reason) => {
+        match answer {
+            Ok(host) if was_down => self.mark_up(domain, Some(&host)),
+            Ok(host) => self.publish(domain, true, Some(&host)),
+            Err(reason) if was_down => self.publish(domain, false, Some(&reason)),
+            Err(reason) => {
                 self.domain(domain);
                 self.mark_down(domain, reason);
             }
