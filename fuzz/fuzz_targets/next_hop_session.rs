@@ -132,7 +132,10 @@ fn check_outcome(outcome: &Outcome) {
     }
     // What is stored as `last_reply` and logged is one line without control
     // characters (a bare CR from the next hop once reached it).
-    assert!(!outcome.reply().chars().any(char::is_control), "{outcome:?}");
+    assert!(
+        !outcome.reply().chars().any(char::is_control),
+        "{outcome:?}"
+    );
 }
 
 async fn deliver(knob: u8, says: &[u8]) {

@@ -31,8 +31,10 @@ fuzz_target!(|input: &[u8]| {
     assert_eq!(again, envelope);
     let _ = envelope.next_due_ms();
 
+    // The first 64 recipients, and two indexes no recipient has.
     let n = envelope.recipients.len().min(64);
-    let wanted: Vec<usize> = (0..n).chain([n + 1, usize::MAX]).collect();
+    let beyond = envelope.recipients.len() + 1;
+    let wanted: Vec<usize> = (0..n).chain([beyond, usize::MAX]).collect();
     for bits in [0u8, 0x0f, 0x05, 0x0a] {
         let caps = Capabilities {
             dsn: bits & 1 != 0,
