@@ -278,20 +278,23 @@ where
         answer(address) == Some(Verdict::Unreachable) || inbound.health.is_down(&domain_of(address))
     };
     let may_call_out = |_: &str| asked.is_none();
-    let trusted = policy.dnsbl.trusts(session.ip());
+    // Asked only for a recipient of a domain that defers or greylists, not
+    // for every line.
+    let ip = session.ip();
+    let trusted = || policy.dnsbl.trusts(ip);
     let primary_up = |address: &str| {
         policy.defers_when_up(address).is_some_and(|domain| {
-            !trusted
+            !trusted()
                 && inbound
                     .health
                     .fresh_up(domain, now, policy.primary_fresh_for)
         })
     };
-    let ip = session.ip();
-    let skips_greylist = trusted || session.allowlisted();
+    let allowlisted = session.allowlisted();
     let greylisted = |sender: &str, address: &str| {
-        !skips_greylist
-            && policy.greylists(address)
+        policy.greylists(address)
+            && !allowlisted
+            && !trusted()
             && inbound
                 .greylist
                 .check(ip, sender, address, now, &policy.greylist)
