@@ -88,6 +88,7 @@ fn message(id: QueueId, token: &str) -> NewMessage {
                 delay_notified: false,
                 suspect: false,
             }],
+            notices_to: None,
         },
         body,
     }

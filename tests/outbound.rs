@@ -58,6 +58,7 @@ fn envelope(rcpts: &[&str]) -> Envelope {
                 suspect: false,
             })
             .collect(),
+        notices_to: None,
     }
 }
 

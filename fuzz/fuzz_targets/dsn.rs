@@ -146,6 +146,7 @@ fuzz_target!(|bytes: &[u8]| {
             tls: false,
         },
         recipients,
+        notices_to: None,
     };
     let reports: Vec<RecipientReport> = envelope
         .recipients

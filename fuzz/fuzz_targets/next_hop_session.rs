@@ -110,6 +110,7 @@ fn envelope(id: u64, has_8bit: bool) -> Envelope {
             recipient("b@example.com", Notify::SUCCESS | Notify::FAILURE),
             recipient("c d@example.com", Notify::NEVER),
         ],
+        notices_to: None,
     }
 }
 

@@ -115,6 +115,7 @@ fuzz_target!(|input: &[u8]| {
             tls: false,
         },
         recipients: t.recipients,
+        notices_to: None,
     };
     let caps = Capabilities {
         dsn: bits & 1 != 0,

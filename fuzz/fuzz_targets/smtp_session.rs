@@ -247,6 +247,7 @@ fn check_message(session: &Session, world: &World, policy: &Policy, t: Transacti
             tls: session.is_tls(),
         },
         recipients: t.recipients,
+        notices_to: None,
     };
     assert_eq!(Envelope::decode(&envelope.encode()).as_ref(), Ok(&envelope));
 }

@@ -23,6 +23,8 @@ pub struct File {
     pub log: Log,
     pub greylist: Greylist,
     pub domain: Vec<Domain>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fetch: Vec<Fetch>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -221,6 +223,46 @@ impl Default for Domain {
             when_primary_up: "accept".into(),
             spf: "off".into(),
             greylist: false,
+        }
+    }
+}
+
+/// A `[[fetch]]` block. `name`, `protocol`, `server`, `username`,
+/// `password_file` and `domains` have no default: `validate` requires them.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fetch {
+    pub name: String,
+    pub protocol: String,
+    pub server: String,
+    pub tls: String,
+    pub ca_file: String,
+    pub username: String,
+    pub password_file: String,
+    pub mailbox: String,
+    pub interval: String,
+    pub delete: bool,
+    pub domains: Vec<String>,
+    pub postmaster: String,
+    pub bounce: String,
+}
+
+impl Default for Fetch {
+    fn default() -> Self {
+        Fetch {
+            name: String::new(),
+            protocol: String::new(),
+            server: String::new(),
+            tls: "implicit".into(),
+            ca_file: String::new(),
+            username: String::new(),
+            password_file: String::new(),
+            mailbox: "INBOX".into(),
+            interval: "1m".into(),
+            delete: true,
+            domains: Vec::new(),
+            postmaster: String::new(),
+            bounce: "postmaster".into(),
         }
     }
 }

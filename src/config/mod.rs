@@ -15,9 +15,11 @@
 //! - `file`: the TOML as written, every default filled in;
 //! - `validate`: the file layer turned into a [`Config`], or an error naming
 //!   the key;
+//! - `fetch`: the `[[fetch]]` blocks, typed, validated and printed;
 //! - `print`: a [`Config`] turned back into the file layer, for `check-config`.
 
 mod dnslist;
+mod fetch;
 mod file;
 mod print;
 mod validate;
@@ -31,6 +33,7 @@ use ipnet::IpNet;
 
 use crate::domain::{RelayDomain, RelayDomains};
 pub use dnslist::{AnswerFilter, DnsList, Kind as DnsListKind};
+pub use fetch::{FetchBounce, FetchConfig, FetchProtocol, FetchTls};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -45,6 +48,8 @@ pub struct Config {
     pub log: LogConfig,
     pub greylist: GreylistConfig,
     pub domains: Vec<DomainConfig>,
+    /// `[[fetch]]`: catch-all mailboxes fetched into the spool.
+    pub fetch: Vec<FetchConfig>,
 }
 
 /// `[greylist]`: how long an unseen (client network, sender, recipient)

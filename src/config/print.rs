@@ -57,6 +57,7 @@ fn to_file(config: &Config) -> file::File {
             remember: format_duration(config.greylist.remember),
         },
         domain: config.domains.iter().map(domain).collect(),
+        fetch: config.fetch.iter().map(super::fetch::to_file).collect(),
     }
 }
 
@@ -161,7 +162,7 @@ fn tls_policy_name(p: TlsPolicy) -> &'static str {
 /// "5m", "1h 30m", "5d": the largest units that divide the duration exactly.
 /// A whole number of days, hours, minutes or seconds in the largest unit
 /// that divides it ("35d", not humantime's "1month4days13h26m24s").
-fn format_duration(d: Duration) -> String {
+pub(super) fn format_duration(d: Duration) -> String {
     let secs = d.as_secs();
     if d.subsec_nanos() == 0 && secs > 0 {
         for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60), ("s", 1)] {

@@ -28,12 +28,12 @@ pub(super) fn config(f: &file::File, source: &Path) -> Result<Config, ConfigErro
 }
 
 /// Holds the file name that every error names.
-struct Validator<'a> {
-    source: &'a Path,
+pub(super) struct Validator<'a> {
+    pub(super) source: &'a Path,
 }
 
 impl Validator<'_> {
-    fn err(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    pub(super) fn err(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             file: self.source.to_owned(),
             key: key.into(),
@@ -51,6 +51,7 @@ impl Validator<'_> {
         let log = self.log(&f.log)?;
         let greylist = self.greylist(&f.greylist)?;
         let domains = self.domains(&f.domain, delivery.port)?;
+        let fetch = self.fetches(&f.fetch, &domains, &delivery.postmaster)?;
         Ok(Config {
             source: self.source.to_owned(),
             server,
@@ -61,6 +62,7 @@ impl Validator<'_> {
             log,
             greylist,
             domains,
+            fetch,
         })
     }
 
@@ -434,7 +436,7 @@ impl Validator<'_> {
         Ok(())
     }
 
-    fn duration(&self, key: &str, text: &str) -> Result<Duration, ConfigError> {
+    pub(super) fn duration(&self, key: &str, text: &str) -> Result<Duration, ConfigError> {
         let d = humantime::parse_duration(text.trim()).map_err(|e| {
             self.err(
                 key,
@@ -538,11 +540,11 @@ fn parse_route(text: &str, default_port: u16) -> Result<Route, String> {
 
 /// A host or domain name as written in the file: surrounding whitespace
 /// ignored, then normalised as every [`Domain`] is.
-fn normalise_name(name: &str) -> String {
+pub(super) fn normalise_name(name: &str) -> String {
     Domain::new(name.trim()).into()
 }
 
-fn one_of(got: &str, allowed: &[&str]) -> String {
+pub(super) fn one_of(got: &str, allowed: &[&str]) -> String {
     format!("{got:?} is not one of {}", allowed.join(", "))
 }
 

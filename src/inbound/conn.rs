@@ -527,6 +527,7 @@ async fn store(
             tls: session.is_tls(),
         },
         recipients,
+        notices_to: None,
     };
     commit(inbound, envelope, body).await
 }

@@ -38,10 +38,25 @@ pub struct Policy<'a> {
 pub fn unreportable(env: &Envelope, bounce: BouncePolicy) -> bool {
     bounce != BouncePolicy::Drop
         && env.sender.is_empty()
+        && env.notices_to.is_none()
         && env
             .recipients
             .iter()
             .any(|r| r.status == RcptStatus::Failed)
+}
+
+/// Who is told about `env`: nobody with `bounce = "drop"`; the address the
+/// message names for its notices (fetched mail: its fetch block's
+/// postmaster); never the null sender (notices about notices loop); else
+/// the sender or the postmaster, as `delivery.bounce` says.
+fn notice_target(env: &Envelope, policy: &Policy<'_>) -> Option<String> {
+    match (policy.bounce, &env.notices_to) {
+        (BouncePolicy::Drop, _) => None,
+        (_, Some(to)) => Some(to.clone()),
+        _ if env.sender.is_empty() => None,
+        (BouncePolicy::Sender, None) => Some(env.sender.clone()),
+        (BouncePolicy::Postmaster, None) => Some(policy.postmaster.to_owned()),
+    }
 }
 
 /// Builds one DSN per kind of notice (failed, delayed, relayed) that NOTIFY=
@@ -73,12 +88,8 @@ pub fn plan(
         if owed.is_empty() {
             continue;
         }
-        let to = match policy.bounce {
-            BouncePolicy::Drop => continue,
-            // Never a notice to the null sender: notices about notices loop.
-            _ if env.sender.is_empty() => continue,
-            BouncePolicy::Sender => env.sender.clone(),
-            BouncePolicy::Postmaster => policy.postmaster.to_owned(),
+        let Some(to) = notice_target(env, policy) else {
+            continue;
         };
         let id = next_id();
         let message_id = format!("<{id}.dsn@{}>", policy.hostname);
@@ -161,6 +172,7 @@ fn notice_message(
                 delay_notified: false,
                 suspect: false,
             }],
+            notices_to: None,
         },
         body,
     }
@@ -243,6 +255,23 @@ mod tests {
         assert_eq!(p[0].envelope.recipients[0].address, "pm@example.net");
         let p = run(&env, &[failed(0)], BouncePolicy::Drop);
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn fetched_mail_is_reported_where_it_says() {
+        let mut env = envelope("forged@example.org", 0);
+        env.notices_to = Some("pm@example.com".into());
+        let p = run(&env, &[failed(0)], BouncePolicy::Sender);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].envelope.recipients[0].address, "pm@example.com");
+        assert_eq!(p[0].envelope.sender, "");
+        // Even from <>: the postmaster hears of it, nothing becomes a dead letter.
+        env.sender = String::new();
+        let p = run(&env, &[failed(0)], BouncePolicy::Postmaster);
+        assert_eq!(p[0].envelope.recipients[0].address, "pm@example.com");
+        assert!(!unreportable(&env, BouncePolicy::Sender));
+        // The operator's `bounce = "drop"` still means silence.
+        assert!(run(&env, &[failed(0)], BouncePolicy::Drop).is_empty());
     }
 
     #[test]

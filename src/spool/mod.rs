@@ -12,7 +12,8 @@
 //! (envelopes that did not decode or lost their body, kept for inspection),
 //! `learned`, `greylist` and `greylist_passed` (greylisting's triplets and
 //! the client networks that passed), `paused` (relay domains whose delivery is paused, so a pause
-//! outlives a restart), `meta`. The file is untrusted input: the open sets
+//! outlives a restart), `fetch_seen` and `fetch_ids` (what mailbox fetch
+//! already took), `meta`. The file is untrusted input: the open sets
 //! right what disagrees inside it and logs the queue IDs concerned.
 //!
 //! The spool never speaks SMTP and never decides policy.
@@ -32,6 +33,7 @@ pub(crate) use record::testing;
 mod tables;
 mod writer;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, mpsc};
@@ -72,13 +74,25 @@ const GREYLIST: TableDefinition<&str, u64> = TableDefinition::new("greylist");
 const GREYLIST_PASSED: TableDefinition<&str, u64> = TableDefinition::new("greylist_passed");
 /// Paused relay domains: name -> [`Pause`] as a row (see `Pause::to_row`).
 const PAUSED: TableDefinition<&str, (u8, u64)> = TableDefinition::new("paused");
+/// Mailbox fetch: "account\0message uid" -> when it was stored (Unix ms).
+/// A message listed here is never stored again (`delete = false` keeps it on
+/// the server; `delete = true` may meet it again after a crash before the
+/// deletion). Rows go once the server no longer lists the message.
+const FETCH_SEEN: TableDefinition<&str, u64> = TableDefinition::new("fetch_seen");
+/// Mailbox fetch: "Message-ID size" -> when stored (Unix ms), kept
+/// [`FETCH_DUPLICATE_WINDOW`]: a provider's second copy is stored once.
+const FETCH_IDS: TableDefinition<&str, u64> = TableDefinition::new("fetch_ids");
+/// How long a fetched Message-ID and size are remembered.
+pub const FETCH_DUPLICATE_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Layout version of the tables above, stored in `meta` and checked at open.
 /// 2 added `paused` and envelope records of layout 2; a spool of layout 1 is
 /// upgraded when opened (its records still decode), and an older mxspool
 /// refuses a spool of layout 2 instead of quarantining records it cannot read.
-const SCHEMA: u64 = 2;
+/// 3 added envelope records of layout 3 (`notices_to`) and the tables
+/// `fetch_seen` and `fetch_ids`; older records still decode.
+const SCHEMA: u64 = 3;
 
 /// A change to greylisting's state (see `knowledge::greylist`).
 #[derive(Debug)]
@@ -98,6 +112,27 @@ pub enum GreyWrite {
         seen_before: u64,
         passed_before: u64,
     },
+}
+
+/// What a fetch stores besides a message: that the mailbox's message `uid`
+/// of `account` was taken, and (with its Message-ID) the duplicate key.
+#[derive(Debug, Clone)]
+pub struct FetchMark {
+    pub account: String,
+    pub uid: String,
+    /// "Message-ID size", when the message has a Message-ID.
+    pub duplicate_key: Option<String>,
+    pub at_ms: u64,
+}
+
+impl FetchMark {
+    fn seen_key(&self) -> String {
+        seen_key(&self.account, &self.uid)
+    }
+}
+
+fn seen_key(account: &str, uid: &str) -> String {
+    format!("{account}\0{uid}")
 }
 
 /// A message ready to be stored: everything the 250 promises.
@@ -375,6 +410,35 @@ impl Spool {
             done,
         })?;
         result.await.unwrap_or(Err(CommitError::Closed))
+    }
+
+    /// Stores a fetched message (`None`: a duplicate, only marked) together
+    /// with its [`FetchMark`], durably: the mailbox may delete it once this
+    /// returns `Ok`.
+    pub async fn commit_fetched(
+        &self,
+        message: Option<NewMessage>,
+        mark: FetchMark,
+    ) -> Result<(), CommitError> {
+        let (done, result) = oneshot::channel();
+        self.send(Job::Fetched {
+            message: message.map(Box::new),
+            mark,
+            done,
+        })?;
+        result.await.unwrap_or(Err(CommitError::Closed))
+    }
+
+    /// Forgets the messages of `account` the server no longer lists (every
+    /// one not in `listed`), and duplicate keys older than
+    /// [`FETCH_DUPLICATE_WINDOW`] as of `now_ms`. Not awaited: a row kept
+    /// too long only costs space.
+    pub fn fetch_forget(&self, account: &str, listed: HashSet<String>, now_ms: u64) {
+        let _ = self.send(Job::FetchForget {
+            prefix: seen_key(account, ""),
+            listed: listed.iter().map(|uid| seen_key(account, uid)).collect(),
+            ids_before: now_ms.saturating_sub(FETCH_DUPLICATE_WINDOW.as_millis() as u64),
+        });
     }
 
     /// Stops accepting commits, waits for those in progress, and stops the writer.
@@ -763,6 +827,72 @@ mod tests {
                 ("b.example".to_string(), operator)
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn fetch_marks_are_stored_with_the_message_and_forgotten_when_unlisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let spool = Spool::open(&path, 1 << 20).unwrap();
+        let mark = |uid: &str, key: Option<&str>, at_ms| FetchMark {
+            account: "isp".into(),
+            uid: uid.into(),
+            duplicate_key: key.map(Into::into),
+            at_ms,
+        };
+        let day = 24 * 3600 * 1000;
+        spool
+            .commit_fetched(Some(message(1, b"a\r\n")), mark("u1", Some("<a@x> 3"), day))
+            .await
+            .unwrap();
+        // A duplicate: only its mark.
+        spool
+            .commit_fetched(None, mark("u2", None, day))
+            .await
+            .unwrap();
+        // Another account's marks are its own.
+        let other = FetchMark {
+            account: "isp2".into(),
+            ..mark("u1", None, day)
+        };
+        spool.commit_fetched(None, other).await.unwrap();
+        assert_eq!(spool.stats().messages, 1);
+        let seen = spool.fetch_seen("isp").unwrap();
+        assert_eq!(seen, ["u1", "u2"].map(String::from).into());
+        assert!(spool.fetch_duplicate("<a@x> 3", day + 1).unwrap());
+        assert!(!spool.fetch_duplicate("<a@x> 4", day + 1).unwrap());
+        assert!(!spool.fetch_duplicate("<a@x> 3", day + 8 * day).unwrap());
+
+        // A full spool stores neither the message nor its mark.
+        let mut big = message(3, &[b'x'; 100]);
+        big.envelope.size = 2 << 20;
+        assert_eq!(
+            spool
+                .commit_fetched(Some(big), mark("u3", Some("<b@x> 1"), day))
+                .await,
+            Err(CommitError::Full)
+        );
+        assert!(!spool.fetch_seen("isp").unwrap().contains("u3"));
+        assert!(!spool.fetch_duplicate("<b@x> 1", day).unwrap());
+
+        // The server no longer lists u1; a week later its Message-ID is forgotten too.
+        spool.fetch_forget("isp", ["u2".to_string()].into(), 9 * day);
+        spool
+            .commit_fetched(None, mark("u4", None, 9 * day))
+            .await
+            .unwrap();
+        spool.close();
+        drop(spool);
+        let spool = Spool::open(&path, 1 << 20).unwrap();
+        assert_eq!(
+            spool.fetch_seen("isp").unwrap(),
+            ["u2", "u4"].map(String::from).into()
+        );
+        assert_eq!(
+            spool.fetch_seen("isp2").unwrap(),
+            ["u1"].map(String::from).into()
+        );
+        assert!(!spool.fetch_duplicate("<a@x> 3", day).unwrap());
     }
 
     #[tokio::test]

@@ -2,13 +2,14 @@
 //! was learned and paused, and the running totals. Every read is one redb
 //! snapshot (MVCC), so readers never wait for the writer and never write.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
 use redb::{ReadableTable, TableDefinition};
 
 use super::{
-    BODIES, DEAD, DUE, Envelope, GREYLIST, GREYLIST_PASSED, HELD, LEARNED, LearnedRow, MESSAGES,
-    PAUSED, Pause, QUARANTINE, QueueId, ReadError, Spool, Stats, read_err,
+    BODIES, DEAD, DUE, Envelope, FETCH_IDS, FETCH_SEEN, GREYLIST, GREYLIST_PASSED, HELD, LEARNED,
+    LearnedRow, MESSAGES, PAUSED, Pause, QUARANTINE, QueueId, ReadError, Spool, Stats, read_err,
 };
 
 impl Spool {
@@ -91,6 +92,34 @@ impl Spool {
             }
         }
         Ok(out)
+    }
+
+    /// The message uids of fetch `account` already stored.
+    pub fn fetch_seen(&self, account: &str) -> Result<HashSet<String>, ReadError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(FETCH_SEEN).map_err(read_err)?;
+        let prefix = super::seen_key(account, "");
+        let mut seen = HashSet::new();
+        for row in table.range(prefix.as_str()..).map_err(read_err)? {
+            let (key, _) = row.map_err(read_err)?;
+            match key.value().strip_prefix(prefix.as_str()) {
+                Some(uid) => seen.insert(uid.to_owned()),
+                None => break,
+            };
+        }
+        Ok(seen)
+    }
+
+    /// Whether a fetched message with this duplicate key ("Message-ID size")
+    /// was stored within [`super::FETCH_DUPLICATE_WINDOW`] of `now_ms`.
+    pub fn fetch_duplicate(&self, key: &str, now_ms: u64) -> Result<bool, ReadError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(FETCH_IDS).map_err(read_err)?;
+        let window = super::FETCH_DUPLICATE_WINDOW.as_millis() as u64;
+        Ok(table
+            .get(key)
+            .map_err(read_err)?
+            .is_some_and(|at| at.value().saturating_add(window) >= now_ms))
     }
 
     /// The last verdict on `address` and when it was learned.

@@ -1,6 +1,7 @@
 //! What the spool stores about a message besides its body: the envelope, with a
 //! state per recipient. Records carry a version byte so an older layout is
-//! still read beside this one (layout 1 lacked [`Recipient::suspect`]), and
+//! still read beside this one (layout 1 lacked [`Recipient::suspect`], layout
+//! 2 [`Envelope::notices_to`]), and
 //! anything that does not decode is reported as such (the spool quarantines
 //! it) instead of panicking. Also the record of a paused relay domain.
 
@@ -11,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use super::id::QueueId;
 
 /// First byte of every stored envelope.
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
+/// The layout before [`Envelope::notices_to`]: still read, never written.
+const VERSION_2: u8 = 2;
 /// The layout before [`Recipient::suspect`]: still read, never written.
 const VERSION_1: u8 = 1;
 
@@ -116,6 +119,10 @@ pub struct Envelope {
     pub size: u64,
     pub client: Client,
     pub recipients: Vec<Recipient>,
+    /// Where notices about this message go instead of its sender. Set for
+    /// mail fetched from a mailbox, whose sender came from a header anyone
+    /// can forge: the fetch block's postmaster.
+    pub notices_to: Option<String>,
 }
 
 impl Envelope {
@@ -140,10 +147,55 @@ impl Envelope {
         match bytes.split_first() {
             None => Err(DecodeError::Empty),
             Some((&VERSION, rest)) => postcard::from_bytes(rest).map_err(malformed),
+            Some((&VERSION_2, rest)) => postcard::from_bytes::<v2::Envelope>(rest)
+                .map(Envelope::from)
+                .map_err(malformed),
             Some((&VERSION_1, rest)) => postcard::from_bytes::<v1::Envelope>(rest)
                 .map(Envelope::from)
                 .map_err(malformed),
             Some((&v, _)) => Err(DecodeError::UnknownVersion(v)),
+        }
+    }
+}
+
+/// Layout 2, as spools written before mailbox fetch hold it: recipients as
+/// now, no `notices_to`.
+mod v2 {
+    use serde::{Deserialize, Serialize};
+
+    use super::{BodyType, Client, QueueId, Recipient, Ret};
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Envelope {
+        pub id: QueueId,
+        pub sender: String,
+        pub ret: Ret,
+        pub envid: Option<String>,
+        pub body_type: BodyType,
+        pub smtputf8: bool,
+        pub has_8bit: bool,
+        pub arrived_ms: u64,
+        pub size: u64,
+        pub client: Client,
+        pub recipients: Vec<Recipient>,
+    }
+}
+
+impl From<v2::Envelope> for Envelope {
+    fn from(old: v2::Envelope) -> Envelope {
+        Envelope {
+            id: old.id,
+            sender: old.sender,
+            ret: old.ret,
+            envid: old.envid,
+            body_type: old.body_type,
+            smtputf8: old.smtputf8,
+            has_8bit: old.has_8bit,
+            arrived_ms: old.arrived_ms,
+            size: old.size,
+            client: old.client,
+            recipients: old.recipients,
+            notices_to: None,
         }
     }
 }
@@ -213,6 +265,7 @@ impl From<v1::Envelope> for Envelope {
                     suspect: false,
                 })
                 .collect(),
+            notices_to: None,
         }
     }
 }
@@ -293,6 +346,7 @@ pub(crate) mod testing {
                 tls: false,
             },
             recipients: rcpts.iter().map(|a| recipient(a)).collect(),
+            notices_to: None,
         }
     }
 
@@ -403,6 +457,31 @@ mod tests {
         let encoded = suspect.encode();
         assert_eq!(encoded[0], VERSION);
         assert_eq!(Envelope::decode(&encoded), Ok(suspect));
+    }
+
+    #[test]
+    fn layout_2_records_still_decode() {
+        let env = sample(42, &["a@example.com"]);
+        let old = v2::Envelope {
+            id: env.id,
+            sender: env.sender.clone(),
+            ret: env.ret,
+            envid: env.envid.clone(),
+            body_type: env.body_type,
+            smtputf8: env.smtputf8,
+            has_8bit: env.has_8bit,
+            arrived_ms: env.arrived_ms,
+            size: env.size,
+            client: env.client.clone(),
+            recipients: env.recipients.clone(),
+        };
+        let mut bytes = vec![VERSION_2];
+        bytes.extend(postcard::to_allocvec(&old).unwrap());
+        assert_eq!(Envelope::decode(&bytes), Ok(env.clone()));
+
+        let mut fetched = env;
+        fetched.notices_to = Some("pm@example.com".into());
+        assert_eq!(Envelope::decode(&fetched.encode()), Ok(fetched));
     }
 
     #[test]

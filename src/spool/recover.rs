@@ -13,8 +13,8 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, Table, WriteTransacti
 
 use super::writer::{LabelTotals, Totals, labels_of};
 use super::{
-    BODIES, DEAD, DUE, Envelope, GREYLIST, GREYLIST_PASSED, HELD, LEARNED, Labeler, MESSAGES, META,
-    OpenError, PAUSED, QUARANTINE, QueueId, SCHEMA,
+    BODIES, DEAD, DUE, Envelope, FETCH_IDS, FETCH_SEEN, GREYLIST, GREYLIST_PASSED, HELD, LEARNED,
+    Labeler, MESSAGES, META, OpenError, PAUSED, QUARANTINE, QueueId, SCHEMA,
 };
 
 /// What the open found in the file: the totals to start from, what it set
@@ -182,6 +182,8 @@ pub(super) fn prepare(db: &Database, labeler: &Labeler) -> Result<Scan, PrepareE
         txn.open_table(LEARNED)?;
         txn.open_table(GREYLIST)?;
         txn.open_table(GREYLIST_PASSED)?;
+        txn.open_table(FETCH_SEEN)?;
+        txn.open_table(FETCH_IDS)?;
         txn.open_table(PAUSED)?;
 
         let queued = scan_messages(&mut scan, &mut messages, &held, &mut quarantine, labeler)?;
@@ -204,13 +206,13 @@ pub(super) fn prepare(db: &Database, labeler: &Labeler) -> Result<Scan, PrepareE
 }
 
 /// Checks the layout version in `meta`, recording the current one in a new
-/// file or one of layout 1 (which differs only by what layout 2 added).
+/// file or one of an older layout (whose records still decode).
 fn check_schema(txn: &WriteTransaction) -> Result<(), PrepareError> {
     let mut meta = txn.open_table(META)?;
     let found = meta.get("schema")?.map(|v| v.value());
     match found {
-        // Layout 1 differs only by what layout 2 added.
-        None | Some(1) => {
+        // Layouts 1 and 2 differ only by what later layouts added.
+        None | Some(1) | Some(2) => {
             meta.insert("schema", SCHEMA)?;
         }
         Some(SCHEMA) => {}
@@ -325,7 +327,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_layout_1_spool_is_upgraded_and_an_unknown_one_refused() {
+    async fn older_layouts_are_upgraded_and_an_unknown_one_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
         let set_schema = |value: u64| {
@@ -341,15 +343,21 @@ mod tests {
         spool.commit(message(1, b"x")).await.unwrap();
         spool.close();
         drop(spool);
-        set_schema(1);
-        let spool = Spool::open(&path, 1 << 20).unwrap();
-        assert_eq!(spool.envelopes().unwrap().len(), 1);
-        assert!(spool.pauses().unwrap().is_empty());
-        spool.close();
-        drop(spool);
-        set_schema(3);
+        for old in [1, 2] {
+            set_schema(old);
+            let spool = Spool::open(&path, 1 << 20).unwrap();
+            assert_eq!(spool.envelopes().unwrap().len(), 1);
+            assert!(spool.pauses().unwrap().is_empty());
+            assert!(spool.fetch_seen("isp").unwrap().is_empty());
+            spool.close();
+            drop(spool);
+        }
+        set_schema(SCHEMA + 1);
         let err = Spool::open(&path, 1 << 20).err().unwrap();
-        assert!(matches!(err, OpenError::Schema { found: 3, .. }), "{err}");
+        assert!(
+            matches!(err, OpenError::Schema { found, .. } if found == SCHEMA + 1),
+            "{err}"
+        );
     }
 
     #[tokio::test]

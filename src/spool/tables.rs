@@ -8,8 +8,9 @@ use redb::{ReadableTable, Table, WriteTransaction};
 
 use super::writer::{Change, Delta, Finished, Job, Labeler, Pending, io};
 use super::{
-    BODIES, CommitError, DEAD, DUE, Envelope, GREYLIST, GREYLIST_PASSED, GreyWrite, HELD, LEARNED,
-    MESSAGES, NewMessage, PAUSED, Pause, QUARANTINE, QueueId, RcptStatus,
+    BODIES, CommitError, DEAD, DUE, Envelope, FETCH_IDS, FETCH_SEEN, FetchMark, GREYLIST,
+    GREYLIST_PASSED, GreyWrite, HELD, LEARNED, MESSAGES, NewMessage, PAUSED, Pause, QUARANTINE,
+    QueueId, RcptStatus,
 };
 
 pub(super) struct Tables<'t, 'l> {
@@ -24,6 +25,8 @@ pub(super) struct Tables<'t, 'l> {
     greylist: Table<'t, &'static str, u64>,
     greylist_passed: Table<'t, &'static str, u64>,
     paused: Table<'t, &'static str, (u8, u64)>,
+    fetch_seen: Table<'t, &'static str, u64>,
+    fetch_ids: Table<'t, &'static str, u64>,
 }
 
 impl<'t, 'l> Tables<'t, 'l> {
@@ -43,6 +46,8 @@ impl<'t, 'l> Tables<'t, 'l> {
             greylist: txn.open_table(GREYLIST)?,
             greylist_passed: txn.open_table(GREYLIST_PASSED)?,
             paused: txn.open_table(PAUSED)?,
+            fetch_seen: txn.open_table(FETCH_SEEN)?,
+            fetch_ids: txn.open_table(FETCH_IDS)?,
         })
     }
 }
@@ -108,6 +113,33 @@ impl Tables<'_, '_> {
                         failure = self.grey(write).err().map(io);
                     }
                 }
+                Job::Fetched {
+                    message,
+                    mark,
+                    done,
+                } => {
+                    let r = if failure.is_some() {
+                        Ok(())
+                    } else {
+                        self.fetched(message.as_deref(), &mark, &mut room, delta)
+                    };
+                    if let Err(CommitError::Io(e)) = &r {
+                        failure = Some(CommitError::Io(e.clone()));
+                    }
+                    pending.push(Pending::Commit(done, r));
+                }
+                Job::FetchForget {
+                    prefix,
+                    listed,
+                    ids_before,
+                } => {
+                    if failure.is_none() {
+                        failure = self
+                            .fetch_forget(&prefix, &listed, ids_before)
+                            .err()
+                            .map(io);
+                    }
+                }
                 Job::Pause {
                     domain,
                     pause,
@@ -158,6 +190,40 @@ impl Tables<'_, '_> {
             self.insert(message, delta)?;
         }
         self.change(id, change, delta)
+    }
+
+    /// A fetched message (if not a duplicate) and its mark: both or neither.
+    fn fetched(
+        &mut self,
+        message: Option<&NewMessage>,
+        mark: &FetchMark,
+        room: &mut u64,
+        delta: &mut Delta,
+    ) -> Result<(), CommitError> {
+        if let Some(message) = message {
+            self.commit(message, room, delta)?;
+        }
+        self.fetch_seen
+            .insert(mark.seen_key().as_str(), mark.at_ms)
+            .map_err(|e| io(e.into()))?;
+        if let Some(key) = &mark.duplicate_key {
+            self.fetch_ids
+                .insert(key.as_str(), mark.at_ms)
+                .map_err(|e| io(e.into()))?;
+        }
+        Ok(())
+    }
+
+    fn fetch_forget(
+        &mut self,
+        prefix: &str,
+        listed: &std::collections::HashSet<String>,
+        ids_before: u64,
+    ) -> Result<(), redb::Error> {
+        self.fetch_seen
+            .retain(|key, _| !key.starts_with(prefix) || listed.contains(key))?;
+        self.fetch_ids.retain(|_, at| at >= ids_before)?;
+        Ok(())
     }
 
     fn learn(&mut self, verdicts: Vec<(String, bool)>, at_ms: u64) -> Result<(), redb::Error> {

@@ -75,6 +75,19 @@ pub(super) enum Job {
     },
     /// Greylisting's triplets and passed client networks.
     Grey(super::GreyWrite),
+    /// A fetched message (none: a duplicate) and its mark, together.
+    Fetched {
+        message: Option<Box<NewMessage>>,
+        mark: super::FetchMark,
+        done: Done<()>,
+    },
+    /// Drop seen rows under `prefix` not in `listed`, and duplicate keys
+    /// stored before `ids_before`.
+    FetchForget {
+        prefix: String,
+        listed: std::collections::HashSet<String>,
+        ids_before: u64,
+    },
     /// Record (`Some`) or clear (`None`) the pause of a relay domain.
     Pause {
         domain: String,
