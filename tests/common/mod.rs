@@ -3,6 +3,7 @@
 //! socket, and helpers to read what the spool holds.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod dovecot;
 pub mod http;
 
 use std::collections::BTreeMap;
