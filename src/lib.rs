@@ -41,6 +41,7 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod dsn;
+pub mod fetch;
 pub mod health;
 pub mod http;
 pub mod inbound;
