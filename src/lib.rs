@@ -18,6 +18,8 @@
 //! - [`dsn`]: (6) delivery status notifications: a report about a message's
 //!   recipients in, the RFC 3464 notice's bytes out (pure).
 //! - [`http`], [`metrics`]: (7) `/metrics`, health, and the admin API.
+//! - [`fetch`]: mail collected from catch-all mailboxes (POP3/IMAP) into
+//!   the spool, for sites whose backup MX is their provider's mailbox.
 //! - [`cli`]: the operator's `queue`, `dead`, `health`: an admin API client.
 //!
 //! Leaf modules, used by any stage: [`config`] (the TOML file, validated into
@@ -66,6 +68,7 @@ use tracing::{info, warn};
 
 use clock::Clock;
 use config::{Config, ConfigError};
+use fetch::Fetchers;
 use health::Health;
 use inbound::policy::Policy;
 use inbound::{Inbound, Limits};
@@ -122,6 +125,9 @@ pub struct Server {
     running: mpsc::Receiver<()>,
     listeners: Vec<JoinHandle<()>>,
     scheduler: JoinHandle<()>,
+    /// One per `[[fetch]]` block.
+    fetch_tasks: Vec<JoinHandle<()>>,
+    fetchers: Fetchers,
     delivery: scheduler::Handle,
     http: JoinHandle<()>,
     http_addr: SocketAddr,
@@ -163,6 +169,7 @@ impl Server {
             start_delivery(&config, outbound, opened, &metrics, &shutdown, &clock)?;
         let delivery = services.delivery.clone();
         let inbound = Arc::new(Inbound::new(policy, limits(&config), tls, services));
+        let (fetchers, fetch_tasks) = Fetchers::start(&config.fetch, inbound.clone(), &shutdown);
         let (running_tx, running) = mpsc::channel(1);
         let mut smtp_addrs = Vec::new();
         let mut listeners = Vec::new();
@@ -185,6 +192,7 @@ impl Server {
                 token,
                 ready: ready.clone(),
                 clock: clock.clone(),
+                fetchers: fetchers.clone(),
             }),
             shutdown.clone(),
         ));
@@ -197,6 +205,8 @@ impl Server {
             running,
             listeners,
             scheduler,
+            fetch_tasks,
+            fetchers,
             delivery,
             http,
             http_addr,
@@ -251,6 +261,12 @@ impl Server {
         self.delivery.settled().await;
     }
 
+    /// Runs the fetch of `[[fetch]]` block `name` now and returns its report
+    /// (`None`: no such block).
+    pub async fn fetch_now(&self, name: &str) -> Option<fetch::Report> {
+        self.fetchers.run_now(name).await
+    }
+
     /// Makes a domain's queued mail (or all of it) due now.
     pub fn flush(&self, domain: Option<String>) {
         self.delivery.flush(domain);
@@ -270,6 +286,12 @@ impl Server {
             .is_err()
         {
             warn!("sessions still open after the grace period; closing anyway");
+        }
+        // A fetch finishes the message in hand (its commit is awaited) and logs out.
+        for task in self.fetch_tasks.drain(..) {
+            if tokio::time::timeout(grace, task).await.is_err() {
+                warn!("a mailbox fetch did not stop within the grace period");
+            }
         }
         let _ = self.scheduler.await;
         let _ = self.http.await;

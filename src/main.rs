@@ -47,6 +47,9 @@ enum Command {
     Dead(cli::DeadCommand),
     /// Exit 0 iff the server's /healthz answers within 3 s (Docker HEALTHCHECK).
     Health,
+    /// Mailbox fetch: run a `[[fetch]]` block's fetch now (admin API).
+    #[command(subcommand)]
+    Fetch(cli::FetchCommand),
 }
 
 /// Exit status for a configuration that does not load.
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         Command::Queue(command) => finish(cli::queue(&config, command, &mut std::io::stdout())),
         Command::Dead(command) => finish(cli::dead(&config, command, &mut std::io::stdout())),
         Command::Health => finish(cli::health(&config)),
+        Command::Fetch(command) => finish(cli::fetch(&config, command, &mut std::io::stdout())),
         Command::CheckConfig => {
             print!("{}", config.to_toml());
             ExitCode::SUCCESS

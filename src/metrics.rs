@@ -65,6 +65,12 @@ pub struct Metrics {
     quarantined: IntGauge,
     /// DNS list lookups that failed or timed out (taken as "not listed").
     pub dnsbl_errors: IntCounterVec,
+    /// Mailbox fetch: runs by account and result, messages taken, last success.
+    pub fetch_runs: IntCounterVec,
+    pub fetched: IntCounterVec,
+    pub fetch_last_success: IntGaugeVec,
+    /// The `[[fetch]]` names: the `account` label values.
+    accounts: Vec<String>,
 }
 
 /// A metric family as exposed: name, help and label names.
@@ -188,6 +194,25 @@ const COMMIT_BUCKETS: &[f64] = &[
     0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 
+// Mailbox fetch.
+const FETCH_RUNS: Family = Family {
+    name: "mxspool_fetch_runs_total",
+    help: "Mailbox fetch runs, by account and result (ok, auth_failed, error)",
+    labels: &["account", "result"],
+};
+const FETCHED: Family = Family {
+    name: "mxspool_fetched_messages_total",
+    help: "Messages fetched from the account's mailbox and committed to the spool",
+    labels: &["account"],
+};
+const FETCH_LAST_SUCCESS: Family = Family {
+    name: "mxspool_fetch_last_success_timestamp_seconds",
+    help: "When a fetch of the account last succeeded, Unix time (0: not since start)",
+    labels: &["account"],
+};
+/// The `result` values of [`FETCH_RUNS`].
+pub const FETCH_RESULTS: [&str; 3] = ["ok", "auth_failed", "error"];
+
 /// Makes metrics and registers each as it is made.
 struct Registrar<'r>(&'r Registry);
 
@@ -252,6 +277,10 @@ impl Metrics {
             dead_letters: r.gauge(&DEAD_LETTERS),
             quarantined: r.gauge(&QUARANTINED),
             dnsbl_errors: dnsbl_errors(&registry, config),
+            fetch_runs: r.counter_vec(&FETCH_RUNS),
+            fetched: r.counter_vec(&FETCHED),
+            fetch_last_success: r.gauge_vec(&FETCH_LAST_SUCCESS),
+            accounts: config.fetch.iter().map(|f| f.name.clone()).collect(),
             registry,
         };
         metrics.start_at_zero();
@@ -282,6 +311,14 @@ impl Metrics {
         }
         for kind in ["failed", "delayed", "relayed"] {
             self.dsn_sent.with_label_values(&[kind]);
+        }
+        for account in &self.accounts {
+            for result in FETCH_RESULTS {
+                self.fetch_runs
+                    .with_label_values(&[account.as_str(), result]);
+            }
+            self.fetched.with_label_values(&[account]);
+            self.fetch_last_success.with_label_values(&[account]).set(0);
         }
     }
 

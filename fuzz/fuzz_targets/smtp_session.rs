@@ -213,6 +213,7 @@ fn check_message(session: &Session, world: &World, policy: &Policy, t: Transacti
             _ => None,
         },
         date: 1_800_000_000,
+        fetched_with: None,
     }
     .header();
     assert!(header.starts_with("Received: from "), "{header:?}");

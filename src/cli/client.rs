@@ -13,6 +13,8 @@ use ureq::http::Response;
 /// a script.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const TOTAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// `fetch now` waits for the whole run (a mailbox full of mail takes a while).
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
 /// `health`: Docker's HEALTHCHECK wants an answer, not patience.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 /// A listing of a full spool can be large; this only guards against garbage.

@@ -1,4 +1,5 @@
-//! (operator) `mxspool queue …`, `mxspool dead …` and `mxspool health`: a
+//! (operator) `mxspool queue …`, `mxspool dead …`, `mxspool fetch now` and
+//! `mxspool health`: a
 //! client of the admin API (docs/api.md) of the server that the same config
 //! file describes. It never opens the spool: the running server owns it, and
 //! every change goes through the server's own operations, so a command and a
@@ -106,6 +107,16 @@ pub enum DeadCommand {
     Delete {
         /// Queue ID, as `list` shows it.
         id: String,
+    },
+}
+
+/// Mailbox fetch (`[[fetch]]` blocks).
+#[derive(Debug, Subcommand)]
+pub enum FetchCommand {
+    /// Fetch now and print what each run did: one block, or every one.
+    Now {
+        /// A `[[fetch]]` block's name (default: every block).
+        name: Option<String>,
     },
 }
 
@@ -314,6 +325,52 @@ pub fn dead(config: &Config, command: DeadCommand, out: &mut dyn Write) -> Resul
     write(out, &text)
 }
 
+/// `fetch now`: one line per block run; fails if any run failed.
+pub fn fetch(config: &Config, command: FetchCommand, out: &mut dyn Write) -> Result<(), CliError> {
+    let FetchCommand::Now { name } = command;
+    let names: Vec<String> = match name {
+        Some(name) => vec![name],
+        None => config.fetch.iter().map(|f| f.name.clone()).collect(),
+    };
+    if names.is_empty() {
+        return Err(CliError::Server(format!(
+            "{} has no [[fetch]] blocks",
+            config.source.display()
+        )));
+    }
+    let api = Api::with_timeout(config, client::FETCH_TIMEOUT)?;
+    let mut failed = Vec::new();
+    for name in &names {
+        let path = format!("/api/fetch/{}", segment(name));
+        let answer: serde_json::Value = parse(&api.call(None, |c| c.post(&path, None))?)?;
+        let report = &answer["report"];
+        let count = |key: &str| report[key].as_u64().unwrap_or(0);
+        let mut line = format!(
+            "{}: fetched {}, queued {}, to the postmaster {}, already stored {}, left on the server {}",
+            render::one_line(name),
+            count("fetched"),
+            count("queued"),
+            count("postmaster"),
+            count("duplicates"),
+            count("left"),
+        );
+        if let Some(error) = report["error"].as_str() {
+            line.push_str(&format!("; failed: {}", render::one_line(error)));
+            failed.push(name.clone());
+        }
+        line.push('\n');
+        write(out, &line)?;
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Server(format!(
+            "fetch failed: {}",
+            failed.join(", ")
+        )))
+    }
+}
+
 /// Succeeds iff `/healthz` answers with success within [`client::HEALTH_TIMEOUT`].
 /// Needs no token, so it works from a container's HEALTHCHECK as any user.
 pub fn health(config: &Config) -> Result<(), CliError> {
@@ -337,10 +394,15 @@ struct Api {
 
 impl Api {
     fn new(config: &Config) -> Result<Api, CliError> {
+        Api::with_timeout(config, client::TOTAL_TIMEOUT)
+    }
+
+    /// For requests that take longer than the usual [`client::TOTAL_TIMEOUT`].
+    fn with_timeout(config: &Config, total: std::time::Duration) -> Result<Api, CliError> {
         let token = token(config)?;
         Ok(Api {
             has_token: token.is_some(),
-            client: Client::new(config.http.listen, token, client::TOTAL_TIMEOUT),
+            client: Client::new(config.http.listen, token, total),
         })
     }
 

@@ -482,6 +482,22 @@ pub async fn resume_domain(
     Ok(Json(json!({ "resumed": domain, "paused_by": paused_by(ended.by) })).into_response())
 }
 
+/// Runs a mailbox fetch now and answers with its report (the run's counts
+/// and error, if any); 404 for a name no `[[fetch]]` block has.
+pub async fn fetch_now(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> ApiResult {
+    match state.fetchers.run_now(&name).await {
+        Some(report) => Ok(Json(json!({ "account": name, "report": report })).into_response()),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no [[fetch]] block named {:?} (configured: {})",
+                name,
+                state.fetchers.names().join(", ")
+            ),
+        )),
+    }
+}
+
 pub async fn method_not_allowed() -> ApiError {
     ApiError(
         StatusCode::METHOD_NOT_ALLOWED,

@@ -61,6 +61,8 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// Ages and release times are read from the delivery clock.
     pub clock: Clock,
+    /// The mailbox fetch tasks, for `POST /api/fetch/{name}`.
+    pub fetchers: crate::fetch::Fetchers,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -77,6 +79,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/domains", get(api::domains))
         .route("/api/domains/{domain}/pause", post(api::pause_domain))
         .route("/api/domains/{domain}/resume", post(api::resume_domain))
+        .route("/api/fetch/{name}", post(api::fetch_now))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             api::require_token,

@@ -31,7 +31,7 @@ use crate::address::domain_of;
 use crate::config;
 use crate::knowledge::{Knowledge, Verdict};
 use crate::shutdown::Shutdown;
-use crate::spool::{Client, CommitError, Envelope, NewMessage};
+use crate::spool::{Client, CommitError, Envelope};
 use crate::status::Rejection;
 
 /// Longest a whole session may last: slow-drip clients cannot hold a slot
@@ -490,6 +490,7 @@ async fn store(
             _ => None,
         },
         date: (now_micros / 1_000_000) as i64,
+        fetched_with: None,
     };
     let mut header = String::new();
     if let Some(spf) = session.spf_for(&transaction.sender)
@@ -550,25 +551,15 @@ fn out_of_sync() -> Reply {
 }
 
 /// Stores the message and says how it went; 250 only once it is on disk.
-async fn commit(inbound: &Inbound, mut envelope: Envelope, body: Vec<u8>) -> Reply {
+async fn commit(inbound: &Inbound, envelope: Envelope, body: Vec<u8>) -> Reply {
     let id = envelope.id;
     let sender = envelope.sender.clone();
     let recipients = envelope.recipients.len();
     let size = envelope.size;
-    // Mail for a primary known to be down is stored already waiting for it,
-    // rather than stored due and rewritten by the scheduler a moment later.
-    let waiting = inbound.delivery().suspend_new(&mut envelope);
-    let due_now = envelope.recipients.iter().any(|r| !r.unreachable);
-    match inbound.spool.commit(NewMessage { envelope, body }).await {
+    match inbound.enqueue(envelope, body, None).await {
         Ok(()) => {
             info!(queue_id = %id, from = %sender, recipients, size, "queued");
             inbound.metrics.accepted.inc();
-            if !waiting.is_empty() {
-                inbound.delivery().waiting(id, waiting);
-            }
-            if due_now {
-                inbound.notify_queued();
-            }
             Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))
         }
         Err(CommitError::Full) => {

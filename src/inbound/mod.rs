@@ -47,7 +47,7 @@ use crate::knowledge::greylist::Greylist;
 use crate::metrics::Metrics;
 use crate::scheduler;
 use crate::shutdown::Shutdown;
-use crate::spool::Spool;
+use crate::spool::{CommitError, Envelope, FetchMark, NewMessage, Spool};
 use crate::status::Rejection;
 use policy::Policy;
 use reply::Reply;
@@ -188,6 +188,34 @@ impl Inbound {
 
     pub fn notify_queued(&self) {
         self.queued.notify_one();
+    }
+
+    /// Stores a finished message durably and hands it to delivery: mail for
+    /// a primary known to be down is stored already waiting for it, rather
+    /// than stored due and rewritten by the scheduler a moment later. A
+    /// fetched message carries its [`FetchMark`], stored in the same
+    /// transaction.
+    pub async fn enqueue(
+        &self,
+        mut envelope: Envelope,
+        body: Vec<u8>,
+        mark: Option<FetchMark>,
+    ) -> Result<(), CommitError> {
+        let id = envelope.id;
+        let waiting = self.delivery.suspend_new(&mut envelope);
+        let due_now = envelope.recipients.iter().any(|r| !r.unreachable);
+        let message = NewMessage { envelope, body };
+        match mark {
+            None => self.spool.commit(message).await?,
+            Some(mark) => self.spool.commit_fetched(Some(message), mark).await?,
+        }
+        if !waiting.is_empty() {
+            self.delivery.waiting(id, waiting);
+        }
+        if due_now {
+            self.notify_queued();
+        }
+        Ok(())
     }
 
     /// Counts a new connection from `ip`; false if it is over its rate.

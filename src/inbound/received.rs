@@ -20,6 +20,9 @@ pub struct Trace<'a> {
     pub only_recipient: Option<&'a str>,
     /// Unix seconds.
     pub date: i64,
+    /// Mail fetched from a mailbox: `POP3` or `IMAP`, named instead of an
+    /// SMTP protocol (the "client" is the mailbox server).
+    pub fetched_with: Option<&'a str>,
 }
 
 impl Trace<'_> {
@@ -27,6 +30,7 @@ impl Trace<'_> {
     pub fn header(&self) -> String {
         // RFC 3848 / RFC 6531 protocol names.
         let protocol = match (self.esmtp, self.smtputf8, self.tls) {
+            _ if self.fetched_with.is_some() => self.fetched_with.unwrap_or_default(),
             (false, _, _) => "SMTP",
             (true, false, false) => "ESMTP",
             (true, false, true) => "ESMTPS",
@@ -93,6 +97,7 @@ mod tests {
             id: QueueId(1),
             only_recipient: Some("a@example.com"),
             date: 0,
+            fetched_with: None,
         };
         assert_eq!(
             trace.header(),
@@ -113,6 +118,7 @@ mod tests {
             id: QueueId(2),
             only_recipient: None,
             date: 0,
+            fetched_with: None,
         };
         let h = trace.header();
         assert!(
@@ -128,5 +134,7 @@ mod tests {
         trace.tls = true;
         assert!(trace.header().contains("([IPv6:2001:db8::1])"));
         assert!(trace.header().contains("with UTF8SMTPS id"));
+        trace.fetched_with = Some("POP3");
+        assert!(trace.header().contains("with POP3 id"));
     }
 }

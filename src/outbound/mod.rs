@@ -29,7 +29,7 @@ mod outcome;
 mod pipeline;
 mod reply;
 mod session;
-mod tls;
+pub(crate) mod tls;
 pub mod xtext;
 
 use std::collections::VecDeque;

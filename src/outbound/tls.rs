@@ -30,6 +30,8 @@ use super::{Hop, Settings};
 use crate::config::TlsPolicy;
 
 /// The stream under a [`super::Connection`]: TCP, upgraded in place by STARTTLS.
+/// (Also under a mailbox fetch's POP3 or IMAP session.)
+#[derive(Debug)]
 pub enum Stream {
     Plain(TcpStream),
     /// Boxed: a TLS stream carries rustls' buffers, far larger than a socket.
@@ -95,6 +97,14 @@ pub(crate) async fn handshake(
         }),
         Ok(Ok(stream)) => Ok(stream),
     }
+}
+
+/// A configuration that verifies the server's certificate against the
+/// system roots plus `extra_roots` (mailbox fetch: a password follows).
+pub(crate) fn verifying_config(
+    extra_roots: &[CertificateDer<'static>],
+) -> Result<Arc<ClientConfig>, String> {
+    client_config(true, extra_roots).map_err(|e| e.to_string())
 }
 
 fn provider() -> Arc<CryptoProvider> {
