@@ -569,3 +569,48 @@ async fn a_bad_config_exits_2() {
     let health = mxspool(&path, &["health"]).await;
     assert!(health.failed(1).starts_with("mxspool: "), "{health:?}");
 }
+
+#[tokio::test]
+async fn fetch_now_runs_a_fetch_and_says_how_it_went() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("admin-token"), format!("{TOKEN}\n")).unwrap();
+    std::fs::write(dir.path().join("isp.password"), "pw\n").unwrap();
+    // A mailbox server nobody runs: every run fails to connect.
+    let t = TestServer::start_in(
+        dir,
+        TestConfig::default()
+            .set("http", "admin_token_file", r#""{dir}/admin-token""#)
+            .append(&format!(
+                "[[fetch]]\nname = \"isp\"\nprotocol = \"pop3\"\nserver = \"127.0.0.1:{}\"\n\
+                 tls = \"none\"\nusername = \"u\"\npassword_file = \"{{dir}}/isp.password\"\n\
+                 domains = [\"example.com\"]\ninterval = \"1h\"\n",
+                closed_port()
+            )),
+    )
+    .await;
+    // The operator's own config has no [[fetch]] block to run "all" of.
+    let config = operator(&t);
+    let none = mxspool(&config, &["fetch", "now"]).await;
+    assert!(
+        none.failed(1).contains("has no [[fetch]] blocks"),
+        "{none:?}"
+    );
+
+    let run = mxspool(&config, &["fetch", "now", "isp"]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stdout
+            .starts_with("isp: fetched 0, queued 0, to the postmaster 0"),
+        "{run:?}"
+    );
+    assert!(run.stdout.contains("failed: cannot connect"), "{run:?}");
+    assert_eq!(run.stderr, "mxspool: fetch failed: isp\n", "{run:?}");
+
+    let missing = mxspool(&config, &["fetch", "now", "nope"]).await;
+    assert!(
+        missing
+            .failed(1)
+            .contains("no [[fetch]] block named \"nope\" (configured: isp)"),
+        "{missing:?}"
+    );
+}

@@ -38,6 +38,14 @@ const EXPECTED_EMPTY: &[(&str, &str)] = &[
     ("MxspoolSpoolErrors", "the spool is healthy"),
     ("MxspoolRoutingLoop", "there is no routing loop"),
     ("MxspoolDomainPaused", "no domain is paused"),
+    (
+        "MxspoolFetchFailing",
+        "the mailbox fetch has failed for seconds, not 15 minutes",
+    ),
+    (
+        "mxspool_fetch_last_success_timestamp_seconds{instance=~\".*\"} > 0",
+        "no fetch has succeeded: the test's mailbox server does not exist",
+    ),
 ];
 
 fn tool(name: &str) -> String {
@@ -223,12 +231,21 @@ fn alert_rules_pass_promtool() {
 async fn every_dashboard_and_alert_expression_parses_and_has_data() {
     let primary = Primary::start().await;
     primary.set_mode(Mode::Down);
-    let t = TestServer::start(
+    // A mailbox fetch that fails (nothing listens there), so the fetch
+    // series have data.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("isp.password"), "pw\n").unwrap();
+    let t = TestServer::start_in(
+        dir,
         TestConfig::default()
             .set("delivery", "probe_interval", r#""200ms""#)
             .domains(&format!(
-                "[[domain]]\nname = \"example.com\"\nroute = \"[127.0.0.1]:{}\"\n",
-                primary.addr.port()
+                "[[domain]]\nname = \"example.com\"\nroute = \"[127.0.0.1]:{}\"\n\
+                 [[fetch]]\nname = \"isp\"\nprotocol = \"pop3\"\nserver = \"127.0.0.1:{}\"\n\
+                 tls = \"none\"\nusername = \"u\"\npassword_file = \"{{dir}}/isp.password\"\n\
+                 domains = [\"example.com\"]\n",
+                primary.addr.port(),
+                free_port(),
             )),
     )
     .await;
