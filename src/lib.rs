@@ -248,6 +248,9 @@ impl Server {
         {
             warn!("server.listen and spool.path changes take effect after a restart");
         }
+        if fresh.fetch != self.config.fetch {
+            warn!("[[fetch]] changes take effect after a restart");
+        }
         self.inbound.set_policy(policy);
         self.inbound.set_tls(tls);
         self.config = fresh;

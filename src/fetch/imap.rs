@@ -20,6 +20,9 @@ use super::{FetchError, Listed};
 use crate::config::{FetchConfig, FetchTls};
 use crate::outbound::tls::Stream;
 
+/// UIDs named in one command (keeps command lines short).
+const UIDS_PER_COMMAND: usize = 500;
+
 /// Longest a single IDLE lasts before it is renewed (RFC 2177: under 29 minutes).
 const IDLE_RENEW: Duration = Duration::from_secs(25 * 60);
 
@@ -125,18 +128,21 @@ impl Imap {
             .ok_or_else(|| FetchError::Protocol(format!("UID {uid}: the server sent no body")))
     }
 
-    /// Flags the message `\Deleted`; [`Imap::close`] expunges it.
-    pub(super) async fn delete(&mut self, message: &Listed) -> Result<(), FetchError> {
-        let uid = message.number;
-        timed(async {
-            let stream = self
-                .session
-                .uid_store(uid.to_string(), "+FLAGS.SILENT (\\Deleted)")
-                .await?;
-            stream.try_collect::<Vec<_>>().await
-        })
-        .await?;
-        self.deleted.push(uid);
+    /// Flags the messages `\Deleted` (one UID STORE per few hundred);
+    /// [`Imap::close`] or [`Imap::expunge`] expunges them.
+    pub(super) async fn delete(&mut self, messages: &[Listed]) -> Result<(), FetchError> {
+        for chunk in messages.chunks(UIDS_PER_COMMAND) {
+            let set = uid_set(chunk.iter().map(|m| m.number));
+            timed(async {
+                let stream = self
+                    .session
+                    .uid_store(set, "+FLAGS.SILENT (\\Deleted)")
+                    .await?;
+                stream.try_collect::<Vec<_>>().await
+            })
+            .await?;
+            self.deleted.extend(chunk.iter().map(|m| m.number));
+        }
         Ok(())
     }
 
@@ -146,19 +152,16 @@ impl Imap {
         if self.deleted.is_empty() {
             return Ok(());
         }
-        let set = self
-            .deleted
-            .iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
         let session = &mut self.session;
         if self.uidplus {
-            timed(async {
-                let stream = session.uid_expunge(set).await?;
-                stream.try_collect::<Vec<_>>().await
-            })
-            .await?;
+            for chunk in self.deleted.chunks(UIDS_PER_COMMAND) {
+                let set = uid_set(chunk.iter().copied());
+                timed(async {
+                    let stream = session.uid_expunge(set).await?;
+                    stream.try_collect::<Vec<_>>().await
+                })
+                .await?;
+            }
         } else {
             timed(async {
                 let stream = session.expunge().await?;
@@ -214,6 +217,11 @@ impl Imap {
         };
         Ok((imap, woken))
     }
+}
+
+/// `1,5,7`: the UIDs as an IMAP sequence set.
+fn uid_set(uids: impl Iterator<Item = u32>) -> String {
+    uids.map(|u| u.to_string()).collect::<Vec<_>>().join(",")
 }
 
 /// The server's greeting: `* OK` (or `* PREAUTH`); `* BYE` is a refusal.

@@ -9,14 +9,15 @@
 //!
 //! Here: the tasks, their reports, logs and metrics. [`envelope`] works out,
 //! from a fetched message alone, whom to deliver it to and with what
-//! sender; `run` is one run; `pop3` and `imap` speak to the server; `net`
-//! connects (TLS always verified).
+//! sender; `run` is one run and `take` stores one message; `pop3` and
+//! `imap` speak to the server; `net` connects (TLS always verified).
 
 pub mod envelope;
 mod imap;
 mod net;
 mod pop3;
 mod run;
+mod take;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -102,7 +103,7 @@ impl Fetchers {
             let (tx, rx) = mpsc::channel(16);
             senders.insert(account.name.clone(), tx);
             let task = Task {
-                account: account.clone(),
+                account: Arc::new(account.clone()),
                 inbound: inbound.clone(),
                 requests: rx,
                 shutdown: shutdown.clone(),
@@ -135,7 +136,7 @@ impl Fetchers {
 
 /// One block's fetch loop.
 struct Task {
-    account: FetchConfig,
+    account: Arc<FetchConfig>,
     inbound: Arc<Inbound>,
     requests: mpsc::Receiver<Request>,
     shutdown: Shutdown,

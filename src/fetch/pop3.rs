@@ -20,7 +20,12 @@ pub(super) struct Pop3 {
     pub(super) peer: Option<IpAddr>,
     /// Largest message body read into memory; a bigger one breaks the session.
     max_size: u64,
+    /// The server takes several commands before answering (CAPA PIPELINING).
+    pipelining: bool,
 }
+
+/// Commands sent before their replies are read, when pipelining.
+const PIPELINE: usize = 64;
 
 impl Pop3 {
     /// Connected, TLS as configured, and logged in.
@@ -34,6 +39,7 @@ impl Pop3 {
             peer: net::peer(&stream),
             io: BufReader::new(stream),
             max_size,
+            pipelining: false,
         };
         pop.status().await?;
         if account.tls == FetchTls::Starttls {
@@ -45,7 +51,31 @@ impl Pop3 {
         pop.status().await.map_err(auth_failed)?;
         pop.send(&format!("PASS {password}")).await?;
         pop.status().await.map_err(auth_failed)?;
+        pop.pipelining = pop.capabilities().await?.iter().any(|c| c == "PIPELINING");
         Ok(pop)
+    }
+
+    /// CAPA (RFC 2449): the capability names; none if the server lacks CAPA.
+    async fn capabilities(&mut self) -> Result<Vec<String>, FetchError> {
+        match self.command("CAPA").await {
+            Ok(()) => {}
+            Err(FetchError::Refused(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        }
+        let mut names = Vec::new();
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            self.read_line(&mut line).await?;
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim_end();
+            if text == "." {
+                return Ok(names);
+            }
+            if let Some(name) = text.split_whitespace().next() {
+                names.push(name.to_ascii_uppercase());
+            }
+        }
     }
 
     /// Every message with its unique ID and size.
@@ -97,8 +127,26 @@ impl Pop3 {
         }
     }
 
-    pub(super) async fn delete(&mut self, message: &Listed) -> Result<(), FetchError> {
-        self.command(&format!("DELE {}", message.number)).await
+    /// DELE for each (pipelined when the server offers PIPELINING, RFC
+    /// 2449); they take effect at QUIT.
+    pub(super) async fn delete(&mut self, messages: &[Listed]) -> Result<(), FetchError> {
+        if !self.pipelining {
+            for message in messages {
+                self.command(&format!("DELE {}", message.number)).await?;
+            }
+            return Ok(());
+        }
+        for chunk in messages.chunks(PIPELINE) {
+            let lines: String = chunk
+                .iter()
+                .map(|m| format!("DELE {}\r\n", m.number))
+                .collect();
+            self.send(lines.trim_end()).await?;
+            for _ in chunk {
+                self.status().await?;
+            }
+        }
+        Ok(())
     }
 
     /// QUIT: the deletions take effect.

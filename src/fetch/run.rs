@@ -1,25 +1,30 @@
 //! One fetch run: log in, list, and for each message not taken before,
-//! retrieve it, work out its envelope, commit it to the spool (fsync'd,
-//! with the mark that it was taken), and only then delete it on the server.
-//! Nothing fetched is dropped: what has no recipient of ours goes to the
-//! block's postmaster, what is too big for the spool stays on the server.
+//! retrieve it and take it (`take`: its envelope, the commit with the mark
+//! that it was taken); only once its commit is on disk is it deleted on the
+//! server. Nothing fetched is dropped: what has no recipient of ours goes to
+//! the block's postmaster, what is too big for the spool stays on the server.
+//!
+//! Retrieval and commits overlap: up to [`IN_FLIGHT`] commits are under way
+//! while the next messages are retrieved, so a remote mailbox is read at the
+//! speed of the link and the spool shares fsyncs between them. Deletions go
+//! at the end of the run, in one batch, for what was committed.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::net::IpAddr;
+use std::sync::Arc;
 
-use tracing::{info, warn};
+use tokio::task::JoinHandle;
+use tracing::warn;
 
-use super::envelope::{self, Context, Derived, Verdict};
 use super::imap::Imap;
 use super::pop3::Pop3;
+use super::take::{Taken, duplicate_key, take};
 use super::{FetchError, Listed, Report, net};
-use crate::config::{FetchBounce, FetchConfig, FetchProtocol, FetchTls};
+use crate::config::{FetchConfig, FetchProtocol};
 use crate::inbound::Inbound;
-use crate::inbound::policy::{Policy, Refusal};
-use crate::inbound::received::Trace;
-use crate::spool::{
-    BodyType, Client, Envelope, FetchMark, Notify, QueueId, RcptStatus, Recipient, Ret,
-};
+
+/// Commits under way at once in a run.
+const IN_FLIGHT: usize = 16;
 
 /// A logged-in mailbox of either protocol.
 pub(super) enum Mailbox {
@@ -57,10 +62,10 @@ impl Mailbox {
         }
     }
 
-    async fn delete(&mut self, message: &Listed) -> Result<(), FetchError> {
+    async fn delete(&mut self, messages: &[Listed]) -> Result<(), FetchError> {
         match self {
-            Mailbox::Pop3(p) => p.delete(message).await,
-            Mailbox::Imap(i) => i.delete(message).await,
+            Mailbox::Pop3(p) => p.delete(messages).await,
+            Mailbox::Imap(i) => i.delete(messages).await,
         }
     }
 
@@ -77,10 +82,11 @@ impl Mailbox {
 
 /// One run over `mailbox` (a kept IMAP session, or a new login). Counts into
 /// `report` as it goes, so a run that fails half-way still says what it
-/// stored. Returns the IMAP session to IDLE on, if any.
+/// stored (and deletes what it committed). Returns the IMAP session to IDLE
+/// on, if any.
 pub(super) async fn run(
-    account: &FetchConfig,
-    inbound: &Inbound,
+    account: &Arc<FetchConfig>,
+    inbound: &Arc<Inbound>,
     mailbox: Option<Imap>,
     report: &mut Report,
 ) -> Result<Option<Imap>, FetchError> {
@@ -94,26 +100,29 @@ pub(super) async fn run(
         .spool
         .fetch_seen(&account.name)
         .map_err(|e| FetchError::Spool(e.to_string()))?;
-    for message in &listed {
-        if seen.contains(&message.uid) {
-            // Stored before; the deletion did not happen (or was not asked for).
-            if account.delete {
-                mailbox.delete(message).await?;
-            }
-            continue;
+    let mut batch = Batch::default();
+    let failure = take_all(
+        account,
+        inbound,
+        &mut mailbox,
+        &listed,
+        &seen,
+        &mut batch,
+        report,
+    )
+    .await
+    .err();
+    let failure = batch.settle_all(report).await.err().or(failure);
+    if account.delete && !batch.committed.is_empty() {
+        let deleted = mailbox.delete(&batch.committed).await;
+        if let Err(e) = deleted {
+            return Err(failure.unwrap_or(e));
         }
-        if message.size > max_size {
-            warn!(account = %account.name, uid = %message.uid, size = message.size,
-                "message larger than server.max_message_size left on the server");
-            report.left += 1;
-            continue;
-        }
-        let raw = mailbox.retrieve(message).await?;
-        report.fetched += 1;
-        take(account, inbound, message, raw, mailbox.peer(), report).await?;
-        if account.delete {
-            mailbox.delete(message).await?;
-        }
+    }
+    if let Some(e) = failure {
+        // POP3: the QUIT makes the deletions of what was committed real.
+        let _ = mailbox.finish().await;
+        return Err(e);
     }
     let kept = mailbox.finish().await?;
     let listed: HashSet<String> = listed.into_iter().map(|m| m.uid).collect();
@@ -123,198 +132,86 @@ pub(super) async fn run(
     Ok(kept)
 }
 
-/// Stores one fetched message (or, if it is a duplicate, only the mark that
-/// it was taken). Returns once it is on disk.
-async fn take(
-    account: &FetchConfig,
-    inbound: &Inbound,
-    message: &Listed,
-    raw: Vec<u8>,
-    peer: Option<IpAddr>,
+/// Retrieves every listed message not taken before and starts its take,
+/// keeping at most [`IN_FLIGHT`] under way. Stops at the first failure.
+async fn take_all(
+    account: &Arc<FetchConfig>,
+    inbound: &Arc<Inbound>,
+    mailbox: &mut Mailbox,
+    listed: &[Listed],
+    seen: &HashSet<String>,
+    batch: &mut Batch,
     report: &mut Report,
 ) -> Result<(), FetchError> {
-    let now_micros = inbound.clock.now_micros();
-    let now_ms = now_micros / 1000;
-    let duplicate_key = envelope::message_id(&raw).map(|id| format!("<{id}> {}", raw.len()));
-    let mark = FetchMark {
-        account: account.name.clone(),
-        uid: message.uid.clone(),
-        duplicate_key: duplicate_key.clone(),
-        at_ms: now_ms,
-    };
-    let spool = &inbound.spool;
-    let spool_error = |e: &dyn std::fmt::Display| FetchError::Spool(e.to_string());
-    if let Some(key) = &duplicate_key
-        && spool
-            .fetch_duplicate(key, now_ms)
-            .map_err(|e| spool_error(&e))?
-    {
-        spool
-            .commit_fetched(None, mark)
-            .await
-            .map_err(|e| spool_error(&e))?;
-        info!(account = %account.name, uid = %message.uid, message_id = %key,
-            "fetched a message stored before: not queued again");
-        report.duplicates += 1;
-        return Ok(());
-    }
-    let policy = inbound.policy();
-    let cx = Context {
-        account: &account.name,
-        postmaster: &account.postmaster,
-        hostname: &policy.hostname,
-        date: (now_ms / 1000) as i64,
-    };
-    let judge = |address: &str| judge(&policy, account, address);
-    let (sender, recipients, content, reason) = match envelope::derive(&raw, &cx, &judge) {
-        Derived::Deliver {
-            sender,
-            recipients,
-            body,
-        } => (sender, recipients, body, None),
-        Derived::Orphan {
-            sender,
-            reason,
-            body,
-        } => (sender, vec![account.postmaster.clone()], body, Some(reason)),
-        Derived::Unparseable { reason, body } => (
-            String::new(),
-            vec![account.postmaster.clone()],
-            body,
-            Some(reason),
-        ),
-    };
-    let id = spool.next_id(now_micros);
-    let envelope = fetched_envelope(account, id, sender, &recipients, now_ms, peer);
-    let header = trace(account, &policy, &envelope, peer, now_ms);
-    let mut body = Vec::with_capacity(header.len() + content.len());
-    body.extend_from_slice(header.as_bytes());
-    body.extend_from_slice(&content);
-    let mut envelope = envelope;
-    envelope.has_8bit = body.iter().any(|&b| b >= 0x80);
-    if envelope.has_8bit {
-        envelope.body_type = BodyType::EightBitMime;
-    }
-    envelope.size = body.len() as u64;
-    let from = envelope.sender.clone();
-    inbound
-        .enqueue(envelope, body, Some(mark))
-        .await
-        .map_err(|e| spool_error(&e))?;
-    inbound
-        .metrics
-        .fetched
-        .with_label_values(&[&account.name])
-        .inc();
-    match reason {
-        None => {
-            report.queued += 1;
-            info!(queue_id = %id, account = %account.name, uid = %message.uid, from = %from,
-                to = %recipients.join(","), "fetched and queued");
+    let max_size = inbound.policy().max_message_size;
+    let mut keys = HashSet::new();
+    for message in listed {
+        if seen.contains(&message.uid) {
+            // Stored before; the deletion did not happen (or was not asked for).
+            batch.committed.push(message.clone());
+            continue;
         }
-        Some(reason) => {
-            report.postmaster += 1;
-            info!(queue_id = %id, account = %account.name, uid = %message.uid, from = %from,
-                to = %account.postmaster, %reason, "fetched and queued to the postmaster");
+        if message.size > max_size {
+            warn!(account = %account.name, uid = %message.uid, size = message.size,
+                "message larger than server.max_message_size left on the server");
+            report.left += 1;
+            continue;
         }
+        if batch.in_flight.len() >= IN_FLIGHT {
+            batch.settle_one(report).await?;
+        }
+        let raw = mailbox.retrieve(message).await?;
+        report.fetched += 1;
+        // A second copy in the same run waits for the first to be on disk,
+        // and then finds it there.
+        if duplicate_key(&raw).is_some_and(|key| !keys.insert(key)) {
+            batch.settle_all(report).await?;
+        }
+        let task = tokio::spawn(take(
+            account.clone(),
+            inbound.clone(),
+            message.clone(),
+            raw,
+            mailbox.peer(),
+        ));
+        batch.in_flight.push_back((message.clone(), task));
     }
     Ok(())
 }
 
-/// Whether `address` is a recipient this block delivers to: at one of its
-/// domains, and taken by that domain's recipient list (as over SMTP).
-fn judge(policy: &Policy, account: &FetchConfig, address: &str) -> Verdict {
-    let Some((_, domain)) = address.rsplit_once('@') else {
-        return Verdict::Foreign;
-    };
-    let ours = policy
-        .relay_domain(crate::domain::Domain::new(domain).as_str())
-        .is_some_and(|relay| account.domains.iter().any(|d| d == relay));
-    if !ours {
-        return Verdict::Foreign;
-    }
-    match policy.check_recipient(address) {
-        Ok(address) => Verdict::Ours(address),
-        Err(Refusal::UnknownUser) => Verdict::Unknown,
-        Err(Refusal::Relay | Refusal::Syntax) => Verdict::Foreign,
-    }
+/// The takes under way, and the messages whose commit is on disk.
+#[derive(Default)]
+struct Batch {
+    in_flight: VecDeque<(Listed, JoinHandle<Result<Taken, FetchError>>)>,
+    committed: Vec<Listed>,
 }
 
-/// The envelope of a fetched message, due now. Its sender came from a
-/// header anyone can forge: notices go to the block's postmaster unless
-/// `bounce = "sender"` (and never to `<>`).
-fn fetched_envelope(
-    account: &FetchConfig,
-    id: QueueId,
-    sender: String,
-    recipients: &[String],
-    now_ms: u64,
-    peer: Option<IpAddr>,
-) -> Envelope {
-    let notices_to = match account.bounce {
-        FetchBounce::Sender if !sender.is_empty() => None,
-        _ => Some(account.postmaster.clone()),
-    };
-    let smtputf8 = !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii());
-    Envelope {
-        id,
-        sender,
-        ret: Ret::Unset,
-        envid: None,
-        body_type: BodyType::Unset,
-        smtputf8,
-        has_8bit: false,
-        arrived_ms: now_ms,
-        size: 0,
-        client: Client {
-            ip: peer.unwrap_or(IpAddr::from([0, 0, 0, 0])),
-            helo: account.host.clone(),
-            tls: account.tls != FetchTls::None,
-        },
-        recipients: recipients
-            .iter()
-            .map(|address| Recipient {
-                address: address.clone(),
-                orcpt: None,
-                notify: Notify::default(),
-                status: RcptStatus::Queued,
-                attempts: 0,
-                next_attempt_ms: now_ms,
-                last_reply: None,
-                unreachable: false,
-                delay_notified: false,
-                suspect: false,
-            })
-            .collect(),
-        notices_to,
+impl Batch {
+    /// Waits for the oldest take and counts it.
+    async fn settle_one(&mut self, report: &mut Report) -> Result<(), FetchError> {
+        let Some((message, task)) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        let taken = task
+            .await
+            .map_err(|e| FetchError::Spool(format!("the commit task failed: {e}")))??;
+        match taken {
+            Taken::Queued => report.queued += 1,
+            Taken::Postmaster => report.postmaster += 1,
+            Taken::Duplicate => report.duplicates += 1,
+        }
+        self.committed.push(message);
+        Ok(())
     }
-}
 
-/// Our `Received:` for the fetch: from the mailbox server, with POP3 or IMAP.
-fn trace(
-    account: &FetchConfig,
-    policy: &Policy,
-    envelope: &Envelope,
-    peer: Option<IpAddr>,
-    now_ms: u64,
-) -> String {
-    Trace {
-        helo: &account.host,
-        ip: peer.unwrap_or(envelope.client.ip),
-        by: &policy.hostname,
-        esmtp: true,
-        tls: envelope.client.tls,
-        smtputf8: false,
-        id: envelope.id,
-        only_recipient: match envelope.recipients.as_slice() {
-            [only] => Some(only.address.as_str()),
-            _ => None,
-        },
-        date: (now_ms / 1000) as i64,
-        fetched_with: Some(match account.protocol {
-            FetchProtocol::Pop3 => "POP3",
-            FetchProtocol::Imap => "IMAP",
-        }),
+    /// Waits for every take under way; the first failure, if any.
+    async fn settle_all(&mut self, report: &mut Report) -> Result<(), FetchError> {
+        let mut failure = None;
+        while !self.in_flight.is_empty() {
+            if let Err(e) = self.settle_one(report).await {
+                failure.get_or_insert(e);
+            }
+        }
+        failure.map_or(Ok(()), Err)
     }
-    .header()
 }
