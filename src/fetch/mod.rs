@@ -9,13 +9,14 @@
 //!
 //! Here: the tasks, their reports, logs and metrics. [`envelope`] works out,
 //! from a fetched message alone, whom to deliver it to and with what
-//! sender; `run` is one run and `take` stores one message; `pop3` and
+//! sender (`repair` reads the addresses in it); `run` is one run and `take` stores one message; `pop3` and
 //! `imap` speak to the server; `net` connects (TLS always verified).
 
 pub mod envelope;
 mod imap;
 mod net;
 mod pop3;
+mod repair;
 mod run;
 mod take;
 
