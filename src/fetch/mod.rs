@@ -196,11 +196,25 @@ impl Task {
                     }
                     *session = Some(imap);
                 }
-                // The next run logs in again.
-                Err(e) => debug!(account = %self.account.name, error = %e, "IDLE ended"),
+                // The next run logs in again, after the interval: a server
+                // whose IDLE keeps failing must not be polled in a loop.
+                Err(e) => {
+                    debug!(account = %self.account.name, error = %e, "IDLE failed");
+                    if !stopping && waiting.is_empty() {
+                        return self.sleep(interval, waiting).await;
+                    }
+                }
             }
             return !stopping && !self.shutdown.is_set();
         }
+        self.sleep(interval, waiting).await
+    }
+
+    /// Sleeps `interval`, or until a request (true) or shutdown (false).
+    async fn sleep(&mut self, interval: std::time::Duration, waiting: &mut Vec<Request>) -> bool {
+        let Task {
+            requests, shutdown, ..
+        } = self;
         tokio::select! {
             () = tokio::time::sleep(interval) => true,
             request = requests.recv() => {
