@@ -286,7 +286,7 @@ pub(super) fn parse(text: &str, source: &Path) -> Result<File, ConfigError> {
             .unwrap_or_default();
         ConfigError::Invalid {
             file: source.to_owned(),
-            key: if path == "." {
+            key: if path == "." || path.is_empty() {
                 "(top level)".into()
             } else {
                 path
@@ -367,6 +367,8 @@ mod tests {
                 "server.bogus: unknown field `bogus`",
             ),
             ("bogus = 1\n", "unknown field `bogus`"),
+            // An empty key still names where the error is.
+            ("\"\" = \"\"\n", "test.toml: (top level): unknown field ``"),
             ("[spool]\nsize = 1\n", "spool.size: unknown field `size`"),
             (
                 "[delivery]\ndrain_guard = -1\n",

@@ -272,7 +272,9 @@ fn is_named(line: &[u8], name: &str) -> bool {
     };
     line.iter()
         .take(colon)
-        .filter(|&&b| b != b' ' && b != b'\t')
+        // Spaces and control bytes in a name are no part of it for a
+        // lenient parser downstream: `\x0cReturn-Path:` must go too.
+        .filter(|&&b| b > b' ' && b != 0x7f)
         .map(u8::to_ascii_lowercase)
         .eq(name.bytes().map(|b| b.to_ascii_lowercase()))
 }
@@ -902,6 +904,7 @@ mod tests {
                    Delivered-To : carol@example.com\r\n\
                    X-Delivered-To: kept@example.com\r\n\
                    Return-Path: <eve@example.org>\r\n \r\n\
+                   \x0c\x0cReturn-Path: <mallory@example.org>\r\n\
                    To: fred@example.com\r\n\
                    \r\n\
                    Delivered-To: in the body stays\r\n\
