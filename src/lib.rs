@@ -305,11 +305,20 @@ impl Server {
 }
 
 /// The admin API's bearer token, from `http.admin_token_file` (none: the API
-/// is disabled: it answers 403).
+/// is disabled: it answers 403). A file that does not exist yet is created
+/// with a new random token, so the operator's commands work on the first run.
 fn admin_token(config: &Config) -> Result<Option<http::Token>, ConfigError> {
     let Some(path) = &config.http.admin_token_file else {
         return Ok(None);
     };
+    if !path.exists() {
+        create_token_file(path).map_err(|e| ConfigError::Invalid {
+            file: config.source.clone(),
+            key: "http.admin_token_file".into(),
+            reason: format!("cannot create {}: {e}", path.display()),
+        })?;
+        info!(path = %path.display(), "created a new admin token for /api and the mxspool commands");
+    }
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
         file: config.source.clone(),
         key: "http.admin_token_file".into(),
@@ -321,6 +330,33 @@ fn admin_token(config: &Config) -> Result<Option<http::Token>, ConfigError> {
         reason: format!("{} is empty", path.display()),
     })?;
     Ok(Some(token))
+}
+
+/// Writes 32 random bytes, hex-encoded, to a new file readable by its owner
+/// only (its directory created if need be). A file that appeared meanwhile
+/// is left alone.
+fn create_token_file(path: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut bytes = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| std::io::Error::other("the system's random source failed"))?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
+    let mut file = match file {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        other => other?,
+    };
+    file.write_all(format!("{token}\n").as_bytes())?;
+    file.sync_all()
 }
 
 /// The opened spool, with what it kept besides the queue: the domain pauses,

@@ -614,3 +614,85 @@ async fn fetch_now_runs_a_fetch_and_says_how_it_went() {
         "{missing:?}"
     );
 }
+
+/// What a newcomer does first: `serve` on a fresh directory with a config
+/// that names an admin token file that does not exist yet, then `queue list`
+/// with the same config. The server creates the token (owner-only), and the
+/// command finds it there.
+#[tokio::test]
+async fn the_first_run_needs_no_token_set_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let http = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let config = TestConfig::default()
+        .set("http", "listen", &format!("\"{http}\""))
+        .set("http", "admin_token_file", r#""{dir}/data/admin-token""#);
+    let path = dir.path().join("mxspool.toml");
+    std::fs::write(&path, config.render(dir.path())).unwrap();
+    let token_file = dir.path().join("data/admin-token");
+    assert!(!token_file.exists());
+
+    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_mxspool"))
+        .args(["serve", "-c"])
+        .arg(&path)
+        .env_remove("MXSPOOL_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start mxspool");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let listed = loop {
+        let run = mxspool(&path, &["queue", "list"]).await;
+        if run.code == 0 || tokio::time::Instant::now() > deadline {
+            break run;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = server.kill();
+    let output = server.wait_with_output().expect("mxspool stopped");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(listed.ok(), "queue is empty\n", "{listed:?}\n{log}");
+
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    assert_eq!(token.trim().len(), 64, "{token:?}");
+    assert!(token.trim().bytes().all(|b| b.is_ascii_hexdigit()));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // The log names the file, never the token.
+    assert!(log.contains("created a new admin token"), "{log}");
+    assert!(log.contains("data/admin-token"), "{log}");
+    assert!(!log.contains(token.trim()), "{log}");
+}
+
+/// A token file that exists is the operator's: a restart never replaces it.
+#[tokio::test]
+async fn an_existing_token_file_is_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config =
+        || TestConfig::default().set("http", "admin_token_file", r#""{dir}/data/admin-token""#);
+    let t = TestServer::start_in(dir, config()).await;
+    let file = t.dir.path().join("data/admin-token");
+    let first = std::fs::read_to_string(&file).expect("created at startup");
+    let dir = t.dir;
+    t.server.shutdown(Duration::from_secs(5)).await;
+    let t = TestServer::start_in(dir, config()).await;
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), first);
+    // The commands use the same file and are let in.
+    let own = cli_config(&t, "own.toml", t.server.http_addr(), None);
+    let mut text = std::fs::read_to_string(&own).unwrap();
+    text = text.replace(
+        "[http]\n",
+        &format!(
+            "[http]\nadmin_token_file = {:?}\n",
+            file.display().to_string()
+        ),
+    );
+    std::fs::write(&own, text).unwrap();
+    assert_eq!(
+        mxspool(&own, &["queue", "list"]).await.ok(),
+        "queue is empty\n"
+    );
+}
