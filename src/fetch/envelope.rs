@@ -925,6 +925,14 @@ mod tests {
     }
 
     #[test]
+    fn a_message_of_removed_fields_only_keeps_its_empty_header_section() {
+        let (_, recipients, body) =
+            delivered("Return-Path: <s@o.test>\nDelivered-To: bob@example.com\n\nhello\n");
+        assert_eq!(recipients, ["bob@example.com"]);
+        assert_eq!(body, "\r\nhello\r\n");
+    }
+
+    #[test]
     fn line_endings_become_crlf() {
         let raw = "Delivered-To: fred@example.com\nSubject: lf\n\nline one\nline\rtwo\r\nend";
         let (_, _, body) = delivered(raw);
