@@ -415,30 +415,45 @@ async fn api_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> 
     Ok((response.status, response.body))
 }
 
-/// The IDs of a listing (`/api/queue` or `/api/dead`), checked for consistency.
+/// The IDs of a listing (`/api/queue`, every page, or `/api/dead`),
+/// checked for consistency.
 async fn listed_ids(mx: &Mx, path: &str) -> Vec<String> {
-    let (status, body) = api_get(mx.http, path)
-        .await
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
-    assert_eq!(status, 200, "GET {path}: {body}");
-    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
-    let messages = v["messages"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{path}: no messages list: {body}"));
-    assert_eq!(
-        v["count"].as_u64(),
-        Some(messages.len() as u64),
-        "{path}: count differs from the list: {body}"
-    );
-    messages
-        .iter()
-        .map(|m| {
+    let mut ids = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page_path = match (&cursor, path == "/api/queue") {
+            (Some(c), _) => format!("{path}?limit=1000&cursor={c}"),
+            (None, true) => format!("{path}?limit=1000"),
+            (None, false) => path.to_owned(),
+        };
+        let (status, body) = api_get(mx.http, &page_path)
+            .await
+            .unwrap_or_else(|e| panic!("GET {page_path}: {e}"));
+        assert_eq!(status, 200, "GET {page_path}: {body}");
+        let v: Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{page_path}: {e}: {body}"));
+        let messages = v["messages"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{page_path}: no messages list: {body}"));
+        cursor = v["next_cursor"].as_str().map(str::to_owned);
+        if ids.is_empty() && cursor.is_none() {
+            // One page: the count is exactly what it lists.
+            assert_eq!(
+                v["count"].as_u64(),
+                Some(messages.len() as u64),
+                "{page_path}: count differs from the list: {body}"
+            );
+        }
+        ids.extend(messages.iter().map(|m| {
             m["id"]
                 .as_str()
-                .unwrap_or_else(|| panic!("{path}: message without id: {m}"))
+                .unwrap_or_else(|| panic!("{page_path}: message without id: {m}"))
                 .to_ascii_uppercase()
-        })
-        .collect()
+        }));
+        if cursor.is_none() {
+            return ids;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------

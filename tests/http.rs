@@ -442,7 +442,7 @@ async fn list_shows_the_queue_and_filters_by_domain_and_state() {
     let http = Http::of(&t);
 
     let v = http.get("/api/queue").await.expect(200);
-    assert_eq!(v, json!({"messages": [], "count": 0}));
+    assert_eq!(v, json!({"messages": [], "count": 0, "next_cursor": null}));
 
     let m1 = send(
         &t,

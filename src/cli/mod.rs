@@ -186,7 +186,7 @@ pub fn queue(config: &Config, command: QueueCommand, out: &mut dyn Write) -> Res
             domain,
             state,
             json,
-        } => list(&api, domain.as_deref(), state, json)?,
+        } => return list(&api, domain.as_deref(), state, json, out),
         QueueCommand::Show { id, json } => show(&api, &id, json)?,
         QueueCommand::Flush { domain } => flush(&api, domain.as_deref())?,
         QueueCommand::Delete { id } => {
@@ -209,32 +209,76 @@ pub fn queue(config: &Config, command: QueueCommand, out: &mut dyn Write) -> Res
     write(out, &text)
 }
 
-/// `queue list`: one line per recipient, or the server's JSON.
+/// `queue list`: one line per recipient, written page by page as the
+/// server hands them out (so a huge queue never sits in memory on either
+/// side), or the server's JSON for the whole listing.
 fn list(
     api: &Api,
     domain: Option<&str>,
     state: Option<State>,
     json: bool,
-) -> Result<String, CliError> {
-    let mut query = Vec::new();
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let mut query = vec![("limit", PAGE)];
     if let Some(domain) = domain {
         query.push(("domain", domain));
     }
     if let Some(state) = state {
         query.push(("state", state.as_str()));
     }
-    let body = api.call(None, |c| c.get("/api/queue", &query))?;
-    if json {
-        pretty(&body)
+    let what = if query.len() == 1 {
+        render::QUEUE
     } else {
-        let what = if query.is_empty() {
-            render::QUEUE
+        render::QUEUE_FILTERED
+    };
+    let (mut shown, mut held) = (0, 0);
+    let mut all = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut page_query = query.clone();
+        if let Some(c) = &cursor {
+            page_query.push(("cursor", c.as_str()));
+        }
+        let body = api.call(None, |c| c.get("/api/queue", &page_query))?;
+        if json {
+            let page: RawPage = parse(&body)?;
+            all.extend(page.messages);
+            cursor = page.next_cursor;
         } else {
-            render::QUEUE_FILTERED
-        };
-        Ok(render::list(&parse(&body)?, what))
+            let page: render::MessageList = parse(&body)?;
+            if !page.messages.is_empty() {
+                write(out, &render::rows(&page, shown == 0))?;
+            }
+            shown += page.messages.len();
+            held += page.messages.iter().filter(|m| m.held).count();
+            cursor = page.next_cursor;
+        }
+        if cursor.is_none() {
+            break;
+        }
     }
+    if json {
+        // The server's messages as it wrote them (key order kept).
+        let messages: Vec<&str> = all.iter().map(|m| m.get()).collect();
+        let text = format!(
+            "{{\"count\": {}, \"messages\": [{}]}}",
+            messages.len(),
+            messages.join(",")
+        );
+        return write(out, &pretty(&text)?);
+    }
+    write(out, &render::footer(shown, held, what))
 }
+
+/// A page of `GET /api/queue`, its messages left as the server wrote them.
+#[derive(serde::Deserialize)]
+struct RawPage {
+    messages: Vec<Box<serde_json::value::RawValue>>,
+    next_cursor: Option<String>,
+}
+
+/// Messages asked for per page by `queue list`.
+const PAGE: &str = "500";
 
 /// `queue show`: one message as text, or the server's JSON.
 fn show(api: &Api, id: &str, json: bool) -> Result<String, CliError> {

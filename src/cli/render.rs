@@ -12,6 +12,9 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 pub struct MessageList {
     pub messages: Vec<Message>,
+    /// The page after this one, if any (`GET /api/queue` pages).
+    #[serde(default)]
+    pub next_cursor: Option<String>,
 }
 
 /// A message as listed, or as shown with the `show`-only fields filled in.
@@ -111,6 +114,28 @@ pub fn list(list: &MessageList, what: Listing) -> String {
     if list.messages.is_empty() {
         return format!("{}\n", what.empty);
     }
+    let mut out = rows(list, true);
+    let held = list.messages.iter().filter(|m| m.held).count();
+    out.push_str(&footer(list.messages.len(), held, what));
+    out
+}
+
+/// The count line that ends a listing of `n` messages, `held` of them held.
+pub fn footer(n: usize, held: usize, what: Listing) -> String {
+    if n == 0 {
+        return format!("{}\n", what.empty);
+    }
+    let mut out = format!("{n} {}", if n == 1 { what.one } else { what.many });
+    if held > 0 {
+        out.push_str(&format!(" ({held} held)"));
+    }
+    out.push('\n');
+    out
+}
+
+/// The table lines of one page of a listing (with the column names on the
+/// first page only).
+pub fn rows(list: &MessageList, header: bool) -> String {
     let mut rows = vec![
         [
             "ID",
@@ -152,18 +177,14 @@ pub fn list(list: &MessageList, what: Listing) -> String {
             ]);
         }
     }
-    let mut out = table(&rows);
-    let n = list.messages.len();
-    out.push_str(&format!(
-        "{n} {}",
-        if n == 1 { what.one } else { what.many }
-    ));
-    let held = list.messages.iter().filter(|m| m.held).count();
-    if held > 0 {
-        out.push_str(&format!(" ({held} held)"));
+    let out = table(&rows);
+    if header {
+        out
+    } else {
+        out.split_once('\n')
+            .map(|(_, rest)| rest.to_owned())
+            .unwrap_or_default()
     }
-    out.push('\n');
-    out
 }
 
 /// `queue domains`: one line per relay domain.
@@ -615,6 +636,7 @@ mod tests {
         notice.recipients = vec![recipient("alice@example.org", "queued", 0, None)];
         let listing = MessageList {
             messages: vec![sample(), notice],
+            next_cursor: None,
         };
         assert_eq!(
             list(&listing, QUEUE),
@@ -630,14 +652,23 @@ ID             AGE    SIZE     SENDER             RECIPIENT          STATUS     
 
     #[test]
     fn empty_and_single_listings() {
-        let empty = MessageList { messages: vec![] };
+        let empty = MessageList {
+            messages: vec![],
+            next_cursor: None,
+        };
         assert_eq!(list(&empty, QUEUE), "queue is empty\n");
         assert_eq!(list(&empty, QUEUE_FILTERED), "no queued message matches\n");
         assert_eq!(list(&empty, DEAD), "no dead letters\n");
         let one = MessageList {
             messages: vec![sample()],
+            next_cursor: None,
         };
         assert!(list(&one, DEAD).ends_with("\n1 dead letter\n"));
+        // A later page has no column names; the footer comes once at the end.
+        assert!(rows(&one, true).starts_with("ID "));
+        assert!(rows(&one, false).starts_with("0KXW3J5M7P2QR"));
+        assert_eq!(rows(&one, false).lines().count(), 2);
+        assert_eq!(footer(1200, 3, QUEUE), "1200 messages (3 held)\n");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use crate::address::domain_of;
 use crate::domain::Domain;
+use crate::metrics::Metrics;
 use crate::scheduler::guard::PauseError;
 use crate::scheduler::{DomainError, DomainStatus};
 use crate::spool::{
@@ -183,50 +184,157 @@ fn view(env: &Envelope, held: bool, now: u64, detailed: bool) -> MessageView {
 pub struct ListQuery {
     domain: Option<String>,
     state: Option<String>,
+    sender: Option<String>,
+    recipient: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
 }
 
+/// Messages in one page of `GET /api/queue` unless `limit` says otherwise.
+pub const DEFAULT_LIMIT: usize = 100;
+/// The largest `limit` accepted.
+pub const MAX_LIMIT: usize = 1000;
+
+/// What `GET /api/queue` keeps: all given filters must match.
+struct Filter {
+    state: Option<String>,
+    domain: Option<String>,
+    sender: Option<String>,
+    recipient: Option<String>,
+}
+
+impl Filter {
+    fn from_query(q: &ListQuery) -> Result<Filter, ApiError> {
+        let state = match q.state.as_deref() {
+            None | Some("") => None,
+            Some(s @ ("queued" | "held" | "deferred")) => Some(s.to_owned()),
+            Some(other) => {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown state {other:?}: use queued, held or deferred"),
+                ));
+            }
+        };
+        let text = |v: &Option<String>| {
+            v.as_deref()
+                .filter(|v| !v.is_empty())
+                .map(str::to_lowercase)
+        };
+        Ok(Filter {
+            state,
+            domain: text(&q.domain),
+            sender: text(&q.sender),
+            recipient: text(&q.recipient),
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.state.is_none()
+            && self.domain.is_none()
+            && self.sender.is_none()
+            && self.recipient.is_none()
+    }
+
+    /// `sender` and `recipient` match a part of the address, ignoring case.
+    fn keeps(&self, env: &Envelope, held: bool, metrics: &Metrics) -> bool {
+        let state = match self.state.as_deref() {
+            None => true,
+            Some("held") => held,
+            Some("queued") => !held,
+            _ => !held && env.recipients.iter().any(|r| r.attempts > 0),
+        };
+        let domain = self.domain.as_deref().is_none_or(|d| {
+            env.recipients.iter().any(|r| {
+                let rd = domain_of(&r.address);
+                r.status == RcptStatus::Queued && (rd == d || metrics.label(&rd) == d)
+            })
+        });
+        let sender = self
+            .sender
+            .as_deref()
+            .is_none_or(|s| env.sender.to_lowercase().contains(s));
+        let recipient = self.recipient.as_deref().is_none_or(|want| {
+            env.recipients
+                .iter()
+                .any(|r| r.address.to_lowercase().contains(want))
+        });
+        state && domain && sender && recipient
+    }
+}
+
+/// `limit`: 1 to [`MAX_LIMIT`], default [`DEFAULT_LIMIT`].
+fn page_limit(text: Option<&str>) -> Result<usize, ApiError> {
+    let Some(text) = text.filter(|t| !t.is_empty()) else {
+        return Ok(DEFAULT_LIMIT);
+    };
+    match text.parse::<usize>() {
+        Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+        _ => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be a number from 1 to {MAX_LIMIT}, not {text:?}"),
+        )),
+    }
+}
+
+/// `cursor`: the `next_cursor` of the page before (a queue ID, but opaque
+/// to clients).
+fn page_cursor(text: Option<&str>) -> Result<Option<QueueId>, ApiError> {
+    match text.filter(|t| !t.is_empty()) {
+        None => Ok(None),
+        Some(t) => t.parse::<QueueId>().map(Some).map_err(|_| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("invalid cursor {t:?}: pass the next_cursor of the page before"),
+            )
+        }),
+    }
+}
+
+/// `GET /api/queue`: one page, in arrival order. `count` is every match:
+/// from the running totals when nothing or only a configured domain is
+/// filtered on, else from a scan of the queue.
 pub async fn list(State(state): State<Arc<AppState>>, uri: axum::http::Uri) -> ApiResult {
     // Parsed after the token check, so strangers learn nothing from errors.
     let Query(q) = Query::<ListQuery>::try_from_uri(&uri)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let wanted = match q.state.as_deref() {
-        None | Some("") => None,
-        Some(s @ ("queued" | "held" | "deferred")) => Some(s.to_owned()),
-        Some(other) => {
-            return Err(ApiError(
-                StatusCode::BAD_REQUEST,
-                format!("unknown state {other:?}: use queued, held or deferred"),
-            ));
-        }
+    let filter = Filter::from_query(&q)?;
+    let limit = page_limit(q.limit.as_deref())?;
+    let after = page_cursor(q.cursor.as_deref())?;
+    let aggregate = if filter.is_empty() {
+        Some(state.spool.stats().messages)
+    } else if filter.state.is_none() && filter.sender.is_none() && filter.recipient.is_none() {
+        let d = filter.domain.as_deref().unwrap_or_default();
+        state
+            .spool
+            .queue_by_label()
+            .into_iter()
+            .find(|(label, _, _)| label == d && label != crate::metrics::OTHER)
+            .map(|(_, n, _)| n)
+    } else {
+        None
     };
-    let domain = q.domain.filter(|d| !d.is_empty()).map(|d| d.to_lowercase());
     let metrics = state.metrics.clone();
     let now = state.clock.now_ms();
-    let messages = read(&state, move |spool| {
-        let mut out = Vec::new();
-        for env in spool.envelopes()? {
-            let held = spool.is_held(env.id)?;
-            let keep_state = match wanted.as_deref() {
-                None => true,
-                Some("held") => held,
-                Some("queued") => !held,
-                _ => !held && env.recipients.iter().any(|r| r.attempts > 0),
-            };
-            let keep_domain = domain.as_deref().is_none_or(|d| {
-                env.recipients.iter().any(|r| {
-                    let rd = domain_of(&r.address);
-                    r.status == RcptStatus::Queued && (rd == d || metrics.label(&rd) == d)
-                })
-            });
-            if keep_state && keep_domain {
-                out.push(view(&env, held, now, false));
-            }
-        }
-        Ok(out)
+    let page = read(&state, move |spool| {
+        let mut keep = |env: &Envelope, held: bool| filter.keeps(env, held, &metrics);
+        spool.page(after, limit, aggregate.is_none(), &mut keep)
     })
     .await?;
-    let count = messages.len();
-    Ok(Json(json!({ "messages": messages, "count": count })).into_response())
+    // A listing that fits in one page counts itself, from the same snapshot.
+    let count = match (after, page.next) {
+        (None, None) => page.items.len() as u64,
+        _ => aggregate.or(page.matched).unwrap_or_default(),
+    };
+    let messages: Vec<_> = page
+        .items
+        .iter()
+        .map(|(env, held)| view(env, *held, now, false))
+        .collect();
+    let next_cursor = page.next.map(|id| id.to_string());
+    Ok(
+        Json(json!({ "count": count, "messages": messages, "next_cursor": next_cursor }))
+            .into_response(),
+    )
 }
 
 pub async fn show(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult {

@@ -143,6 +143,17 @@ pub struct NewMessage {
     pub body: Vec<u8>,
 }
 
+/// One page of the queue (see [`Spool::page`]).
+#[derive(Debug, Default)]
+pub struct Page {
+    /// Envelopes and whether each is held, in ID order.
+    pub items: Vec<(Envelope, bool)>,
+    /// The last ID of this page when more messages match after it.
+    pub next: Option<QueueId>,
+    /// Every match in the queue, when counting was asked for.
+    pub matched: Option<u64>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error("{path}: the spool is in use by another process (is another mxspool running?)")]

@@ -9,7 +9,8 @@ use redb::{ReadableTable, TableDefinition};
 
 use super::{
     BODIES, DEAD, DUE, Envelope, FETCH_IDS, FETCH_SEEN, GREYLIST, GREYLIST_PASSED, HELD, LEARNED,
-    LearnedRow, MESSAGES, PAUSED, Pause, QUARANTINE, QueueId, ReadError, Spool, Stats, read_err,
+    LearnedRow, MESSAGES, PAUSED, Page, Pause, QUARANTINE, QueueId, ReadError, Spool, Stats,
+    read_err,
 };
 
 impl Spool {
@@ -241,6 +242,53 @@ impl Spool {
             }
         }
         Ok(out)
+    }
+
+    /// One page of the queue in ID (arrival) order: up to `limit` messages
+    /// after `after` that `keep` (given the envelope and whether it is held)
+    /// accepts, read from one snapshot without loading the rest. With
+    /// `count`, the whole queue is scanned to count every match as well.
+    pub fn page(
+        &self,
+        after: Option<QueueId>,
+        limit: usize,
+        count: bool,
+        keep: &mut dyn FnMut(&Envelope, bool) -> bool,
+    ) -> Result<Page, ReadError> {
+        let txn = self.inner.db.begin_read()?;
+        let messages = txn.open_table(MESSAGES).map_err(read_err)?;
+        let held = txn.open_table(HELD).map_err(read_err)?;
+        let start = match (count, after) {
+            (false, Some(id)) => id.0.saturating_add(1),
+            _ => 0,
+        };
+        let mut page = Page::default();
+        let mut matched = 0u64;
+        for row in messages.range(start..).map_err(read_err)? {
+            let (id, raw) = row.map_err(read_err)?;
+            let id = QueueId(id.value());
+            let Ok(env) = Envelope::decode(raw.value()) else {
+                continue;
+            };
+            let is_held = held.get(id.0).map_err(read_err)?.is_some();
+            if !keep(&env, is_held) {
+                continue;
+            }
+            matched += 1;
+            if after.is_some_and(|a| id <= a) {
+                continue;
+            }
+            if page.items.len() == limit {
+                page.next = page.items.last().map(|(e, _)| e.id);
+                if !count {
+                    break;
+                }
+                continue;
+            }
+            page.items.push((env, is_held));
+        }
+        page.matched = count.then_some(matched);
+        Ok(page)
     }
 
     /// IDs of records moved to quarantine, with their raw bytes, for inspection.
