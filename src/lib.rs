@@ -193,6 +193,7 @@ impl Server {
                 ready: ready.clone(),
                 clock: clock.clone(),
                 fetchers: fetchers.clone(),
+                sessions: Arc::default(),
             }),
             shutdown.clone(),
         ));

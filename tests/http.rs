@@ -1437,3 +1437,106 @@ async fn requests_without_the_token_are_refused_before_their_input_is_read() {
     let r = http.get("/api/queue?domain=a.test&domain=b.test").await;
     assert_eq!(r.status, 401, "list with a bad query and no token: {r:?}");
 }
+
+/// The console's sign-in: the token gives an HttpOnly, SameSite=Strict
+/// session cookie that `/api` takes instead of the bearer token; with it,
+/// anything that changes state must come from our own origin.
+#[tokio::test]
+async fn console_sessions_and_the_origin_check() {
+    let primary = Primary::start().await;
+    primary.set_mode(Mode::Down);
+    let t = start(config(&[("example.com", &primary)])).await;
+    let addr = t.server.http_addr();
+    let origin = format!("http://{addr}");
+    let send = async |method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>| {
+        common::http::request(addr, method, path, headers, body)
+            .await
+            .expect("an answer")
+    };
+
+    // Wrong token, or from another site: no session.
+    let wrong = send(
+        "POST",
+        "/api/session",
+        &[("Origin", &origin)],
+        Some(r#"{"token": "guess"}"#),
+    )
+    .await;
+    assert!(wrong.expect_error(401).contains("wrong admin token"));
+    assert!(wrong.header("set-cookie").is_none());
+    let elsewhere = format!(r#"{{"token": "{TOKEN}"}}"#);
+    let foreign = send(
+        "POST",
+        "/api/session",
+        &[("Origin", "http://evil.test")],
+        Some(&elsewhere),
+    )
+    .await;
+    assert!(foreign.expect_error(403).contains("cross-origin"));
+
+    let signed_in = send(
+        "POST",
+        "/api/session",
+        &[("Origin", &origin)],
+        Some(&elsewhere),
+    )
+    .await;
+    signed_in.expect(200);
+    let set = signed_in.header("set-cookie").expect("a cookie").to_owned();
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().unwrap().to_owned();
+    assert!(cookie.starts_with("mxspool_session="), "{cookie}");
+
+    // Reading needs only the cookie.
+    let listed = send("GET", "/api/queue", &[("Cookie", &cookie)], None).await;
+    assert_eq!(listed.expect(200)["count"], 0);
+    // Changing needs our own Origin too.
+    let no_origin = send("POST", "/api/queue/flush", &[("Cookie", &cookie)], None).await;
+    assert!(no_origin.expect_error(403).contains("cross-origin"));
+    let forged = send(
+        "POST",
+        "/api/queue/flush",
+        &[("Cookie", &cookie), ("Origin", "http://evil.test")],
+        None,
+    )
+    .await;
+    forged.expect_error(403);
+    let ours = send(
+        "POST",
+        "/api/queue/flush",
+        &[("Cookie", &cookie), ("Origin", &origin)],
+        None,
+    )
+    .await;
+    ours.expect(202);
+    // The bearer token needs no Origin (the CLI sends none).
+    let auth = format!("Bearer {TOKEN}");
+    send(
+        "POST",
+        "/api/queue/flush",
+        &[("Authorization", &auth)],
+        None,
+    )
+    .await
+    .expect(202);
+    // A forged cookie is no session.
+    let fake = send(
+        "GET",
+        "/api/queue",
+        &[("Cookie", "mxspool_session=0123456789abcdef")],
+        None,
+    )
+    .await;
+    fake.expect_error(401);
+
+    // Signing out ends it.
+    let out = send("DELETE", "/api/session", &[("Cookie", &cookie)], None).await;
+    out.expect(200);
+    assert!(out.header("set-cookie").unwrap().contains("Max-Age=0"));
+    send("GET", "/api/queue", &[("Cookie", &cookie)], None)
+        .await
+        .expect_error(401);
+}

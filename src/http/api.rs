@@ -5,13 +5,13 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::AppState;
+use super::{AppState, Token, session};
 use crate::address::domain_of;
 use crate::domain::Domain;
 use crate::metrics::Metrics;
@@ -51,19 +51,130 @@ pub async fn require_token(
     request: Request,
     next: Next,
 ) -> Response {
-    match authorise(&state, request.headers()) {
+    match authorise(&state, request.method(), request.headers()) {
         Ok(()) => next.run(request).await,
         Err(e) => e.into_response(),
     }
 }
 
-fn authorise(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+/// The bearer token; or a console session's cookie, and then a request that
+/// changes anything must come from our own origin (`Origin:` names the host
+/// it was sent to), so another site cannot make the browser act for it.
+fn authorise(state: &AppState, method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(token) = &state.token else {
+        return Err(disabled());
+    };
+    if bearer_matches(token, headers) {
+        return Ok(());
+    }
+    let session = headers
+        .get(axum::http::header::COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(session::from_cookie_header);
+    match session {
+        Some(id) if state.sessions.is_valid(id, state.clock.now_ms()) => {
+            if matches!(*method, Method::GET | Method::HEAD) || same_origin(headers) {
+                Ok(())
+            } else {
+                Err(ApiError(
+                    StatusCode::FORBIDDEN,
+                    "cross-origin request refused: the Origin header must name this server".into(),
+                ))
+            }
+        }
+        _ => Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token".into(),
+        )),
+    }
+}
+
+fn disabled() -> ApiError {
+    ApiError(
+        StatusCode::FORBIDDEN,
+        "the admin API is disabled: set http.admin_token_file".into(),
+    )
+}
+
+/// Whether `Origin:` is `http(s)://` followed by the `Host:` the request
+/// was sent to.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let value = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    let (Some(origin), Some(host)) = (
+        value(axum::http::header::ORIGIN),
+        value(axum::http::header::HOST),
+    ) else {
+        return false;
+    };
+    ["http://", "https://"]
+        .iter()
+        .any(|scheme| origin.strip_prefix(scheme) == Some(host))
+}
+
+/// `POST /api/session` with `{"token": "..."}`: a console session, in a
+/// cookie. Same-origin only.
+pub async fn sign_in(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let Some(token) = &state.token else {
+        return Err(disabled());
+    };
+    if !same_origin(&headers) {
         return Err(ApiError(
             StatusCode::FORBIDDEN,
-            "the admin API is disabled: set http.admin_token_file".into(),
+            "cross-origin request refused: the Origin header must name this server".into(),
         ));
-    };
+    }
+    #[derive(Deserialize)]
+    struct SignIn {
+        token: String,
+    }
+    let offered: SignIn = serde_json::from_slice(&body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("expected {{\"token\": \"...\"}}: {e}"),
+        )
+    })?;
+    if !token.matches(offered.token.trim()) {
+        return Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "wrong admin token".into(),
+        ));
+    }
+    let id = state
+        .sessions
+        .create(state.clock.now_ms())
+        .ok_or_else(|| internal("the system's random source failed"))?;
+    let mut response = Json(json!({ "signed_in": true })).into_response();
+    if let Ok(cookie) = session::set_cookie(&id).parse() {
+        response
+            .headers_mut()
+            .insert(axum::http::header::SET_COOKIE, cookie);
+    }
+    Ok(response)
+}
+
+/// `DELETE /api/session`: the session ends, its cookie is cleared.
+pub async fn sign_out(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
+    if let Some(id) = headers
+        .get(axum::http::header::COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(session::from_cookie_header)
+    {
+        state.sessions.end(id);
+    }
+    let mut response = Json(json!({ "signed_in": false })).into_response();
+    if let Ok(cookie) = session::clear_cookie().parse() {
+        response
+            .headers_mut()
+            .insert(axum::http::header::SET_COOKIE, cookie);
+    }
+    Ok(response)
+}
+
+fn bearer_matches(token: &Token, headers: &HeaderMap) -> bool {
     let offered = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -71,14 +182,7 @@ fn authorise(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map_or("", |(_, token)| token);
-    if token.matches(offered.trim()) {
-        Ok(())
-    } else {
-        Err(ApiError(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token".into(),
-        ))
-    }
+    token.matches(offered.trim())
 }
 
 fn parse_id(text: &str) -> Result<QueueId, ApiError> {

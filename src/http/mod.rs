@@ -1,10 +1,12 @@
 //! (7) HTTP: `/healthz`, `/readyz`, `/metrics`, and the admin API under `/api`
 //! (see docs/api.md), every route of which passes the token check
-//! ([`api::require_token`]) first. Handlers are thin: they read the spool, ask the
+//! ([`api::require_token`]: the bearer token, or a console session's cookie
+//! on a same-origin request) first. Handlers are thin: they read the spool, ask the
 //! scheduler, and turn results into JSON. Nothing here changes mail itself
 //! except through the spool's and the scheduler's own operations.
 
 mod api;
+pub mod session;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,6 +65,8 @@ pub struct AppState {
     pub clock: Clock,
     /// The mailbox fetch tasks, for `POST /api/fetch/{name}`.
     pub fetchers: crate::fetch::Fetchers,
+    /// The web console's signed-in sessions.
+    pub sessions: Arc<session::Sessions>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -85,6 +89,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             api::require_token,
         ));
     Router::new()
+        .route("/api/session", post(api::sign_in).delete(api::sign_out))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
