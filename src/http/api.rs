@@ -156,6 +156,17 @@ pub async fn sign_in(
     Ok(response)
 }
 
+/// `GET /api/session`: whether the request carries a live session (so the
+/// console knows whether to ask for the token without provoking a 401).
+pub async fn session_state(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
+    let live = headers
+        .get(axum::http::header::COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(session::from_cookie_header)
+        .is_some_and(|id| state.sessions.is_valid(id, state.clock.now_ms()));
+    Ok(Json(json!({ "signed_in": live })).into_response())
+}
+
 /// `DELETE /api/session`: the session ends, its cookie is cleared.
 pub async fn sign_out(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
     if let Some(id) = headers

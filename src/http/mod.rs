@@ -1,4 +1,5 @@
-//! (7) HTTP: `/healthz`, `/readyz`, `/metrics`, and the admin API under `/api`
+//! (7) HTTP: the web console at `/` (`console`), `/healthz`, `/readyz`,
+//! `/metrics`, and the admin API under `/api`
 //! (see docs/api.md), every route of which passes the token check
 //! ([`api::require_token`]: the bearer token, or a console session's cookie
 //! on a same-origin request) first. Handlers are thin: they read the spool, ask the
@@ -6,6 +7,7 @@
 //! except through the spool's and the scheduler's own operations.
 
 mod api;
+mod console;
 pub mod session;
 
 use std::sync::Arc;
@@ -89,7 +91,17 @@ pub fn router(state: Arc<AppState>) -> Router {
             api::require_token,
         ));
     Router::new()
-        .route("/api/session", post(api::sign_in).delete(api::sign_out))
+        .route(
+            "/api/session",
+            get(api::session_state)
+                .post(api::sign_in)
+                .delete(api::sign_out),
+        )
+        .route("/", get(console::index))
+        .route("/console.js", get(console::script))
+        .route("/console.css", get(console::style))
+        .route("/favicon.svg", get(console::icon))
+        .route("/favicon.ico", get(console::icon))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
