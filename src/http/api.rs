@@ -644,6 +644,17 @@ struct DomainView {
     queued: u64,
     oldest_arrived_ms: Option<u64>,
     oldest_age_seconds: Option<u64>,
+    /// The primary's recent changes, oldest first.
+    history: Vec<ChangeView>,
+}
+
+#[derive(Serialize)]
+struct ChangeView {
+    at_ms: u64,
+    /// "up" | "down".
+    primary: &'static str,
+    /// For a change to down: why.
+    reason: Option<String>,
 }
 
 fn domain_view(d: DomainStatus, now: u64) -> DomainView {
@@ -656,6 +667,15 @@ fn domain_view(d: DomainStatus, now: u64) -> DomainView {
         queued: d.queued,
         oldest_arrived_ms: d.oldest_arrived_ms,
         oldest_age_seconds: d.oldest_arrived_ms.map(|at| now.saturating_sub(at) / 1000),
+        history: d
+            .history
+            .into_iter()
+            .map(|c| ChangeView {
+                at_ms: c.at_ms,
+                primary: if c.up { "up" } else { "down" },
+                reason: c.reason,
+            })
+            .collect(),
         domain: d.name,
     }
 }

@@ -36,6 +36,8 @@ pub struct DomainStatus {
     /// start of the server.
     pub primary_up: bool,
     pub primary_since_ms: u64,
+    /// The primary's recent changes, oldest first (the outage history).
+    pub history: Vec<crate::health::Change>,
     pub pause: Option<Pause>,
     /// Queued messages with a recipient here, and the arrival of the oldest.
     pub queued: u64,
@@ -223,16 +225,19 @@ impl Handle {
             .configured
             .iter()
             .map(|d| {
-                let (primary_up, primary_since_ms) = self
+                let (primary_up, primary_since_ms, history) = self
                     .ctx
                     .health
                     .primary(&d.name)
-                    .map_or((true, 0), |p| (p.up, p.since_ms));
+                    .map_or((true, 0, Vec::new()), |p| {
+                        (p.up, p.since_ms, p.history.into_iter().collect())
+                    });
                 let (queued, oldest_arrived_ms) = queues.get(&d.name).copied().unwrap_or((0, None));
                 DomainStatus {
                     name: d.name.clone(),
                     primary_up,
                     primary_since_ms,
+                    history,
                     pause: guard.paused(&d.name),
                     queued,
                     oldest_arrived_ms,

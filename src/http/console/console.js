@@ -111,6 +111,21 @@ async function loadOverview() {
       return tr;
     });
     $("domains").replaceChildren(...rows);
+    const changes = domains.domains.flatMap((d) =>
+      d.history.map((c) => ({ domain: d.domain, ...c })));
+    changes.sort((a, b) => b.at_ms - a.at_ms);
+    $("history").replaceChildren(...changes.slice(0, 20).map((c) => {
+      const li = document.createElement("li");
+      li.textContent = `${since(c.at_ms)} ${c.domain}: primary ${c.primary}` +
+        (c.reason ? ` (${c.reason})` : "");
+      li.className = c.primary;
+      return li;
+    }));
+    if (changes.length === 0) {
+      const li = document.createElement("li");
+      li.textContent = "no change since the server started";
+      $("history").replaceChildren(li);
+    }
     $("dead-count").textContent = String(dead.count);
     $("refreshed").textContent = new Date().toLocaleTimeString();
   } catch (e) {
