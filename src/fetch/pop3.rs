@@ -62,20 +62,13 @@ impl Pop3 {
             Err(FetchError::Refused(_)) => return Ok(Vec::new()),
             Err(e) => return Err(e),
         }
-        let mut names = Vec::new();
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            self.read_line(&mut line).await?;
-            let text = String::from_utf8_lossy(&line);
-            let text = text.trim_end();
-            if text == "." {
-                return Ok(names);
-            }
-            if let Some(name) = text.split_whitespace().next() {
-                names.push(name.to_ascii_uppercase());
-            }
-        }
+        Ok(self
+            .text_lines()
+            .await?
+            .iter()
+            .filter_map(|line| line.split_whitespace().next())
+            .map(str::to_ascii_uppercase)
+            .collect())
     }
 
     /// Every message with its unique ID and size.
@@ -187,6 +180,19 @@ impl Pop3 {
 
     /// A multi-line listing: `number rest` per line, up to the lone dot.
     async fn lines(&mut self) -> Result<Vec<(u32, String)>, FetchError> {
+        Ok(self
+            .text_lines()
+            .await?
+            .iter()
+            .filter_map(|line| {
+                let mut words = line.split_whitespace();
+                Some((words.next()?.parse().ok()?, words.next()?.to_owned()))
+            })
+            .collect())
+    }
+
+    /// The lines of a multi-line answer up to the lone dot, without line ends.
+    async fn text_lines(&mut self) -> Result<Vec<String>, FetchError> {
         let mut out = Vec::new();
         let mut line = Vec::new();
         loop {
@@ -197,12 +203,7 @@ impl Pop3 {
             if text == "." {
                 return Ok(out);
             }
-            let mut words = text.split_whitespace();
-            if let (Some(n), Some(rest)) = (words.next(), words.next())
-                && let Ok(n) = n.parse()
-            {
-                out.push((n, rest.to_owned()));
-            }
+            out.push(text.to_owned());
         }
     }
 

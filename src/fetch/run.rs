@@ -164,14 +164,15 @@ async fn take_all(
         report.fetched += 1;
         // A second copy in the same run waits for the first to be on disk,
         // and then finds it there.
-        if duplicate_key(&raw).is_some_and(|key| !keys.insert(key)) {
+        let key = duplicate_key(&raw);
+        if key.as_ref().is_some_and(|key| !keys.insert(key.clone())) {
             batch.settle_all(report).await?;
         }
         let task = tokio::spawn(take(
             account.clone(),
             inbound.clone(),
             message.clone(),
-            raw,
+            (raw, key),
             mailbox.peer(),
         ));
         batch.in_flight.push_back((message.clone(), task));

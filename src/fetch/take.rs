@@ -15,9 +15,7 @@ use crate::config::{FetchBounce, FetchConfig, FetchProtocol, FetchTls};
 use crate::inbound::Inbound;
 use crate::inbound::policy::{Policy, Refusal};
 use crate::inbound::received::Trace;
-use crate::spool::{
-    BodyType, Client, Envelope, FetchMark, Notify, QueueId, RcptStatus, Recipient, Ret,
-};
+use crate::spool::{BodyType, Client, Envelope, FetchMark, QueueId, Recipient, Ret};
 
 /// Where a taken message went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,19 +30,18 @@ pub(super) fn duplicate_key(raw: &[u8]) -> Option<String> {
     envelope::message_id(raw).map(|id| format!("<{id}> {}", raw.len()))
 }
 
-/// Stores one fetched message (or, if it is a duplicate, only the mark that
+/// Stores one fetched message (`raw`, with its [`duplicate_key`]) (or, if it is a duplicate, only the mark that
 /// it was taken). Returns once it is on disk.
 pub(super) async fn take(
     account: Arc<FetchConfig>,
     inbound: Arc<Inbound>,
     message: Listed,
-    raw: Vec<u8>,
+    (raw, duplicate_key): (Vec<u8>, Option<String>),
     peer: Option<IpAddr>,
 ) -> Result<Taken, FetchError> {
     let account = account.as_ref();
     let now_micros = inbound.clock.now_micros();
     let now_ms = now_micros / 1000;
-    let duplicate_key = duplicate_key(&raw);
     let mark = FetchMark {
         account: account.name.clone(),
         uid: message.uid.clone(),
@@ -180,18 +177,7 @@ fn fetched_envelope(
         },
         recipients: recipients
             .iter()
-            .map(|address| Recipient {
-                address: address.clone(),
-                orcpt: None,
-                notify: Notify::default(),
-                status: RcptStatus::Queued,
-                attempts: 0,
-                next_attempt_ms: now_ms,
-                last_reply: None,
-                unreachable: false,
-                delay_notified: false,
-                suspect: false,
-            })
+            .map(|address| Recipient::queued(address.clone(), now_ms))
             .collect(),
         notices_to,
     }

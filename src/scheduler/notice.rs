@@ -160,17 +160,9 @@ fn notice_message(
                 tls: false,
             },
             recipients: vec![Recipient {
-                address: to,
-                orcpt: None,
                 // A notice about a notice is never wanted.
                 notify: Notify(Notify::NEVER),
-                status: RcptStatus::Queued,
-                attempts: 0,
-                next_attempt_ms: now_ms,
-                last_reply: None,
-                unreachable: false,
-                delay_notified: false,
-                suspect: false,
+                ..Recipient::queued(to, now_ms)
             }],
             notices_to: None,
         },

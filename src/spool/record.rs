@@ -92,6 +92,25 @@ pub struct Recipient {
     pub suspect: bool,
 }
 
+impl Recipient {
+    /// A recipient not yet attempted, due at `next_attempt_ms`, with no DSN
+    /// parameters.
+    pub fn queued(address: String, next_attempt_ms: u64) -> Recipient {
+        Recipient {
+            address,
+            orcpt: None,
+            notify: Notify::default(),
+            status: RcptStatus::Queued,
+            attempts: 0,
+            next_attempt_ms,
+            last_reply: None,
+            unreachable: false,
+            delay_notified: false,
+            suspect: false,
+        }
+    }
+}
+
 /// The SMTP client that handed us the message, for `Received:`, logs and DSNs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Client {
@@ -352,18 +371,7 @@ pub(crate) mod testing {
 
     /// A queued recipient, due at 0, with no DSN parameters.
     pub(crate) fn recipient(address: &str) -> Recipient {
-        Recipient {
-            address: address.into(),
-            orcpt: None,
-            notify: Notify::default(),
-            status: RcptStatus::Queued,
-            attempts: 0,
-            next_attempt_ms: 0,
-            last_reply: None,
-            unreachable: false,
-            delay_notified: false,
-            suspect: false,
-        }
+        Recipient::queued(address.into(), 0)
     }
 }
 

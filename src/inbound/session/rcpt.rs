@@ -12,7 +12,7 @@ use crate::config::UnknownRecipients;
 use crate::inbound::policy::{Policy, Refusal};
 use crate::inbound::reply::Reply;
 use crate::inbound::spf;
-use crate::spool::{Notify, RcptStatus, Recipient};
+use crate::spool::{Notify, Recipient};
 use crate::status::Rejection;
 
 /// RCPT TO flags we advertise an extension for; anything else is refused.
@@ -254,16 +254,9 @@ fn add_recipient(transaction: &mut Transaction, address: String, to: &RcptTo<Str
             }
         }
         transaction.recipients.push(Recipient {
-            address,
             orcpt: to.orcpt.clone(),
             notify: Notify(notify),
-            status: RcptStatus::Queued,
-            attempts: 0,
-            next_attempt_ms: 0,
-            last_reply: None,
-            unreachable: false,
-            delay_notified: false,
-            suspect: false,
+            ..Recipient::queued(address, 0)
         });
     }
 }
