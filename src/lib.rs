@@ -21,6 +21,8 @@
 //! - [`fetch`]: mail collected from catch-all mailboxes (POP3/IMAP) into
 //!   the spool, for sites whose backup MX is their provider's mailbox.
 //! - [`cli`]: the operator's `queue`, `dead`, `health`: an admin API client.
+//! - [`doctor`]: `mxspool doctor`, the deployment as senders see it (DNS,
+//!   TLS, MTA-STS, TLSA, the primaries).
 //!
 //! Leaf modules, used by any stage: [`config`] (the TOML file, validated into
 //! a typed [`config::Config`]), [`address`] (the syntax of addresses and
@@ -41,6 +43,7 @@ pub mod address;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod doctor;
 pub mod domain;
 pub mod dsn;
 pub mod fetch;

@@ -50,6 +50,23 @@ enum Command {
     /// Mailbox fetch: run a `[[fetch]]` block's fetch now (admin API).
     #[command(subcommand)]
     Fetch(cli::FetchCommand),
+    /// Check the deployment as senders see it: MX records, our certificate,
+    /// TLSA, MTA-STS, the primaries. Exit 1 if a check fails.
+    Doctor {
+        /// Only this domain (default: every `[[domain]]`).
+        #[arg(long, value_name = "D")]
+        domain: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// PEM file of CA certificates to trust besides the system's (a
+        /// private CA of the primaries or the MTA-STS host).
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+        /// Port of the MTA-STS policy hosts (https://mta-sts.DOMAIN/).
+        #[arg(long, value_name = "PORT", default_value_t = 443)]
+        mta_sts_port: u16,
+    },
 }
 
 /// Exit status for a configuration that does not load.
@@ -75,6 +92,19 @@ fn main() -> ExitCode {
         Command::Dead(command) => finish(cli::dead(&config, command, &mut std::io::stdout())),
         Command::Health => finish(cli::health(&config)),
         Command::Fetch(command) => finish(cli::fetch(&config, command, &mut std::io::stdout())),
+        Command::Doctor {
+            domain,
+            json,
+            ca_file,
+            mta_sts_port,
+        } => {
+            let options = mxspool::doctor::Options {
+                domain,
+                ca_file,
+                mta_sts_port,
+            };
+            finish(cli::doctor(&config, &options, json, &mut std::io::stdout()))
+        }
         Command::CheckConfig => {
             print!("{}", config.to_toml());
             ExitCode::SUCCESS

@@ -5,6 +5,9 @@
 //! every change goes through the server's own operations, so a command and a
 //! delivery in progress cannot trip over each other.
 //!
+//! `mxspool doctor` is the exception: it asks DNS and the network, not the
+//! server ([`crate::doctor`]); only its output is printed here.
+//!
 //! [`client`] speaks HTTP, [`render`] turns answers into text; this file says
 //! what each command asks and what its answers mean.
 
@@ -161,6 +164,11 @@ pub enum CliError {
     Unhealthy { url: String, status: u16 },
     #[error("unexpected answer from the server: {0}")]
     Garbled(String),
+    /// `doctor` could not run its checks (an unreadable --ca-file, …).
+    #[error("{0}")]
+    Doctor(String),
+    #[error("{0} check(s) failed")]
+    ChecksFailed(usize),
     #[error("cannot write the output: {0}")]
     Output(#[from] io::Error),
 }
@@ -417,6 +425,30 @@ pub fn fetch(config: &Config, command: FetchCommand, out: &mut dyn Write) -> Res
 
 /// Succeeds iff `/healthz` answers with success within [`client::HEALTH_TIMEOUT`].
 /// Needs no token, so it works from a container's HEALTHCHECK as any user.
+/// `mxspool doctor`: runs the checks (no server needed) and prints the
+/// report; a failed check makes the command fail (exit 1).
+pub fn doctor(
+    config: &Config,
+    options: &crate::doctor::Options,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Doctor(format!("cannot start the runtime: {e}")))?;
+    let report = runtime
+        .block_on(crate::doctor::run(config, options))
+        .map_err(|e| CliError::Doctor(e.to_string()))?;
+    let text = if json { report.json() } else { report.text() };
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    match report.count(crate::doctor::Verdict::Fail) {
+        0 => Ok(()),
+        failed => Err(CliError::ChecksFailed(failed)),
+    }
+}
+
 pub fn health(config: &Config) -> Result<(), CliError> {
     let client = Client::new(config.http.listen, None, client::HEALTH_TIMEOUT);
     match client.get("/healthz", &[]) {

@@ -148,6 +148,18 @@ pub enum TlsPolicy {
     Verify,
 }
 
+impl TlsPolicy {
+    /// As the config file spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsPolicy::None => "none",
+            TlsPolicy::Opportunistic => "opportunistic",
+            TlsPolicy::Required => "required",
+            TlsPolicy::Verify => "verify",
+        }
+    }
+}
+
 /// Who hears about mail that cannot be delivered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BouncePolicy {

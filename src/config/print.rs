@@ -106,7 +106,7 @@ fn delivery(d: &DeliveryConfig) -> file::Delivery {
             .unwrap_or_else(|| "off".into()),
         connections_per_domain: d.connections_per_domain,
         messages_per_connection: d.messages_per_connection,
-        tls: tls_policy_name(d.tls).into(),
+        tls: d.tls.as_str().into(),
         bounce: match d.bounce {
             BouncePolicy::Sender => "sender",
             BouncePolicy::Postmaster => "postmaster",
@@ -134,7 +134,7 @@ fn domain(dom: &DomainConfig) -> file::Domain {
             UnknownRecipients::Tempfail => "tempfail",
         }
         .into(),
-        tls: dom.tls.map(tls_policy_name).unwrap_or_default().into(),
+        tls: dom.tls.map(TlsPolicy::as_str).unwrap_or_default().into(),
         when_primary_up: match dom.when_primary_up {
             WhenPrimaryUp::Accept => "accept",
             WhenPrimaryUp::Defer => "defer",
@@ -147,15 +147,6 @@ fn domain(dom: &DomainConfig) -> file::Domain {
         }
         .into(),
         greylist: dom.greylist,
-    }
-}
-
-fn tls_policy_name(p: TlsPolicy) -> &'static str {
-    match p {
-        TlsPolicy::None => "none",
-        TlsPolicy::Opportunistic => "opportunistic",
-        TlsPolicy::Required => "required",
-        TlsPolicy::Verify => "verify",
     }
 }
 

@@ -107,7 +107,30 @@ pub(crate) fn verifying_config(
     client_config(true, extra_roots).map_err(|e| e.to_string())
 }
 
-fn provider() -> Arc<CryptoProvider> {
+/// A configuration that takes any certificate (handshake signatures still
+/// checked), for `mxspool doctor`, which looks at the certificate itself
+/// after the handshake instead of failing it.
+pub(crate) fn unverified_config() -> Result<Arc<ClientConfig>, String> {
+    client_config(false, &[]).map_err(|e| e.to_string())
+}
+
+/// The certificates `verify` trusts: the system's roots plus `extra_roots`.
+pub(crate) fn trusted_roots(
+    extra_roots: &[CertificateDer<'static>],
+) -> Result<RootCertStore, String> {
+    let mut roots = SYSTEM_ROOTS.clone();
+    for root in extra_roots {
+        roots
+            .add(root.clone())
+            .map_err(|e| format!("unusable extra root certificate: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("no trusted root certificates to verify against".into());
+    }
+    Ok(roots)
+}
+
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(ring::default_provider())
 }
 
@@ -130,15 +153,7 @@ fn client_config(
         .with_safe_default_protocol_versions()
         .map_err(tls_error)?;
     let config = if verify {
-        let mut roots = SYSTEM_ROOTS.clone();
-        for root in extra_roots {
-            roots
-                .add(root.clone())
-                .map_err(|e| tls_error(format!("unusable extra root certificate: {e}")))?;
-        }
-        if roots.is_empty() {
-            return Err(tls_error("no trusted root certificates to verify against"));
-        }
+        let roots = trusted_roots(extra_roots).map_err(tls_error)?;
         builder.with_root_certificates(roots).with_no_client_auth()
     } else {
         builder

@@ -8,6 +8,7 @@ use std::time::Duration;
 use hickory_resolver::config::{NameServerConfig, ResolverConfig};
 use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::rdata::TLSA;
 use hickory_resolver::proto::rr::{RData, RecordType};
 use hickory_resolver::{Resolver, TokioResolver};
 
@@ -133,6 +134,47 @@ impl Dns {
                 .collect()),
             Err(e) if e.is_no_records_found() => Ok(Vec::new()),
             Err(e) => Err(temporary(name, "A", &e)),
+        }
+    }
+}
+
+impl Dns {
+    /// The TXT records of `name`, each one's strings joined (RFC 7208 §3.3,
+    /// RFC 8461 §3.1); none (NXDOMAIN, no TXT) is an empty list.
+    pub async fn txt(&self, name: &str) -> Result<Vec<String>, RouteError> {
+        match self.resolver.lookup(fqdn(name), RecordType::TXT).await {
+            Ok(lookup) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|record| match &record.data {
+                    RData::TXT(txt) => Some(
+                        txt.txt_data
+                            .iter()
+                            .map(|part| String::from_utf8_lossy(part))
+                            .collect(),
+                    ),
+                    _ => None,
+                })
+                .collect()),
+            Err(e) if e.is_no_records_found() => Ok(Vec::new()),
+            Err(e) => Err(temporary(name, "TXT", &e)),
+        }
+    }
+
+    /// The TLSA records of `name` (RFC 6698), e.g. `_25._tcp.mx2.example.net`;
+    /// none is an empty list.
+    pub async fn tlsa(&self, name: &str) -> Result<Vec<TLSA>, RouteError> {
+        match self.resolver.lookup(fqdn(name), RecordType::TLSA).await {
+            Ok(lookup) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|record| match &record.data {
+                    RData::TLSA(tlsa) => Some(tlsa.clone()),
+                    _ => None,
+                })
+                .collect()),
+            Err(e) if e.is_no_records_found() => Ok(Vec::new()),
+            Err(e) => Err(temporary(name, "TLSA", &e)),
         }
     }
 }

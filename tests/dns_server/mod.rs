@@ -9,16 +9,21 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, MX, SOA, TXT};
+use hickory_proto::rr::rdata::tlsa::{CertUsage, Matching, Selector};
+use hickory_proto::rr::rdata::{A, AAAA, MX, SOA, TLSA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
+
+/// A TLSA record's fields: usage, selector, matching type, data.
+pub type Tlsa = (u8, u8, u8, Vec<u8>);
 
 #[derive(Default)]
 struct Zone {
     mx: HashMap<String, Vec<(u16, String)>>,
     ips: HashMap<String, Vec<IpAddr>>,
     txt: HashMap<String, Vec<String>>,
+    tlsa: HashMap<String, Vec<Tlsa>>,
     /// Names that exist without records of their own (NODATA, not NXDOMAIN).
     exists: HashSet<String>,
     servfail: HashSet<String>,
@@ -129,6 +134,14 @@ impl TestDns {
         });
     }
 
+    /// Replaces the TLSA records of `name`: (usage, selector, matching, data).
+    pub fn set_tlsa(&self, name: &str, records: &[Tlsa]) {
+        self.with(|z| {
+            z.exists.insert(key(name));
+            z.tlsa.insert(key(name), records.to_vec());
+        });
+    }
+
     pub fn set_servfail(&self, name: &str, on: bool) {
         self.with(|z| {
             if on {
@@ -159,6 +172,7 @@ impl TestDns {
             z.mx.remove(&k);
             z.ips.remove(&k);
             z.txt.remove(&k);
+            z.tlsa.remove(&k);
         });
     }
 
@@ -231,6 +245,17 @@ fn answer(zone: &Mutex<Zone>, query: &[u8]) -> Option<Vec<u8>> {
         RecordType::TXT => {
             for text in z.txt.get(&name).into_iter().flatten() {
                 let data = RData::TXT(TXT::new(vec![text.clone()]));
+                answers.push(Record::from_rdata(qname.clone(), ttl, data));
+            }
+        }
+        RecordType::TLSA => {
+            for (usage, selector, matching, data) in z.tlsa.get(&name).into_iter().flatten() {
+                let data = RData::TLSA(TLSA::new(
+                    CertUsage::from(*usage),
+                    Selector::from(*selector),
+                    Matching::from(*matching),
+                    data.clone(),
+                ));
                 answers.push(Record::from_rdata(qname.clone(), ttl, data));
             }
         }

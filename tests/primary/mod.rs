@@ -115,6 +115,24 @@ impl TlsIdentity {
         )
     }
 
+    /// A given certificate chain (leaf first) and its key.
+    pub fn from_chain(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> TlsIdentity {
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        TlsIdentity {
+            config: Some(Arc::new(config)),
+        }
+    }
+
     /// Offers STARTTLS, says 220, then answers the handshake with plain text.
     pub fn broken() -> TlsIdentity {
         TlsIdentity { config: None }
