@@ -5,11 +5,14 @@
 #
 #   benches/run.sh            full run (5,000 messages, 5 runs, 100,000 queued)
 #   benches/run.sh --smoke    tiny counts, one run (CI uses this)
+#   benches/run.sh --scale N  a backlog of N messages (benches/scale.sh)
 #
 # Needs Debian's postfix package for smtp-source and smtp-sink; the Postfix
 # daemon itself is not used (and is stopped if the package started it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--scale" ]; then exec benches/scale.sh "${2:?usage: benches/run.sh --scale N}"; fi
 
 MESSAGES=5000 RUNS=5 BACKLOG=100000 SIZE=5120
 if [ "${1:-}" = "--smoke" ]; then MESSAGES=200 RUNS=1 BACKLOG=2000; fi

@@ -32,7 +32,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_mxspool");
 
 // The spool's tables as `src/spool/mod.rs` lays them out.
 const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
-const BODIES: TableDefinition<u64, &[u8]> = TableDefinition::new("bodies");
+const BODY_CHUNKS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("body_chunks");
 const DUE: TableDefinition<(u64, u64), ()> = TableDefinition::new("due");
 
 /// Healthy messages written before the damage (two of them are then damaged).
@@ -238,11 +238,18 @@ async fn damaged_records_are_set_aside_and_healthy_mail_is_delivered() {
             messages
                 .insert(undecodable.0, &[1u8, 0xff, 0xff, 0xff, 0x07][..])
                 .expect("garble an envelope");
-            let mut bodies = txn.open_table(BODIES).expect("bodies table");
+            let mut bodies = txn.open_table(BODY_CHUNKS).expect("body_chunks table");
             assert!(
-                bodies.remove(bodiless.0).expect("remove a body").is_some(),
+                bodies
+                    .remove((bodiless.0, 0))
+                    .expect("remove a body")
+                    .is_some(),
                 "the body to remove exists"
             );
+            let mut n = 1;
+            while bodies.remove((bodiless.0, n)).expect("remove").is_some() {
+                n += 1;
+            }
             let mut due = txn.open_table(DUE).expect("due table");
             due.insert((now_ms(), nowhere.0), ())
                 .expect("index entry pointing nowhere");
@@ -250,8 +257,8 @@ async fn damaged_records_are_set_aside_and_healthy_mail_is_delivered() {
         txn.commit().expect("commit the damage");
         // Check the damage is in place before mxspool sees it.
         let read = db.begin_read().expect("read transaction");
-        let bodies = read.open_table(BODIES).expect("bodies table");
-        assert!(bodies.get(bodiless.0).expect("read").is_none());
+        let bodies = read.open_table(BODY_CHUNKS).expect("body_chunks table");
+        assert!(bodies.get((bodiless.0, 0)).expect("read").is_none());
     }
     let healthy: BTreeSet<String> = written
         .iter()

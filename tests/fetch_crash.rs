@@ -27,13 +27,10 @@ const BIN: &str = env!("CARGO_BIN_EXE_mxspool");
 const USER: &str = "catchall";
 const PASSWORD: &str = "crash-test-password";
 const MESSAGES: usize = 300;
-/// Each round's kill, this long after the server was started.
-const KILL_AFTER: [Duration; 4] = [
-    Duration::from_millis(300),
-    Duration::from_millis(500),
-    Duration::from_millis(250),
-    Duration::from_millis(400),
-];
+/// Each round's kill: as soon as the log shows this many more messages
+/// taken. Progress, not a time, decides: a faster spool must not let the
+/// whole mailbox through before the kill.
+const KILL_AT: [usize; 4] = [1, 40, 10, 80];
 
 /// A running `mxspool serve`, SIGKILLed when dropped.
 struct Mx(Child);
@@ -120,9 +117,24 @@ async fn killed_mid_fetch_every_message_arrives_exactly_once() {
     let spool_path = dir.path().join("spool.redb");
 
     let mut mid_fetch = 0;
-    for (round, after) in KILL_AFTER.iter().enumerate() {
+    let log_path = dir.path().join("mxspool.log");
+    let taken = || {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .matches("fetched and queued")
+            .count()
+    };
+    for (round, at) in KILL_AT.iter().enumerate() {
+        let before = taken();
         let mx = start(dir.path(), &config_path);
-        tokio::time::sleep(*after).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while taken() < before + at {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: the fetch did not get going"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         drop(mx);
         let (in_spool, in_mailbox) = (stored(&spool_path), dovecot.count(USER));
         eprintln!("round {round}: {in_spool} stored, {in_mailbox} still in the mailbox");

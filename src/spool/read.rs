@@ -8,9 +8,9 @@ use std::sync::atomic::Ordering;
 use redb::{ReadableTable, TableDefinition};
 
 use super::{
-    BODIES, DEAD, DUE, Envelope, FETCH_IDS, FETCH_SEEN, GREYLIST, GREYLIST_PASSED, HELD, LEARNED,
-    LearnedRow, MESSAGES, PAUSED, Page, Pause, QUARANTINE, QueueId, ReadError, Spool, Stats,
-    read_err,
+    BODIES, BODY_CHUNKS, DEAD, DUE, Envelope, FETCH_IDS, FETCH_SEEN, GREYLIST, GREYLIST_PASSED,
+    HELD, LEARNED, LearnedRow, MESSAGES, PAUSED, Page, Pause, QUARANTINE, QueueId, ReadError,
+    Spool, Stats, read_err,
 };
 
 impl Spool {
@@ -38,7 +38,8 @@ impl Spool {
     }
 
     /// Per label (see [`Spool::open_labelled`]): queued messages with a
-    /// recipient waiting there, and the arrival time (unix ms) of the oldest.
+    /// recipient waiting there, and the arrival time (unix ms, to the
+    /// second) of the oldest.
     /// Exact, and cheap: kept by the writer, no table scan.
     pub fn queue_by_label(&self) -> Vec<(String, u64, Option<u64>)> {
         let labels = self
@@ -176,8 +177,22 @@ impl Spool {
     /// The stored body of a message.
     pub fn body(&self, id: QueueId) -> Result<Option<Vec<u8>>, ReadError> {
         let txn = self.inner.db.begin_read()?;
-        let table = txn.open_table(BODIES).map_err(read_err)?;
-        Ok(table
+        let chunks = txn.open_table(BODY_CHUNKS).map_err(read_err)?;
+        let mut body: Option<Vec<u8>> = None;
+        for piece in chunks
+            .range((id.0, 0)..=(id.0, u32::MAX))
+            .map_err(read_err)?
+        {
+            let (_, piece) = piece.map_err(read_err)?;
+            body.get_or_insert_with(Vec::new)
+                .extend_from_slice(piece.value());
+        }
+        if body.is_some() {
+            return Ok(body);
+        }
+        // Stored by a spool of layout 3 or before.
+        let legacy = txn.open_table(BODIES).map_err(read_err)?;
+        Ok(legacy
             .get(id.0)
             .map_err(read_err)?
             .map(|v| v.value().to_vec()))

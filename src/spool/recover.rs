@@ -13,8 +13,8 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, Table, WriteTransacti
 
 use super::writer::{LabelTotals, Totals, labels_of};
 use super::{
-    BODIES, DEAD, DUE, Envelope, FETCH_IDS, FETCH_SEEN, GREYLIST, GREYLIST_PASSED, HELD, LEARNED,
-    Labeler, MESSAGES, META, OpenError, PAUSED, QUARANTINE, QueueId, SCHEMA,
+    BODIES, BODY_CHUNKS, DEAD, DUE, Envelope, FETCH_IDS, FETCH_SEEN, GREYLIST, GREYLIST_PASSED,
+    HELD, LEARNED, Labeler, MESSAGES, META, OpenError, PAUSED, QUARANTINE, QueueId, SCHEMA,
 };
 
 /// What the open found in the file: the totals to start from, what it set
@@ -53,9 +53,7 @@ impl Scan {
         self.queued_bytes += env.size;
         self.bytes += env.size;
         for label in labels_of(env, labeler) {
-            let entry = self.labels.entry(label).or_default();
-            entry.messages += 1;
-            *entry.arrivals.entry(env.arrived_ms).or_default() += 1;
+            self.labels.entry(label).or_default().add(env.arrived_ms);
         }
     }
 }
@@ -175,6 +173,7 @@ pub(super) fn prepare(db: &Database, labeler: &Labeler) -> Result<Scan, PrepareE
         let mut messages = txn.open_table(MESSAGES)?;
         // Bodies of quarantined records stay where they are, for manual recovery.
         txn.open_table(BODIES)?;
+        txn.open_table(BODY_CHUNKS)?;
         let mut due = txn.open_table(DUE)?;
         let mut held = txn.open_table(HELD)?;
         let dead = txn.open_table(DEAD)?;
@@ -211,8 +210,8 @@ fn check_schema(txn: &WriteTransaction) -> Result<(), PrepareError> {
     let mut meta = txn.open_table(META)?;
     let found = meta.get("schema")?.map(|v| v.value());
     match found {
-        // Layouts 1 and 2 differ only by what later layouts added.
-        None | Some(1) | Some(2) => {
+        // Earlier layouts differ only by what later layouts added.
+        None | Some(1) | Some(2) | Some(3) => {
             meta.insert("schema", SCHEMA)?;
         }
         Some(SCHEMA) => {}
@@ -323,8 +322,9 @@ fn count_dead(scan: &mut Scan, dead: &Table<u64, &[u8]>) -> Result<(), PrepareEr
 #[cfg(test)]
 mod tests {
     use super::super::tests::message;
-    use super::super::{Change, Options, Spool, Stats};
+    use super::super::{BODY_CHUNK, Change, Options, Spool, Stats};
     use super::*;
+    use redb::ReadableDatabase;
 
     #[tokio::test]
     async fn older_layouts_are_upgraded_and_an_unknown_one_refused() {
@@ -343,7 +343,7 @@ mod tests {
         spool.commit(message(1, b"x")).await.unwrap();
         spool.close();
         drop(spool);
-        for old in [1, 2] {
+        for old in [1, 2, 3] {
             set_schema(old);
             let spool = Spool::open(&path, 1 << 20).unwrap();
             assert_eq!(spool.envelopes().unwrap().len(), 1);
@@ -357,6 +357,69 @@ mod tests {
         assert!(
             matches!(err, OpenError::Schema { found, .. } if found == SCHEMA + 1),
             "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bodies_of_layout_3_are_read_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let body: Vec<u8> = (0..3000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let spool = Spool::open(&path, 1 << 20).unwrap();
+        spool.commit(message(1, &body)).await.unwrap();
+        spool.commit(message(2, b"")).await.unwrap();
+        spool.close();
+        drop(spool);
+        {
+            // Written in pieces of BODY_CHUNK bytes; made into a spool of
+            // layout 3 by moving the first body into the old table.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut chunks = txn.open_table(BODY_CHUNKS).unwrap();
+                let pieces: Vec<Vec<u8>> = chunks
+                    .range((1, 0)..=(1, u32::MAX))
+                    .unwrap()
+                    .map(|r| r.unwrap().1.value().to_vec())
+                    .collect();
+                assert_eq!(pieces.len(), 3);
+                assert!(pieces.iter().all(|p| p.len() <= BODY_CHUNK));
+                assert_eq!(pieces.concat(), body);
+                for n in 0..3 {
+                    chunks.remove((1, n)).unwrap();
+                }
+                txn.open_table(BODIES)
+                    .unwrap()
+                    .insert(1, body.as_slice())
+                    .unwrap();
+                txn.open_table(META).unwrap().insert("schema", 3).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let spool = Spool::open(&path, 1 << 20).unwrap();
+        assert_eq!(spool.body(QueueId(1)).unwrap().as_deref(), Some(&body[..]));
+        assert_eq!(spool.body(QueueId(2)).unwrap().as_deref(), Some(&b""[..]));
+        for id in [1, 2] {
+            spool
+                .change(QueueId(id), Change::Delete, Vec::new())
+                .await
+                .unwrap();
+        }
+        assert_eq!(spool.body(QueueId(1)).unwrap(), None);
+        spool.close();
+        drop(spool);
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        assert!(txn.open_table(BODIES).unwrap().is_empty().unwrap());
+        assert!(txn.open_table(BODY_CHUNKS).unwrap().is_empty().unwrap());
+        assert_eq!(
+            txn.open_table(META)
+                .unwrap()
+                .get("schema")
+                .unwrap()
+                .unwrap()
+                .value(),
+            SCHEMA
         );
     }
 

@@ -8,6 +8,7 @@ use std::sync::RwLock;
 
 use redb::{Database, DatabaseError, ReadableDatabase};
 
+use super::writer::CompactError;
 use super::{OpenError, ReadError, read_err};
 
 /// redb's page cache. Its 1 GiB default would dwarf the rest of the process; the
@@ -95,6 +96,27 @@ impl Store {
             }
             Ok(Err(e)) => tracing::error!(error = %e, "cannot reopen the spool yet"),
             Err(_) => tracing::error!("the storage engine failed while reopening the spool"),
+        }
+    }
+
+    /// The file's length, if it can be read.
+    pub(super) fn file_len(&self) -> Option<u64> {
+        std::fs::metadata(&self.path).ok().map(|m| m.len())
+    }
+
+    /// Compacts the file: redb moves the live pages to its start and cuts
+    /// off the end. Readers and the writer wait meanwhile (this holds the
+    /// handle exclusively). Call it from the writer thread only, between
+    /// batches, so no write transaction is open.
+    pub(super) fn compact(&self) -> Result<bool, CompactError> {
+        let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
+        let db = guard
+            .as_mut()
+            .ok_or_else(|| CompactError::Failed("the spool is closed".into()))?;
+        match db.compact() {
+            Ok(done) => Ok(done),
+            Err(redb::CompactionError::TransactionInProgress) => Err(CompactError::Busy),
+            Err(e) => Err(CompactError::Failed(e.to_string())),
         }
     }
 

@@ -8,15 +8,44 @@ use redb::{ReadableTable, Table, WriteTransaction};
 
 use super::writer::{Change, Delta, Finished, Job, Labeler, Pending, io};
 use super::{
-    BODIES, CommitError, DEAD, DUE, Envelope, FETCH_IDS, FETCH_SEEN, FetchMark, GREYLIST,
-    GREYLIST_PASSED, GreyWrite, HELD, LEARNED, MESSAGES, NewMessage, PAUSED, Pause, QUARANTINE,
-    QueueId, RcptStatus,
+    BODIES, BODY_CHUNK, BODY_CHUNKS, CommitError, DEAD, DUE, Envelope, FETCH_IDS, FETCH_SEEN,
+    FetchMark, GREYLIST, GREYLIST_PASSED, GreyWrite, HELD, LEARNED, MESSAGES, NewMessage, PAUSED,
+    Pause, QUARANTINE, QueueId, RcptStatus,
 };
+
+/// Message bodies: written in pieces (see [`BODY_CHUNKS`]); removal also
+/// clears a body of an older layout, kept whole in `bodies`.
+struct Bodies<'t> {
+    chunks: Table<'t, (u64, u32), &'static [u8]>,
+    legacy: Table<'t, u64, &'static [u8]>,
+}
+
+impl Bodies<'_> {
+    fn insert(&mut self, id: u64, body: &[u8]) -> Result<(), redb::Error> {
+        if body.is_empty() {
+            // One empty piece: an empty body is not a missing one.
+            self.chunks.insert((id, 0), &[][..])?;
+        }
+        for (n, piece) in body.chunks(BODY_CHUNK).enumerate() {
+            self.chunks.insert((id, n as u32), piece)?;
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, id: u64) -> Result<(), redb::Error> {
+        let mut n = 0u32;
+        while self.chunks.remove((id, n))?.is_some() {
+            n += 1;
+        }
+        self.legacy.remove(id)?;
+        Ok(())
+    }
+}
 
 pub(super) struct Tables<'t, 'l> {
     labeler: &'l Labeler,
     messages: Table<'t, u64, &'static [u8]>,
-    bodies: Table<'t, u64, &'static [u8]>,
+    bodies: Bodies<'t>,
     due: Table<'t, (u64, u64), ()>,
     held: Table<'t, u64, ()>,
     dead: Table<'t, u64, &'static [u8]>,
@@ -37,7 +66,10 @@ impl<'t, 'l> Tables<'t, 'l> {
         Ok(Tables {
             labeler,
             messages: txn.open_table(MESSAGES)?,
-            bodies: txn.open_table(BODIES)?,
+            bodies: Bodies {
+                chunks: txn.open_table(BODY_CHUNKS)?,
+                legacy: txn.open_table(BODIES)?,
+            },
             due: txn.open_table(DUE)?,
             held: txn.open_table(HELD)?,
             dead: txn.open_table(DEAD)?,
@@ -283,7 +315,7 @@ impl Tables<'_, '_> {
     fn insert(&mut self, message: &NewMessage, delta: &mut Delta) -> Result<(), redb::Error> {
         let env = &message.envelope;
         self.messages.insert(env.id.0, env.encode().as_slice())?;
-        self.bodies.insert(env.id.0, message.body.as_slice())?;
+        self.bodies.insert(env.id.0, &message.body)?;
         if let Some(at) = env.next_due_ms() {
             self.due.insert((at, env.id.0), ())?;
         }

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
@@ -118,7 +119,34 @@ pub(super) struct Totals {
 #[derive(Clone, Debug, Default)]
 pub(super) struct LabelTotals {
     pub messages: u64,
+    /// Queued messages by arrival second (unix ms, rounded down to the
+    /// second): a multiset whose first key is the oldest. Per second, not per
+    /// millisecond, so a million-message backlog that arrived over an hour
+    /// costs 3,600 entries, not a million.
     pub arrivals: BTreeMap<u64, u64>,
+}
+
+/// The [`LabelTotals::arrivals`] key of an arrival time.
+fn arrival_second(arrived_ms: u64) -> u64 {
+    arrived_ms - arrived_ms % 1000
+}
+
+impl LabelTotals {
+    pub fn add(&mut self, arrived_ms: u64) {
+        self.messages += 1;
+        *self.arrivals.entry(arrival_second(arrived_ms)).or_default() += 1;
+    }
+
+    pub fn remove(&mut self, arrived_ms: u64) {
+        self.messages = self.messages.saturating_sub(1);
+        let key = arrival_second(arrived_ms);
+        if let Some(n) = self.arrivals.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.arrivals.remove(&key);
+            }
+        }
+    }
 }
 
 impl Totals {
@@ -126,16 +154,9 @@ impl Totals {
         let mut labels = self.labels.lock().unwrap_or_else(|p| p.into_inner());
         let entry = labels.entry(label.to_owned()).or_default();
         if by > 0 {
-            entry.messages += 1;
-            *entry.arrivals.entry(arrived_ms).or_default() += 1;
+            entry.add(arrived_ms);
         } else {
-            entry.messages = entry.messages.saturating_sub(1);
-            if let Some(n) = entry.arrivals.get_mut(&arrived_ms) {
-                *n -= 1;
-                if *n == 0 {
-                    entry.arrivals.remove(&arrived_ms);
-                }
-            }
+            entry.remove(arrived_ms);
         }
     }
 
@@ -228,9 +249,29 @@ pub(super) struct Writer {
     pub on_commit: Option<CommitObserver>,
 }
 
+/// How long the writer must have had nothing to do before it compacts.
+const COMPACT_AFTER_IDLE: Duration = Duration::from_secs(5);
+/// A file smaller than this is left alone: redb grows in steps, and the
+/// space is reused by the next mail anyway.
+const COMPACT_MIN_FILE: u64 = 64 * 1024 * 1024;
+/// Compaction moves the live pages, and readers and commits wait meanwhile:
+/// only a small queue is compacted, so the pause stays a moment.
+const COMPACT_MAX_LIVE: u64 = 32 * 1024 * 1024;
+
 impl Writer {
     pub fn run(self, jobs: mpsc::Receiver<Job>) {
-        while let Ok(first) = jobs.recv() {
+        // The file length after the last compaction (or attempt): not tried
+        // again until the file has grown past it.
+        let mut compacted_at = 0u64;
+        loop {
+            let first = match jobs.recv_timeout(COMPACT_AFTER_IDLE) {
+                Ok(job) => job,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.compact_if_worth_it(&mut compacted_at);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
             let mut batch = vec![first];
             let mut bytes = 0u64;
             while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
@@ -245,6 +286,40 @@ impl Writer {
                 }
             }
             self.run_batch(batch);
+        }
+    }
+
+    /// Gives the space of delivered mail back to the disk once the queue is
+    /// small and the spool idle: redb reuses free pages inside the file but
+    /// never shrinks it by itself, so after a large outage's backlog has
+    /// drained the file would keep its peak size.
+    fn compact_if_worth_it(&self, compacted_at: &mut u64) {
+        let Some(len) = self.db.file_len() else {
+            return;
+        };
+        let live = self.totals.bytes.load(Ordering::Relaxed);
+        if len < COMPACT_MIN_FILE || live > COMPACT_MAX_LIVE || len <= *compacted_at {
+            return;
+        }
+        let started = tokio::time::Instant::now();
+        match self.db.compact() {
+            Ok(_) => {
+                let after = self.db.file_len().unwrap_or(len);
+                *compacted_at = after.max(COMPACT_MIN_FILE);
+                tracing::info!(
+                    before_mib = len >> 20,
+                    after_mib = after >> 20,
+                    elapsed = ?started.elapsed(),
+                    "spool compacted"
+                );
+            }
+            // A reader is in the middle of a transaction: the next idle
+            // moment tries again.
+            Err(CompactError::Busy) => {}
+            Err(CompactError::Failed(error)) => {
+                *compacted_at = len;
+                tracing::warn!(%error, "spool compaction failed");
+            }
         }
     }
 
@@ -301,6 +376,13 @@ impl Writer {
         }
         txn.commit().map_err(|e| io(e.into()))
     }
+}
+
+/// Why [`super::Store::compact`] did not compact.
+pub(super) enum CompactError {
+    /// A transaction is in progress; try again later.
+    Busy,
+    Failed(String),
 }
 
 pub(super) fn io(e: redb::Error) -> CommitError {
