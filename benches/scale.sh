@@ -50,7 +50,7 @@ probe_interval = "1s"
 listen = "$HTTP"
 admin_token_file = "$WORK/admin-token"
 [log]
-level = "warn"
+level = "warn,mxspool::spool=info"
 [[domain]]
 name = "example.com"
 route = "[127.0.0.1]:${SINK##*:}"
@@ -62,6 +62,8 @@ metric() { curl -s "http://$HTTP/metrics" | awk -v m="$1" '$1==m {print $2}'; }
 queued() { metric 'mxspool_queue_messages{domain="example.com"}'; }
 rss_mib() { awk '/^VmRSS/ {printf "%.0f", $2/1024}' "/proc/$SERVER/status"; }
 file_mib() { echo "$(stat -c %s "$WORK/spool.redb") / 1048576" | bc; }
+# Blocks the file really has on disk (redb grows it in steps, sparsely).
+disk_mib() { echo "$(stat -c '%b * %B' "$WORK/spool.redb") / 1048576" | bc; }
 start_server() {
   MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX-2} MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_-131072} \
     "$BIN" serve -c "$WORK/config.toml" 2>>"$WORK/serve.log" &
@@ -111,8 +113,8 @@ echo "accept: $(echo "$TOTAL / ($t_end - $t_all)" | bc -l | xargs printf '%.0f')
 until [ "$(queued)" = "$TOTAL" ]; do sleep 0.1; done
 sleep 5
 PAYLOAD=$(( TOTAL * SIZE / 1048576 ))
-FULL=$(file_mib)
-echo "queued: $(queued); spool file $FULL MiB for $PAYLOAD MiB of messages ($(echo "$FULL / $PAYLOAD" | bc -l | xargs printf '%.2f')x)"
+FULL=$(disk_mib)
+echo "queued: $(queued); spool file $FULL MiB on disk ($(file_mib) MiB long) for $PAYLOAD MiB of messages ($(echo "$FULL / $PAYLOAD" | bc -l | xargs printf '%.2f')x)"
 echo "RSS at rest: $(rss_mib) MiB"
 scrapes=()
 for _ in 1 2 3 4 5; do scrapes+=("$(curl -s -o /dev/null -w '%{time_total}' "http://$HTTP/metrics")"); done
@@ -138,12 +140,22 @@ t2=$(now)
 echo "restart with $TOTAL queued: SMTP answers after $(elapsed "$t0" "$t1" | xargs printf '%.2f') s, first delivery after $(elapsed "$t0" "$t2" | xargs printf '%.2f') s"
 
 # The drain, from that first delivery.
-drain() { until [ "$(queued)" = "0" ]; do sleep 0.1; done; }
+# Queued messages every 10 s of the drain, to see whether it slows down.
+CURVE=()
+drain() {
+  local last=$SECONDS
+  until [ "$(queued)" = "0" ]; do
+    sleep 0.1
+    if [ $((SECONDS - last)) -ge 10 ]; then last=$SECONDS; CURVE+=("$(queued)"); fi
+  done
+}
 peak_during drain
 t3=$(now)
-echo "drain: $(echo "$TOTAL / ($t3 - $t2)" | bc -l | xargs printf '%.0f') msg/s; server RSS peak $PEAK MiB"
-echo "spool file after the drain: $(file_mib) MiB"
+echo "drain: $(echo "$TOTAL / ($t3 - $t2)" | bc -l | xargs printf '%.0f') msg/s; server RSS peak $PEAK MiB; queued every 10 s: ${CURVE[*]:-}"
+echo "spool file after the drain: $(disk_mib) MiB on disk ($(file_mib) MiB long)"
 for _ in $(seq 60); do sleep 1; [ "$(file_mib)" -le 64 ] && break; done
-echo "spool file 60 s later (idle compaction): $(file_mib) MiB; RSS $(rss_mib) MiB"
+sleep 2   # the filesystem frees a large truncated file's blocks in the background
+echo "spool file 60 s later (idle compaction): $(disk_mib) MiB on disk ($(file_mib) MiB long); RSS $(rss_mib) MiB"
+grep -h "spool compacted" "$WORK/serve.log" | tail -1 | sed 's/^/compaction: /' || true
 stop_server
-echo "spool file after stop: $(file_mib) MiB"
+echo "spool file after stop: $(disk_mib) MiB on disk"

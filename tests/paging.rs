@@ -19,6 +19,10 @@ use serde_json::Value;
 const TOKEN: &str = "paging-admin-token";
 const QUEUED: usize = 10_000;
 
+/// The tests of this file one at a time: one of them measures the
+/// process's memory, which the others' servers would disturb.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn start() -> TestServer {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("admin-token"), format!("{TOKEN}\n")).unwrap();
@@ -112,6 +116,7 @@ fn page_ids(v: &Value) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_walk_every_message_once_while_the_queue_changes() {
+    let _serial = SERIAL.lock().await;
     let t = start().await;
     let first = fill(&t, QUEUED, |i| format!("s{}@origin.test", i % 3)).await;
     let v = get(&t, "/api/queue?limit=100").await.expect(200);
@@ -172,6 +177,7 @@ async fn pages_walk_every_message_once_while_the_queue_changes() {
 
 #[tokio::test]
 async fn filters_count_every_match_and_bad_paging_is_refused() {
+    let _serial = SERIAL.lock().await;
     let t = start().await;
     fill(&t, 250, |i| {
         if i % 5 == 0 {
@@ -227,6 +233,7 @@ async fn filters_count_every_match_and_bad_paging_is_refused() {
 /// and the total at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_lists_a_queue_longer_than_a_page() {
+    let _serial = SERIAL.lock().await;
     let t = start().await;
     fill(&t, 1_200, |_| "a@origin.test".into()).await;
     let config = TestConfig::default()
@@ -252,4 +259,58 @@ async fn the_cli_lists_a_queue_longer_than_a_page() {
         .map(|l| l.split_whitespace().next().unwrap())
         .collect();
     assert_eq!(ids.len(), 1_200);
+}
+
+/// Resident and peak resident memory of this process, in KiB.
+fn memory_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/self/status"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Walks the whole queue in pages of `limit`; returns how many it saw.
+async fn walk(t: &TestServer, limit: usize) -> usize {
+    let mut seen = 0;
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/queue?limit={limit}&cursor={c}"),
+            None => format!("/api/queue?limit={limit}"),
+        };
+        let v = get(t, &path).await.expect(200);
+        seen += page_ids(&v).len();
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return seen,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_a_large_queue_does_not_grow_the_server() {
+    let _serial = SERIAL.lock().await;
+    const LARGE: usize = 20_000;
+    let t = start().await;
+    fill(&t, LARGE, |i| format!("s{i}@origin.test")).await;
+    // A first walk warms what is meant to stay (the spool's page cache).
+    assert_eq!(walk(&t, 1000).await, LARGE);
+    // The peak from here on: the kernel resets VmHWM to the current RSS.
+    std::fs::write("/proc/self/clear_refs", "5").expect("reset the peak RSS");
+    let (before, _) = memory_kib();
+    for _ in 0..3 {
+        assert_eq!(walk(&t, 1000).await, LARGE);
+    }
+    let (after, peak) = memory_kib();
+    // The whole queue as JSON is about 7 MB and its envelopes more; a page
+    // is 1,000 rows.
+    assert!(
+        peak.saturating_sub(before) < 6 * 1024,
+        "listing {LARGE} messages raised the peak RSS from {before} to {peak} KiB (now {after})"
+    );
 }

@@ -346,20 +346,27 @@ fn content_of_len(len: usize) -> Vec<u8> {
 
 #[tokio::test]
 async fn full_spool_tempfails_and_stores_nothing() {
-    let t = TestServer::start(TestConfig::default().set("spool", "max_size", "2000")).await;
+    // Bodies are counted as the file stores them, in pieces of 1,300 bytes
+    // taking 1,366 each: 5,500 holds a first message of three pieces and a
+    // one-piece message, not a two-piece one.
+    let t = TestServer::start(TestConfig::default().set("spool", "max_size", "5500")).await;
     let mut c = t.ehlo().await;
-    let first = content_of_len(1500);
+    let first = content_of_len(2700);
     let id = c
         .send_mail("a@origin.test", &["user@example.com"], &first)
         .await
         .queue_id();
-    c.cmd("MAIL FROM:<a@origin.test> SIZE=500")
+    c.cmd("MAIL FROM:<a@origin.test> SIZE=1500")
         .await
         .assert_status(452, "4.3.1");
     // Without SIZE the space is only known at the end of data.
-    c.send_mail("a@origin.test", &["user@example.com"], &content_of_len(500))
-        .await
-        .assert_status(452, "4.3.1");
+    c.send_mail(
+        "a@origin.test",
+        &["user@example.com"],
+        &content_of_len(1500),
+    )
+    .await
+    .assert_status(452, "4.3.1");
     let all = t.stored();
     assert_eq!(all.len(), 1, "nothing of a refused message is kept");
     assert_eq!(all[0].0.id, id);

@@ -391,12 +391,6 @@ impl Scheduler {
     /// At startup: mail that last waited for an unreachable primary marks that
     /// destination down, so it is probed and released the moment it answers.
     async fn recover(&mut self) {
-        let spool = self.ctx.spool.clone();
-        let envelopes = tokio::task::spawn_blocking(move || spool.envelopes())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
         // Parked for a pause that no longer holds (its record was lost, or
         // the domain left the config): due again, or it would wait forever.
         let ctx = self.ctx.clone();
@@ -405,11 +399,33 @@ impl Scheduler {
                 && r.next_attempt_ms == PARKED
                 && !ctx.is_paused(&domain_of(&r.address))
         };
-        let unparked: Vec<QueueId> = envelopes
-            .iter()
-            .filter(|env| env.recipients.iter().any(&stranded))
-            .map(|env| env.id)
-            .collect();
+        // One envelope at a time: only IDs are kept, so a backlog of a
+        // million messages costs megabytes here, not a gigabyte.
+        let spool = self.ctx.spool.clone();
+        let scan = stranded.clone();
+        let (unparked, waiting) = tokio::task::spawn_blocking(move || {
+            let mut unparked: Vec<QueueId> = Vec::new();
+            let mut waiting: HashMap<String, Vec<QueueId>> = HashMap::new();
+            let read = spool.each_envelope(&mut |env| {
+                if env.recipients.iter().any(&scan) {
+                    unparked.push(env.id);
+                }
+                for r in &env.recipients {
+                    if r.status == RcptStatus::Queued && r.unreachable {
+                        waiting
+                            .entry(domain_of(&r.address))
+                            .or_default()
+                            .push(env.id);
+                    }
+                }
+            });
+            if let Err(e) = read {
+                warn!(error = %e, "cannot read the queue at startup");
+            }
+            (unparked, waiting)
+        })
+        .await
+        .unwrap_or_default();
         if !unparked.is_empty() {
             info!(
                 messages = unparked.len(),
@@ -417,18 +433,13 @@ impl Scheduler {
             );
             self.release(unparked, stranded);
         }
-        for env in envelopes {
-            for r in &env.recipients {
-                if r.status == RcptStatus::Queued && r.unreachable {
-                    let (_, state) = self.domain(&domain_of(&r.address));
-                    state.waiting.insert(env.id);
-                    state
-                        .down
-                        .get_or_insert_with(|| "unreachable at the last attempt".into());
-                    let domain = domain_of(&r.address);
-                    self.publish(&domain, false, Some("unreachable at the last attempt"));
-                }
-            }
+        for (domain, ids) in waiting {
+            let (_, state) = self.domain(&domain);
+            state.waiting.extend(ids);
+            state
+                .down
+                .get_or_insert_with(|| "unreachable at the last attempt".into());
+            self.publish(&domain, false, Some("unreachable at the last attempt"));
         }
         for (domain, state) in &self.domains {
             if state.down.is_some() {

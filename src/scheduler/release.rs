@@ -123,28 +123,34 @@ impl Scheduler {
 /// Makes every queued recipient at `domain` (and at its subdomains, for a
 /// configured domain that includes them), or all for `None`, due now.
 async fn flush(ctx: &Ctx, dests: Arc<Destinations>, domain: Option<String>) {
-    let spool = ctx.spool.clone();
-    let envelopes = tokio::task::spawn_blocking(move || spool.envelopes())
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or_default();
-    let belongs = move |address: &str| match &domain {
+    let belongs = Arc::new(move |address: &str| match &domain {
         None => true,
         Some(d) => {
             let rd = domain_of(address);
             rd == *d || dests.relay.get(d).is_some_and(|c| c.covers(&rd))
         }
-    };
-    let ids: Vec<QueueId> = envelopes
-        .iter()
-        .filter(|env| {
-            env.recipients
+    });
+    // The IDs only, read one envelope at a time (see `make_due`).
+    let spool = ctx.spool.clone();
+    let matching = belongs.clone();
+    let ids = tokio::task::spawn_blocking(move || {
+        let mut ids: Vec<QueueId> = Vec::new();
+        let read = spool.each_envelope(&mut |env| {
+            if env
+                .recipients
                 .iter()
-                .any(|r| r.status == RcptStatus::Queued && belongs(&r.address))
-        })
-        .map(|env| env.id)
-        .collect();
+                .any(|r| r.status == RcptStatus::Queued && matching(&r.address))
+            {
+                ids.push(env.id);
+            }
+        });
+        if let Err(e) = read {
+            warn!(error = %e, "cannot read the queue for a flush");
+        }
+        ids
+    })
+    .await
+    .unwrap_or_default();
     make_due(ctx, ids, move |r| belongs(&r.address)).await;
 }
 
@@ -190,10 +196,30 @@ pub(super) async fn bounce(ctx: &Arc<Ctx>, id: QueueId) -> Result<Option<usize>,
 /// scheduler look at the due index again.
 async fn make_due(
     ctx: &Ctx,
-    mut ids: Vec<QueueId>,
+    ids: Vec<QueueId>,
     matches: impl Fn(&Recipient) -> bool + Send + Sync + 'static,
 ) {
     let matches = Arc::new(matches);
+    // In slices: a primary back after a long outage may release a million
+    // messages, and all their edits (and the envelopes they return) at once
+    // would take hundreds of MiB. Delivery starts on the first slice while
+    // the next is written.
+    for slice in ids.chunks(RELEASE_SLICE) {
+        make_slice_due(ctx, slice.to_vec(), &matches).await;
+        if ctx.shutdown.is_set() {
+            return;
+        }
+    }
+}
+
+/// Messages made due per spool round trip by [`make_due`].
+const RELEASE_SLICE: usize = 2_000;
+
+async fn make_slice_due(
+    ctx: &Ctx,
+    mut ids: Vec<QueueId>,
+    matches: &Arc<impl Fn(&Recipient) -> bool + Send + Sync + 'static>,
+) {
     // A release must not be lost to a failed write (a full disk): the IDs
     // are no longer listed as waiting, so keep trying until it is written.
     let mut pause = Duration::from_millis(500);

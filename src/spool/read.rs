@@ -246,6 +246,21 @@ impl Spool {
 
     /// Every envelope of `table` (queue or dead letters) in ID order, skipping
     /// any that does not decode.
+    /// Calls `f` with every queued envelope in ID (arrival) order, one at a
+    /// time from one snapshot: a million-message queue is read without being
+    /// held in memory.
+    pub fn each_envelope(&self, f: &mut dyn FnMut(Envelope)) -> Result<(), ReadError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(MESSAGES).map_err(read_err)?;
+        for row in table.iter().map_err(read_err)? {
+            let (_, raw) = row.map_err(read_err)?;
+            if let Ok(env) = Envelope::decode(raw.value()) {
+                f(env);
+            }
+        }
+        Ok(())
+    }
+
     fn decodable(&self, table: TableDefinition<u64, &[u8]>) -> Result<Vec<Envelope>, ReadError> {
         let txn = self.inner.db.begin_read()?;
         let table = txn.open_table(table).map_err(read_err)?;

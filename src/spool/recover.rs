@@ -15,6 +15,7 @@ use super::writer::{LabelTotals, Totals, labels_of};
 use super::{
     BODIES, BODY_CHUNKS, DEAD, DUE, Envelope, FETCH_IDS, FETCH_SEEN, GREYLIST, GREYLIST_PASSED,
     HELD, LEARNED, Labeler, MESSAGES, META, OpenError, PAUSED, QUARANTINE, QueueId, SCHEMA,
+    footprint,
 };
 
 /// What the open found in the file: the totals to start from, what it set
@@ -51,7 +52,7 @@ impl Scan {
     fn count_queued(&mut self, env: &Envelope, labeler: &Labeler) {
         self.messages += 1;
         self.queued_bytes += env.size;
-        self.bytes += env.size;
+        self.bytes += footprint(env.size);
         for label in labels_of(env, labeler) {
             self.labels.entry(label).or_default().add(env.arrived_ms);
         }
@@ -313,7 +314,7 @@ fn count_dead(scan: &mut Scan, dead: &Table<u64, &[u8]>) -> Result<(), PrepareEr
         // An undecodable dead letter stays where it is: it is already aside.
         if let Ok(env) = Envelope::decode(raw.value()) {
             scan.dead += 1;
-            scan.bytes += env.size;
+            scan.bytes += footprint(env.size);
         }
     }
     Ok(())
@@ -528,7 +529,8 @@ mod tests {
                 Stats {
                     messages: 2,
                     queued_bytes: 4,
-                    bytes: 9,
+                    // Three bodies (one dead) of one piece each.
+                    bytes: 3 * footprint(1),
                     held: 1,
                     dead: 1,
                     quarantined: 0

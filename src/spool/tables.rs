@@ -10,7 +10,7 @@ use super::writer::{Change, Delta, Finished, Job, Labeler, Pending, io};
 use super::{
     BODIES, BODY_CHUNK, BODY_CHUNKS, CommitError, DEAD, DUE, Envelope, FETCH_IDS, FETCH_SEEN,
     FetchMark, GREYLIST, GREYLIST_PASSED, GreyWrite, HELD, LEARNED, MESSAGES, NewMessage, PAUSED,
-    Pause, QUARANTINE, QueueId, RcptStatus,
+    Pause, QUARANTINE, QueueId, RcptStatus, footprint,
 };
 
 /// Message bodies: written in pieces (see [`BODY_CHUNKS`]); removal also
@@ -200,7 +200,7 @@ impl Tables<'_, '_> {
         room: &mut u64,
         delta: &mut Delta,
     ) -> Result<(), CommitError> {
-        let size = message.envelope.size;
+        let size = footprint(message.envelope.size);
         if size > *room {
             return Err(CommitError::Full);
         }
@@ -320,7 +320,7 @@ impl Tables<'_, '_> {
             self.due.insert((at, env.id.0), ())?;
         }
         delta.queue(env, self.labeler, 1);
-        delta.bytes += env.size as i64;
+        delta.bytes += footprint(env.size) as i64;
         Ok(())
     }
 
@@ -459,7 +459,7 @@ impl Tables<'_, '_> {
             delta.held -= 1;
         }
         self.bodies.remove(id)?;
-        delta.bytes -= env.size as i64;
+        delta.bytes -= footprint(env.size) as i64;
         Ok(())
     }
 
@@ -479,7 +479,7 @@ impl Tables<'_, '_> {
         self.quarantine.insert(id, env.encode().as_slice())?;
         delta.quarantined += 1;
         self.bodies.remove(id)?;
-        delta.bytes -= env.size as i64;
+        delta.bytes -= footprint(env.size) as i64;
         Ok(())
     }
 
@@ -506,7 +506,7 @@ impl Tables<'_, '_> {
                     self.held.remove(id)?;
                     delta.held -= 1;
                 }
-                delta.bytes -= env.size as i64;
+                delta.bytes -= footprint(env.size) as i64;
             }
             Some(at) => {
                 self.messages.insert(id, env.encode().as_slice())?;

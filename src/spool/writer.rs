@@ -106,7 +106,7 @@ pub(super) struct Totals {
     pub messages: AtomicU64,
     /// Body bytes of queued messages.
     pub queued_bytes: AtomicU64,
-    /// Body bytes on disk, queued and dead alike (what `spool.max_size` limits).
+    /// File space of queued and dead bodies (`footprint`; what `spool.max_size` limits).
     pub bytes: AtomicU64,
     pub dead: AtomicU64,
     pub held: AtomicU64,
