@@ -29,6 +29,7 @@ impl Scheduler {
             return;
         };
         self.assign(envelopes, now);
+        self.take_backlog().await;
         // Parked mail is never due: nothing to wake up for.
         if let Some(next) = next.filter(|&at| at != PARKED) {
             let wait = self.ctx.clock.until(next);
@@ -68,6 +69,94 @@ impl Scheduler {
                 None
             }
         }
+    }
+
+    /// Hands mail that waited for a primary now back (its
+    /// [`backlog`](super::domain::DomainState::backlog)) to delivery, as far
+    /// as [`MAX_LOADED`] allows: the recipients that waited for it, whatever
+    /// their next attempt time says. The rest is taken as jobs finish.
+    async fn take_backlog(&mut self) {
+        let mut room = MAX_LOADED.saturating_sub(self.in_flight.len());
+        let mut picked: Vec<(Arc<str>, QueueId)> = Vec::new();
+        for (domain, state) in &mut self.domains {
+            if state.down.is_some() {
+                continue;
+            }
+            while room > 0
+                && let Some(id) = state.backlog.pop_front()
+            {
+                picked.push((domain.clone(), id));
+                room -= 1;
+            }
+        }
+        if picked.is_empty() {
+            return;
+        }
+        let ids: Vec<QueueId> = picked.iter().map(|(_, id)| *id).collect();
+        let spool = self.ctx.spool.clone();
+        let loaded = tokio::task::spawn_blocking(move || spool.envelopes_of(&ids)).await;
+        let error = match loaded {
+            Ok(Ok(envelopes)) => return self.hand_over(picked, envelopes),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        warn!(%error, "cannot read mail that waited for its primary; retrying shortly");
+        for (domain, id) in picked.into_iter().rev() {
+            if let Some(state) = self.domains.get_mut(&domain) {
+                state.backlog.push_front(id);
+            }
+        }
+        self.rescan_soon(Duration::from_secs(1));
+    }
+
+    /// [`Scheduler::take_backlog`]'s jobs, once their envelopes are read.
+    fn hand_over(&mut self, picked: Vec<(Arc<str>, QueueId)>, envelopes: Vec<Envelope>) {
+        let by_id: std::collections::HashMap<QueueId, Envelope> =
+            envelopes.into_iter().map(|env| (env.id, env)).collect();
+        let mut touched: HashSet<Arc<str>> = HashSet::new();
+        let mut parked: Vec<Job> = Vec::new();
+        for (domain, id) in picked {
+            // Gone meanwhile (delivered with another job, deleted): nothing to do.
+            let Some(env) = by_id.get(&id) else {
+                continue;
+            };
+            let rcpts: Vec<usize> = env
+                .recipients
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| {
+                    r.status == RcptStatus::Queued
+                        && r.unreachable
+                        && domain_of(&r.address) == *domain
+                })
+                .map(|(i, _)| i)
+                .collect();
+            if rcpts.is_empty() {
+                continue;
+            }
+            let state = self.domains.get_mut(&domain).expect("picked from it");
+            if !self.in_flight.insert((id, domain.clone())) {
+                // A job for it is out already (due for another reason): its
+                // waiting recipients go once that one is done.
+                state.backlog.push_back(id);
+                continue;
+            }
+            let job = Job {
+                id,
+                domain: domain.clone(),
+                rcpts,
+            };
+            if self.ctx.is_paused(&domain) {
+                parked.push(job);
+                continue;
+            }
+            state.queue.push(job);
+            touched.insert(domain);
+        }
+        for domain in touched {
+            self.dispatch(&domain);
+        }
+        self.park(parked);
     }
 
     /// Makes a job of each destination's due recipients (up to

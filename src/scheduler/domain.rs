@@ -24,6 +24,10 @@ pub(super) struct DomainState {
     pub(super) probing: bool,
     /// Messages with recipients here that wait because it was unreachable.
     pub(super) waiting: HashSet<QueueId>,
+    /// Messages that waited for it and are to be delivered now that it is
+    /// back: handed to delivery as room allows, without being rewritten as
+    /// due first (the outcome rewrites or removes them anyway).
+    pub(super) backlog: std::collections::VecDeque<QueueId>,
     /// The primary's addresses, while down.
     pub(super) primary_ips: Vec<IpAddr>,
     /// The last routing attempt found us to be the best MX.

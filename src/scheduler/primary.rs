@@ -10,7 +10,6 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use super::{Event, Scheduler};
-use crate::address::domain_of;
 use crate::outbound;
 use crate::spool::QueueId;
 
@@ -24,6 +23,9 @@ impl Scheduler {
         if state.down.is_none() {
             warn!(%domain, %reason, "primary unreachable; probing every {:?}", self.probe_interval);
             state.down = Some(reason.clone());
+            // What was still to be handed over waits for the next return.
+            let backlog: Vec<QueueId> = state.backlog.drain(..).collect();
+            state.waiting.extend(backlog);
             // When it comes back, start slowly again.
             state.restart_slowly();
             self.publish(domain, false, Some(&reason));
@@ -49,16 +51,19 @@ impl Scheduler {
         state.down = None;
         state.looping = false;
         state.primary_ips.clear();
-        let waiting: Vec<QueueId> = state.waiting.drain().collect();
+        let mut waiting: Vec<QueueId> = state.waiting.drain().collect();
         self.publish(domain, true, host);
         if waiting.is_empty() {
             return;
         }
         info!(%domain, messages = waiting.len(), "releasing mail that waited for the primary");
-        let domain = domain.clone();
-        self.release(waiting, move |r| {
-            r.unreachable && domain_of(&r.address) == *domain
-        });
+        // In arrival order, straight to delivery (see `DomainState::backlog`):
+        // a million waiting messages are not each rewritten first.
+        waiting.sort_unstable();
+        if let Some(state) = self.domains.get_mut(domain) {
+            state.backlog.extend(waiting);
+        }
+        self.rescan_soon(std::time::Duration::ZERO);
     }
 
     /// A health check's result: a primary that answers again releases what
