@@ -61,7 +61,8 @@ impl Default for Server {
             max_connections: 1000,
             max_connections_per_ip: 20,
             max_connection_rate_per_ip: 0,
-            max_received_headers: 50,
+            // RFC 5321 §6.3: a loop threshold of at least 100.
+            max_received_headers: 100,
             command_timeout: "5m".into(),
             data_timeout: "10m".into(),
             allow: vec!["0.0.0.0/0".into(), "::/0".into()],
@@ -318,7 +319,7 @@ mod tests {
         assert_eq!(c.server.max_recipients, 100);
         assert_eq!(c.server.max_connections, 1000);
         assert_eq!(c.server.max_connections_per_ip, 20);
-        assert_eq!(c.server.max_received_headers, 50);
+        assert_eq!(c.server.max_received_headers, 100);
         assert_eq!(c.server.command_timeout, Duration::from_secs(300));
         assert_eq!(c.server.data_timeout, Duration::from_secs(600));
         assert_eq!(c.server.allow.len(), 2);

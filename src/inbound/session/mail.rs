@@ -119,6 +119,26 @@ mod tests {
     use crate::inbound::policy;
 
     #[test]
+    fn a_label_over_63_octets_is_bad_syntax() {
+        let p = policy::sample();
+        let long = "l".repeat(64);
+        let ok = "l".repeat(63);
+        run(
+            &mut local(),
+            &p,
+            &[
+                ("EHLO c", 250),
+                (&format!("MAIL FROM:<a@{long}.test>"), 501),
+                (&format!("MAIL FROM:<a@{ok}.test>"), 250),
+                // Under a domain we take with its subdomains: no domain
+                // name, bad syntax. Elsewhere it is not ours anyway: 550.
+                (&format!("RCPT TO:<alice@{long}.example.org>"), 501),
+                (&format!("RCPT TO:<x@{long}.example.com>"), 550),
+            ],
+        );
+    }
+
+    #[test]
     fn helo_clients_get_no_esmtp_parameters() {
         let p = policy::sample();
         run(

@@ -279,6 +279,10 @@ impl Session {
                 Ok(reply) => reply,
                 Err(address) => return Step::Verify(address),
             },
+            Request::Data | Request::Rset | Request::Quit if has_arguments(line) => {
+                let verb = String::from_utf8_lossy(&line[..4]).to_ascii_uppercase();
+                Reply::syntax(501, "5.5.4", format!("Syntax: {verb} takes no arguments"))
+            }
             Request::Data => return self.data(),
             Request::Rset => {
                 self.reset();
@@ -379,6 +383,14 @@ fn parse_error(e: ParseError) -> Reply {
     }
 }
 
+/// Whether DATA, RSET or QUIT (each four letters, and in RFC 5321's grammar
+/// the verb and CRLF alone) came with arguments: `DATA now` must not start
+/// a message.
+fn has_arguments(line: &[u8]) -> bool {
+    line.get(4..)
+        .is_some_and(|rest| rest.iter().any(|b| !b.is_ascii_whitespace()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::policy;
@@ -437,7 +449,12 @@ mod tests {
                 ("RCPT TO:<x@example.com>", 503),
                 ("MAIL FROM:<>", 250),
                 ("RCPT TO:<x@example.com>", 250),
-                ("DATA", 354),
+                // The verb and CRLF alone (RFC 5321 §4.1.1): nothing starts,
+                // nothing is reset, the session goes on.
+                ("DATA now", 501),
+                ("RSET please", 501),
+                ("QUIT later", 501),
+                ("DATA  ", 354),
             ],
         );
     }

@@ -94,6 +94,16 @@ fn rcpt_refusal(
             "Error: unsupported RCPT parameter",
         ));
     }
+    // RFC 3461 §4.1: NEVER "MUST NOT" be combined with another value.
+    if to.flags & RCPT_NOTIFY_NEVER != 0
+        && to.flags & (RCPT_NOTIFY_SUCCESS | RCPT_NOTIFY_FAILURE | RCPT_NOTIFY_DELAY) != 0
+    {
+        return Some(Reply::syntax(
+            501,
+            "5.5.4",
+            "Error: NOTIFY=NEVER cannot be combined with other values",
+        ));
+    }
     if to
         .orcpt
         .as_deref()
@@ -347,6 +357,9 @@ mod tests {
                     "RCPT TO:<alice@example.org> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a@b",
                     250,
                 ),
+                // RFC 3461 §4.1: NEVER stands alone.
+                ("RCPT TO:<alice@example.org> NOTIFY=NEVER,DELAY", 501),
+                ("RCPT TO:<alice@example.org> NOTIFY=FAILURE,NEVER", 501),
                 ("RCPT TO:<x@[192.0.2.1]>", 501),
                 ("RCPT TO:<>", 501),
                 ("RCPT TO:<Postmaster>", 250),
