@@ -445,7 +445,7 @@ async fn a_421_mid_transaction_fails_the_whole_attempt() {
 }
 
 #[tokio::test]
-async fn eight_bit_content_without_8bitmime_fails_with_5_6_3_and_sends_nothing() {
+async fn declared_eight_bit_content_without_8bitmime_fails_with_5_6_3_and_sends_nothing() {
     let primary = Primary::start().await;
     primary.set_capabilities(Caps {
         eightbitmime: false,
@@ -453,6 +453,7 @@ async fn eight_bit_content_without_8bitmime_fails_with_5_6_3_and_sends_nothing()
     });
     let mut env = envelope(&["a@example.com", "b@example.com"]);
     env.has_8bit = true;
+    env.body_type = BodyType::EightBitMime;
     let outcomes = send(
         &primary,
         &settings(TlsPolicy::None),
@@ -463,6 +464,29 @@ async fn eight_bit_content_without_8bitmime_fails_with_5_6_3_and_sends_nothing()
     .unwrap();
     assert_eq!(statuses(&outcomes), want(&[(0, "5.6.3"), (1, "5.6.3")]));
     assert_eq!(mail_commands(&primary), 0);
+}
+
+#[tokio::test]
+async fn undeclared_eight_bit_content_is_relayed_as_received() {
+    let primary = Primary::start().await;
+    primary.set_capabilities(Caps {
+        eightbitmime: false,
+        ..Caps::default()
+    });
+    let mut env = envelope(&["a@example.com"]);
+    env.has_8bit = true;
+    let body = "Subject: caf\u{e9}\r\n\r\n\u{fc}ber\r\n".as_bytes();
+    let outcomes = send(&primary, &settings(TlsPolicy::None), &env, body)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcomes[..], [(0, Outcome::Delivered { .. })]),
+        "{outcomes:?}"
+    );
+    let m = &primary.messages()[0];
+    // No BODY= the client did not give, and the bytes as they came.
+    assert_eq!(m.mail_from_line, "MAIL FROM:<sender@example.org>");
+    assert_eq!(m.body, body);
 }
 
 #[tokio::test]

@@ -588,6 +588,7 @@ mod tests {
         let (mut conn, peer) = connection(PLAIN, vec![]).await;
         let mut env = envelope(&["a@x.test"]);
         env.has_8bit = true;
+        env.body_type = crate::spool::BodyType::EightBitMime;
         let outcomes = conn.deliver(&env, b"caf\xc3\xa9\r\n", &[0]).await.unwrap();
         assert!(
             matches!(&outcomes[..], [(0, Outcome::Failed { status, .. })] if status.to_string() == "5.6.3")

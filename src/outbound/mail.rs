@@ -3,10 +3,12 @@
 //! SMTPUTF8, 8BITMIME rules, addresses that cannot be written as a path), and
 //! the exact `MAIL FROM` and `RCPT TO` lines for the rest.
 //!
-//! 8-bit content to a next hop without 8BITMIME fails with 5.6.3 rather than
-//! being converted to 7-bit MIME (RFC 6152 §3 allows either): conversion
-//! rewrites the body, which breaks DKIM signatures, and a primary without
-//! 8BITMIME is rare today. Sending the bytes raw is never an option.
+//! BODY= is passed on as the client declared it, never added: content the
+//! client did not declare 8-bit is relayed as received, to any next hop, as
+//! Postfix does (RFC 5321 §2.4: a relay does not inspect content, and nearly
+//! every server takes 8-bit anyway). Content declared `BODY=8BITMIME` that
+//! really is 8-bit fails with 5.6.3 at a next hop without 8BITMIME rather than
+//! going out raw under a broken promise.
 
 use super::Capabilities;
 use super::outcome::Outcome;
@@ -120,7 +122,7 @@ fn refusal(envelope: &Envelope, body_len: u64, caps: &Capabilities) -> Option<Ou
             "message needs SMTPUTF8, which the next hop does not offer".into(),
         ));
     }
-    if envelope.has_8bit && !caps.eightbitmime {
+    if envelope.has_8bit && envelope.body_type == BodyType::EightBitMime && !caps.eightbitmime {
         return Some(failed(
             Status::permanent(6, 3),
             "message has 8-bit content and the next hop does not offer 8BITMIME".into(),
@@ -135,11 +137,11 @@ fn mail_from(envelope: &Envelope, sender: String, body_len: u64, caps: &Capabili
         line.push_str(&format!(" SIZE={body_len}"));
     }
     if caps.eightbitmime {
-        // Content wins over a declaration that understated it (RFC 6152 §3).
-        if envelope.has_8bit || envelope.body_type == BodyType::EightBitMime {
-            line.push_str(" BODY=8BITMIME");
-        } else if envelope.body_type == BodyType::SevenBit {
-            line.push_str(" BODY=7BIT");
+        // As the client declared it: nothing is added to what it did not.
+        match envelope.body_type {
+            BodyType::EightBitMime => line.push_str(" BODY=8BITMIME"),
+            BodyType::SevenBit => line.push_str(" BODY=7BIT"),
+            BodyType::Unset => {}
         }
     }
     if envelope.smtputf8 {
@@ -288,16 +290,27 @@ mod tests {
     }
 
     #[test]
-    fn eight_bit_content_is_declared_even_when_the_client_did_not() {
+    fn body_is_passed_on_as_declared_never_added() {
         let mut env = envelope(&["a@example.com"]);
         env.has_8bit = true;
-        env.body_type = BodyType::SevenBit;
-        let plan = plan(&env, 1, &all(), &[0]);
+        env.body_type = BodyType::Unset;
+        let undeclared = plan(&env, 1, &all(), &[0]);
         assert!(
-            plan.mail_from.contains(" BODY=8BITMIME"),
+            !undeclared.mail_from.contains("BODY="),
             "{}",
-            plan.mail_from
+            undeclared.mail_from
         );
+        assert!(undeclared.settled.is_empty());
+        // Undeclared 8-bit goes even to a next hop without 8BITMIME.
+        let no_8bit = Capabilities {
+            eightbitmime: false,
+            ..all()
+        };
+        let plain = plan(&env, 1, &no_8bit, &[0]);
+        assert!(plain.settled.is_empty());
+        assert!(!plain.mail_from.contains("BODY="), "{}", plain.mail_from);
+        env.body_type = BodyType::SevenBit;
+        assert!(plan(&env, 1, &all(), &[0]).mail_from.contains(" BODY=7BIT"));
     }
 
     #[test]
@@ -350,11 +363,17 @@ mod tests {
             want(&[(1, "5.6.7")])
         );
         env.smtputf8 = false;
+        // Declared 8BITMIME and 8-bit indeed: not sent raw.
+        env.body_type = BodyType::EightBitMime;
         assert_eq!(
             statuses(&plan(&env, 10, &neither, &[0])),
             want(&[(0, "5.6.3")])
         );
         env.has_8bit = false;
+        assert!(plan(&env, 10, &neither, &[0]).settled.is_empty());
+        // Undeclared 8-bit is relayed as received.
+        env.has_8bit = true;
+        env.body_type = BodyType::Unset;
         assert!(plan(&env, 10, &neither, &[0]).settled.is_empty());
     }
 
