@@ -8,9 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use common::{TestConfig, TestServer};
-use mxspool::spool::{
-    BodyType, Change, Client, Envelope, NewMessage, Notify, RcptStatus, Recipient, Ret,
-};
+use mxspool::spool::{Change, NewMessage};
 
 /// 1,200 bodies of 64 KiB: a 75 MiB backlog, past the 64 MiB below which
 /// the file is left alone.
@@ -18,42 +16,9 @@ const MESSAGES: usize = 1_200;
 const BODY: usize = 64 * 1024;
 
 fn message(t: &TestServer, n: usize) -> NewMessage {
-    let id = t.spool().next_id(t.clock.now_micros());
     let mut body = format!("Subject: {n}\r\n\r\n").into_bytes();
     body.resize(BODY, b'x');
-    NewMessage {
-        envelope: Envelope {
-            id,
-            sender: "sender@origin.test".into(),
-            ret: Ret::Unset,
-            envid: None,
-            body_type: BodyType::Unset,
-            smtputf8: false,
-            has_8bit: false,
-            arrived_ms: t.clock.now_ms(),
-            size: body.len() as u64,
-            client: Client {
-                ip: "192.0.2.1".parse().unwrap(),
-                helo: "client.test".into(),
-                tls: false,
-            },
-            recipients: vec![Recipient {
-                address: "alice@example.com".into(),
-                orcpt: None,
-                notify: Notify::default(),
-                status: RcptStatus::Queued,
-                attempts: 0,
-                // Not due for a day: the scheduler leaves them alone.
-                next_attempt_ms: t.clock.now_ms() + 86_400_000,
-                last_reply: None,
-                unreachable: false,
-                delay_notified: false,
-                suspect: false,
-            }],
-            notices_to: None,
-        },
-        body,
-    }
+    t.new_message("sender@origin.test", "alice@example.com", body)
 }
 
 fn file_len(t: &TestServer) -> u64 {

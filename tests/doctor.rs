@@ -182,15 +182,20 @@ impl Run {
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", self.stdout, self.stderr))
     }
 
-    /// The status of `check` about `subject`, and its detail.
-    fn status(&self, subject: &str, check: &str) -> (String, String) {
-        let report = self.json();
-        let found = report["checks"]
+    /// The report's line for `check` about `subject`.
+    fn find(&self, subject: &str, check: &str) -> Value {
+        self.json()["checks"]
             .as_array()
             .unwrap()
             .iter()
             .find(|c| c["subject"] == subject && c["check"] == check)
-            .unwrap_or_else(|| panic!("no check {subject} / {check} in {}", self.stdout));
+            .cloned()
+            .unwrap_or_else(|| panic!("no check {subject} / {check} in {}", self.stdout))
+    }
+
+    /// The status of `check` about `subject`, and its detail.
+    fn status(&self, subject: &str, check: &str) -> (String, String) {
+        let found = self.find(subject, check);
         (
             found["status"].as_str().unwrap().to_string(),
             found["detail"].as_str().unwrap().to_string(),
@@ -198,13 +203,8 @@ impl Run {
     }
 
     fn fix(&self, subject: &str, check: &str) -> String {
-        let report = self.json();
-        report["checks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["subject"] == subject && c["check"] == check)
-            .and_then(|c| c["fix"].as_str())
+        self.find(subject, check)["fix"]
+            .as_str()
             .unwrap_or_default()
             .to_string()
     }

@@ -11,9 +11,7 @@ use tokio::time::Instant;
 
 use common::http::{Response, request};
 use common::{TestConfig, TestServer};
-use mxspool::spool::{
-    BodyType, Change, Client, Envelope, NewMessage, Notify, QueueId, RcptStatus, Recipient, Ret,
-};
+use mxspool::spool::{Change, QueueId};
 use serde_json::Value;
 
 const TOKEN: &str = "paging-admin-token";
@@ -48,52 +46,15 @@ async fn get(t: &TestServer, path: &str) -> Response {
     .expect("an answer")
 }
 
-/// A message from `sender` to one recipient, stored straight into the spool.
-fn message(t: &TestServer, sender: &str, to: &str) -> NewMessage {
-    let id = t.spool().next_id(t.clock.now_micros());
-    let body = format!("Subject: {id}\r\n\r\nx\r\n").into_bytes();
-    NewMessage {
-        envelope: Envelope {
-            id,
-            sender: sender.into(),
-            ret: Ret::Unset,
-            envid: None,
-            body_type: BodyType::Unset,
-            smtputf8: false,
-            has_8bit: false,
-            arrived_ms: t.clock.now_ms(),
-            size: body.len() as u64,
-            client: Client {
-                ip: "192.0.2.1".parse().unwrap(),
-                helo: "client.test".into(),
-                tls: false,
-            },
-            recipients: vec![Recipient {
-                address: to.into(),
-                orcpt: None,
-                notify: Notify::default(),
-                status: RcptStatus::Queued,
-                attempts: 0,
-                // Not due for a day: the scheduler leaves them alone.
-                next_attempt_ms: t.clock.now_ms() + 86_400_000,
-                last_reply: None,
-                unreachable: false,
-                delay_notified: false,
-                suspect: false,
-            }],
-            notices_to: None,
-        },
-        body,
-    }
-}
-
 /// Stores `n` messages, many commits at once (they share fsyncs).
 async fn fill(t: &TestServer, n: usize, sender: impl Fn(usize) -> String) -> Vec<QueueId> {
     let mut ids = Vec::with_capacity(n);
     for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
         let mut commits = Vec::new();
         for &i in chunk {
-            let m = message(t, &sender(i), &format!("user{}@example.com", i % 10));
+            let to = format!("user{}@example.com", i % 10);
+            let body = format!("Subject: {i}\r\n\r\nx\r\n").into_bytes();
+            let m = t.new_message(&sender(i), &to, body);
             ids.push(m.envelope.id);
             let spool = t.spool().clone();
             commits.push(tokio::spawn(async move { spool.commit(m).await }));

@@ -106,29 +106,27 @@ fn select(selector: u8, cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
 
 /// A TLSA record in presentation form, for messages: `3 1 1 ab12…`.
 pub fn tlsa_text(record: &TLSA) -> String {
-    let hex: String = record
-        .cert_data
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
     format!(
-        "{} {} {} {hex}",
+        "{} {} {} {}",
         u8::from(record.cert_usage),
         u8::from(record.selector),
-        u8::from(record.matching)
+        u8::from(record.matching),
+        hex(&record.cert_data)
     )
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The record a sender would match for `leaf` (usage 3, SPKI, SHA-256: the
 /// form that survives renewals with the same key), for a fix to suggest.
 pub fn suggested_tlsa(leaf: &CertificateDer<'_>) -> Option<String> {
     let spki = select(1, leaf)?;
-    let hex: String = digest::digest(&digest::SHA256, &spki)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    Some(format!("3 1 1 {hex}"))
+    Some(format!(
+        "3 1 1 {}",
+        hex(digest::digest(&digest::SHA256, &spki).as_ref())
+    ))
 }
 
 #[cfg(test)]

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use mxspool::clock::Clock;
 use mxspool::config::Config;
-use mxspool::spool::{Envelope, QueueId, Spool};
+use mxspool::spool::{
+    BodyType, Client as SpoolClient, Envelope, NewMessage, QueueId, Recipient, Ret, Spool,
+};
 use mxspool::{Options, Server};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -222,6 +224,37 @@ impl TestServer {
         let mut client = self.connect().await;
         client.cmd("EHLO client.test").await.assert(250);
         client
+    }
+
+    /// A message from `sender` to `to` with `body`, to store straight into
+    /// the spool (`spool().commit`): queued, not due for a day, so the
+    /// scheduler leaves it alone.
+    pub fn new_message(&self, sender: &str, to: &str, body: Vec<u8>) -> NewMessage {
+        let id = self.spool().next_id(self.clock.now_micros());
+        NewMessage {
+            envelope: Envelope {
+                id,
+                sender: sender.into(),
+                ret: Ret::Unset,
+                envid: None,
+                body_type: BodyType::Unset,
+                smtputf8: false,
+                has_8bit: false,
+                arrived_ms: self.clock.now_ms(),
+                size: body.len() as u64,
+                client: SpoolClient {
+                    ip: "192.0.2.1".parse().unwrap(),
+                    helo: "client.test".into(),
+                    tls: false,
+                },
+                recipients: vec![Recipient::queued(
+                    to.into(),
+                    self.clock.now_ms() + 86_400_000,
+                )],
+                notices_to: None,
+            },
+            body,
+        }
     }
 
     /// Everything queued, in arrival order, with bodies.
