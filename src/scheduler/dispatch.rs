@@ -37,35 +37,75 @@ impl Scheduler {
         }
     }
 
-    /// The messages due at `now` that are not in hand already, and when the
-    /// next mail comes due; `None` (logged) if the spool could not tell.
+    /// The messages due at `now` that are not in hand already, as many as
+    /// there is room for, and when the next mail comes due; `None` (logged)
+    /// if the spool could not tell.
+    ///
+    /// Mail in a primary's [`backlog`](super::domain::DomainState::backlog)
+    /// is left to it even when due: taken from the due index it would go in
+    /// the order of its retry times (jittered, so scattered across the spool)
+    /// rather than in arrival order, and with a million queued every such
+    /// read and delete lands on a page nobody has touched recently.
     async fn load_due(&self, now: u64) -> Option<(Vec<Envelope>, Option<u64>)> {
+        let room = MAX_LOADED.saturating_sub(self.in_flight.len());
+        let backlogged: usize = self.domains.values().map(|s| s.backlog.len()).sum();
+        // Enough of the index to find `room` messages past those in hand and
+        // some of those left to a backlog (these come first in the index
+        // while the oldest mail drains, and leave it as the drain goes on).
+        let limit = if room == 0 {
+            0
+        } else {
+            room + self.in_flight.len() + backlogged.min(MAX_LOADED)
+        };
         let spool = self.ctx.spool.clone();
-        let in_flight: HashSet<QueueId> = self.in_flight.iter().map(|(id, _)| *id).collect();
-        let loaded = tokio::task::spawn_blocking(move || {
-            let due = spool.due_until(now, MAX_LOADED + in_flight.len())?;
-            // Messages already in hand are not decoded again: while a backlog
-            // drains, nearly every due entry is one. (A message with another
-            // destination due waits for its job in hand to finish.)
-            let mut seen = HashSet::new();
-            let ids: Vec<QueueId> = due
-                .iter()
-                .map(|(_, id)| *id)
-                .filter(|id| !in_flight.contains(id) && seen.insert(*id))
-                .collect();
-            let envelopes = spool.envelopes_of(&ids)?;
-            let next = spool.next_due_after(now)?;
-            Ok::<_, ReadError>((envelopes, next))
+        let index = tokio::task::spawn_blocking(move || {
+            Ok::<_, ReadError>((spool.due_until(now, limit)?, spool.next_due_after(now)?))
         })
         .await;
-        match loaded {
-            Ok(Ok(v)) => Some(v),
+        let (due, next) = match index {
+            Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 warn!(error = %e, "cannot read the due index; retrying shortly");
-                None
+                return None;
             }
             Err(e) => {
                 warn!(error = %e, "due index scan failed");
+                return None;
+            }
+        };
+        // Messages already in hand are not decoded again: while a backlog
+        // drains, nearly every due entry is one. (A message with another
+        // destination due waits for its job in hand to finish.)
+        let in_flight: HashSet<QueueId> = self.in_flight.iter().map(|(id, _)| *id).collect();
+        let backlogs: Vec<_> = self
+            .domains
+            .values()
+            .map(|s| &s.backlog)
+            .filter(|b| !b.is_empty())
+            .collect();
+        let mut seen = HashSet::new();
+        let ids: Vec<QueueId> = due
+            .iter()
+            .map(|(_, id)| *id)
+            .filter(|id| {
+                !in_flight.contains(id)
+                    && !backlogs.iter().any(|b| b.contains(id))
+                    && seen.insert(*id)
+            })
+            .take(room)
+            .collect();
+        if ids.is_empty() {
+            return Some((Vec::new(), next));
+        }
+        let spool = self.ctx.spool.clone();
+        match tokio::task::spawn_blocking(move || spool.envelopes_of(&ids)).await {
+            Ok(Ok(envelopes)) => Some((envelopes, next)),
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot read due mail; retrying shortly");
+                None
+            }
+            Err(e) => {
+                warn!(error = %e, "due mail could not be read");
                 None
             }
         }
@@ -79,14 +119,22 @@ impl Scheduler {
         let mut room = MAX_LOADED.saturating_sub(self.in_flight.len());
         let mut picked: Vec<(Arc<str>, QueueId)> = Vec::new();
         for (domain, state) in &mut self.domains {
-            if state.down.is_some() {
+            if state.down.is_some() || room == 0 {
                 continue;
             }
-            while room > 0
-                && let Some(id) = state.backlog.pop_front()
-            {
+            // In arrival order; one with a job out already (due for another
+            // reason) stays until that job is done.
+            let ids: Vec<QueueId> = state
+                .backlog
+                .iter()
+                .filter(|id| !self.in_flight.contains(&(**id, domain.clone())))
+                .take(room)
+                .copied()
+                .collect();
+            room -= ids.len();
+            for id in ids {
+                state.backlog.remove(&id);
                 picked.push((domain.clone(), id));
-                room -= 1;
             }
         }
         if picked.is_empty() {
@@ -101,9 +149,9 @@ impl Scheduler {
             Err(e) => e.to_string(),
         };
         warn!(%error, "cannot read mail that waited for its primary; retrying shortly");
-        for (domain, id) in picked.into_iter().rev() {
+        for (domain, id) in picked {
             if let Some(state) = self.domains.get_mut(&domain) {
-                state.backlog.push_front(id);
+                state.backlog.insert(id);
             }
         }
         self.rescan_soon(Duration::from_secs(1));
@@ -138,7 +186,7 @@ impl Scheduler {
             if !self.in_flight.insert((id, domain.clone())) {
                 // A job for it is out already (due for another reason): its
                 // waiting recipients go once that one is done.
-                state.backlog.push_back(id);
+                state.backlog.insert(id);
                 continue;
             }
             let job = Job {

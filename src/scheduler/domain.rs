@@ -26,8 +26,10 @@ pub(super) struct DomainState {
     pub(super) waiting: HashSet<QueueId>,
     /// Messages that waited for it and are to be delivered now that it is
     /// back: handed to delivery as room allows, without being rewritten as
-    /// due first (the outcome rewrites or removes them anyway).
-    pub(super) backlog: std::collections::VecDeque<QueueId>,
+    /// due first (the outcome rewrites or removes them anyway). Ordered, so
+    /// they go in arrival order: neighbours in the spool's trees, which keeps
+    /// a million-message drain reading and deleting pages it has just used.
+    pub(super) backlog: std::collections::BTreeSet<QueueId>,
     /// The primary's addresses, while down.
     pub(super) primary_ips: Vec<IpAddr>,
     /// The last routing attempt found us to be the best MX.

@@ -24,7 +24,7 @@ impl Scheduler {
             warn!(%domain, %reason, "primary unreachable; probing every {:?}", self.probe_interval);
             state.down = Some(reason.clone());
             // What was still to be handed over waits for the next return.
-            let backlog: Vec<QueueId> = state.backlog.drain(..).collect();
+            let backlog = std::mem::take(&mut state.backlog);
             state.waiting.extend(backlog);
             // When it comes back, start slowly again.
             state.restart_slowly();
@@ -51,7 +51,7 @@ impl Scheduler {
         state.down = None;
         state.looping = false;
         state.primary_ips.clear();
-        let mut waiting: Vec<QueueId> = state.waiting.drain().collect();
+        let waiting: Vec<QueueId> = state.waiting.drain().collect();
         self.publish(domain, true, host);
         if waiting.is_empty() {
             return;
@@ -59,7 +59,6 @@ impl Scheduler {
         info!(%domain, messages = waiting.len(), "releasing mail that waited for the primary");
         // In arrival order, straight to delivery (see `DomainState::backlog`):
         // a million waiting messages are not each rewritten first.
-        waiting.sort_unstable();
         if let Some(state) = self.domains.get_mut(domain) {
             state.backlog.extend(waiting);
         }

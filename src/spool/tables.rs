@@ -33,10 +33,9 @@ impl Bodies<'_> {
     }
 
     fn remove(&mut self, id: u64) -> Result<(), redb::Error> {
-        let mut n = 0u32;
-        while self.chunks.remove((id, n))?.is_some() {
-            n += 1;
-        }
+        // One walk over the message's pieces, not a descent per piece.
+        self.chunks
+            .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)?;
         self.legacy.remove(id)?;
         Ok(())
     }
