@@ -316,6 +316,7 @@ async fn carry(
             let body = Arc::new(body);
             let started = tokio::time::Instant::now();
             let ticket = connection.submit(&env, body.clone(), &job.rcpts).await;
+            count_changes(ctx, domain, connection.take_changes());
             let message = Sent {
                 job,
                 env,
@@ -358,6 +359,23 @@ async fn carry(
         queue.jobs().push_front(job);
     }
     recording.finish().await;
+}
+
+/// What the connection changed in a message on its way, in the metrics.
+fn count_changes(ctx: &Ctx, domain: &str, changes: outbound::Changes) {
+    let label = [ctx.metrics.label(domain)];
+    if changes.lines_broken > 0 {
+        ctx.metrics
+            .lines_broken
+            .with_label_values(&label)
+            .inc_by(changes.lines_broken);
+    }
+    if changes.converted > 0 {
+        ctx.metrics
+            .converted
+            .with_label_values(&label)
+            .inc_by(changes.converted);
+    }
 }
 
 /// The connection failed: fewer connections from now on, an unreachable
