@@ -1496,3 +1496,42 @@ async fn without_dsn_at_the_primary_no_parameters_and_a_relayed_notice() {
     assert!(status.starts_with("2."), "{status}");
     assert_eq!(dsn.fields("Original-Envelope-Id"), ["env-without-dsn"]);
 }
+
+#[tokio::test]
+async fn envid_and_orcpt_reach_the_primary_exactly_as_received() {
+    let net = Net::start().await;
+    // Down at first, so the stored envelope can be read.
+    net.relay.set_mode(Mode::Down);
+    let t = TestServer::start(net.config()).await;
+    let mut c = t.ehlo().await;
+    let id = send_raw(
+        &mut c,
+        &format!("MAIL FROM:<{SENDER}> RET=HDRS ENVID=Q+2BZ+3Dx+2Fy.42"),
+        &["RCPT TO:<user@example.com> NOTIFY=FAILURE ORCPT=rfc822;a+2bb@example.com"],
+        &tagged("exact"),
+    )
+    .await;
+    c.quit().await;
+    // Decoded in the spool, for notices; as received besides.
+    let env = t.spool().envelope(id).unwrap().expect("queued");
+    assert_eq!(env.envid.as_deref(), Some("Q+Z=x/y.42"));
+    assert_eq!(env.envid_xtext.as_deref(), Some("Q+2BZ+3Dx+2Fy.42"));
+    let rcpt = &env.recipients[0];
+    assert_eq!(rcpt.orcpt.as_deref(), Some("a+b@example.com"));
+    assert_eq!(
+        rcpt.orcpt_xtext.as_deref(),
+        Some("rfc822;a+2bb@example.com")
+    );
+    net.relay.set_mode(Mode::Up);
+    assert!(net.relay.wait_for_messages(1, WAIT).await);
+    wait_gone(&t, id).await;
+    let m = &net.relay.messages()[0];
+    assert_eq!(
+        m.mail_from_line,
+        format!("MAIL FROM:<{SENDER}> RET=HDRS ENVID=Q+2BZ+3Dx+2Fy.42")
+    );
+    assert_eq!(
+        m.rcpt_lines,
+        ["RCPT TO:<user@example.com> NOTIFY=FAILURE ORCPT=rfc822;a+2bb@example.com"]
+    );
+}

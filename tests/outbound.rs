@@ -34,6 +34,7 @@ fn envelope(rcpts: &[&str]) -> Envelope {
         sender: "sender@example.org".into(),
         ret: Ret::Unset,
         envid: None,
+        envid_xtext: None,
         body_type: BodyType::Unset,
         smtputf8: false,
         has_8bit: false,
@@ -49,6 +50,7 @@ fn envelope(rcpts: &[&str]) -> Envelope {
             .map(|address| Recipient {
                 address: (*address).into(),
                 orcpt: None,
+                orcpt_xtext: None,
                 notify: Notify::default(),
                 status: RcptStatus::Queued,
                 attempts: 0,

@@ -114,8 +114,14 @@ pub(crate) fn plan_with(
                     if let Some(orcpt) = &rcpt.orcpt {
                         let addr = strip_prefix_ignore_case(orcpt, "rfc822;");
                         if !addr.is_empty() {
-                            line.push_str(" ORCPT=rfc822;");
-                            line.push_str(&xtext::encode(addr));
+                            line.push_str(" ORCPT=");
+                            match orcpt_as_received(rcpt.orcpt_xtext.as_deref(), addr) {
+                                Some(raw) => line.push_str(raw),
+                                None => {
+                                    line.push_str("rfc822;");
+                                    line.push_str(&xtext::encode(addr));
+                                }
+                            }
                         }
                     }
                 }
@@ -196,7 +202,10 @@ fn mail_from(envelope: &Envelope, sender: String, body_len: u64, caps: &Capabili
         }
         if let Some(envid) = envelope.envid.as_deref().filter(|e| !e.is_empty()) {
             line.push_str(" ENVID=");
-            line.push_str(&xtext::encode(envid));
+            match xtext::as_received(envelope.envid_xtext.as_deref(), envid) {
+                Some(raw) => line.push_str(raw),
+                None => line.push_str(&xtext::encode(envid)),
+            }
         }
     }
     line.push_str("\r\n");
@@ -221,6 +230,15 @@ fn notify(notify: Notify) -> Option<String> {
     .map(|(_, word)| word)
     .collect();
     (!words.is_empty()).then(|| words.join(","))
+}
+
+/// The `ORCPT=` value as received (`rfc822;` in any case, then xtext), if
+/// it may go out as it is (see [`xtext::as_received`]).
+fn orcpt_as_received<'a>(raw: Option<&'a str>, addr: &str) -> Option<&'a str> {
+    let raw = raw?;
+    let (kind, text) = raw.split_once(';')?;
+    (kind.eq_ignore_ascii_case("rfc822") && xtext::as_received(Some(text), addr).is_some())
+        .then_some(raw)
 }
 
 fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> &'a str {
@@ -305,6 +323,46 @@ mod tests {
                         .to_string()
                 ),
             ]
+        );
+    }
+
+    #[test]
+    fn envid_and_orcpt_go_out_exactly_as_received() {
+        let mut env = envelope(&["a+b@example.com", "c@example.com"]);
+        env.envid = Some("Q+Z=x/y.42".into());
+        env.envid_xtext = Some("Q+2BZ+3Dx+2Fy.42".into());
+        env.recipients[0].orcpt = Some("a+b@example.com".into());
+        env.recipients[0].orcpt_xtext = Some("RFC822;a+2bb@example.com".into());
+        // Not what the stored value decodes from: encoded afresh.
+        env.recipients[1].orcpt = Some("c@example.com".into());
+        env.recipients[1].orcpt_xtext = Some("rfc822;other@example.com".into());
+        let plan = plan(&env, 1, &all(), &[0, 1]);
+        assert_eq!(
+            plan.mail_from,
+            "MAIL FROM:<sender@example.org> SIZE=1 RET=HDRS ENVID=Q+2BZ+3Dx+2Fy.42\r\n"
+        );
+        assert_eq!(
+            plan.rcpts,
+            want(&[
+                (
+                    0,
+                    "RCPT TO:<a+b@example.com> NOTIFY=FAILURE,DELAY ORCPT=RFC822;a+2bb@example.com\r\n"
+                ),
+                (
+                    1,
+                    "RCPT TO:<c@example.com> NOTIFY=FAILURE,DELAY ORCPT=rfc822;c@example.com\r\n"
+                ),
+            ])
+        );
+        // A value as received that could split the line is never sent.
+        let mut env = envelope(&["a@example.com"]);
+        env.envid = Some("x\r\nRSET".into());
+        env.envid_xtext = Some("x\r\nRSET".into());
+        let plan = super::plan(&env, 1, &all(), &[0]);
+        assert!(
+            plan.mail_from.ends_with(" ENVID=x+0D+0ARSET\r\n"),
+            "{}",
+            plan.mail_from
         );
     }
 

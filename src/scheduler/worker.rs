@@ -499,7 +499,7 @@ async fn load(ctx: &Ctx, job: &Job) -> Option<(Envelope, Vec<u8>)> {
             return Loaded::Gone;
         };
         match spool.body(id) {
-            Ok(Some(body)) => Loaded::Message(env, body),
+            Ok(Some(body)) => Loaded::Message(Box::new(env), body),
             Ok(None) => Loaded::NoBody,
             Err(_) => Loaded::Gone,
         }
@@ -507,7 +507,7 @@ async fn load(ctx: &Ctx, job: &Job) -> Option<(Envelope, Vec<u8>)> {
     .await
     .unwrap_or(Loaded::Gone);
     match loaded {
-        Loaded::Message(env, body) => return Some((env, body)),
+        Loaded::Message(env, body) => return Some((*env, body)),
         Loaded::Gone => tracing::debug!(queue_id = %id, "no longer queued, skipped"),
         Loaded::NoBody => match ctx.spool.change(id, Change::Quarantine, Vec::new()).await {
             Ok(_) => tracing::error!(
@@ -522,7 +522,7 @@ async fn load(ctx: &Ctx, job: &Job) -> Option<(Envelope, Vec<u8>)> {
 
 /// What [`load`] found.
 enum Loaded {
-    Message(Envelope, Vec<u8>),
+    Message(Box<Envelope>, Vec<u8>),
     /// Not queued (any more), held, or unreadable right now.
     Gone,
     /// Queued, but its body is missing.
