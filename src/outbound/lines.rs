@@ -6,7 +6,9 @@
 //! space: a header line stays one (folded) header field, and no piece can
 //! start with a dot. Where the line has white space within the limit, it is
 //! broken just before it, so unfolding gives back exactly the original;
-//! otherwise CRLF and a space are inserted at the limit.
+//! otherwise CRLF and a space are inserted at the limit. A line that starts
+//! with a dot counts one octet more: the dot DATA adds to it (RFC 5321
+//! §4.5.2) is on the wire too.
 //!
 //! It never looks at what the lines mean (header, body, MIME part): it only
 //! cuts.
@@ -20,7 +22,7 @@ pub(crate) fn break_long(body: &Arc<Vec<u8>>, limit: usize) -> Option<(Arc<Vec<u
     if limit == 0
         || !body
             .split(|&b| b == b'\n')
-            .any(|l| content(l).len() > limit)
+            .any(|l| wire_len(content(l)) > limit)
     {
         return None;
     }
@@ -28,7 +30,7 @@ pub(crate) fn break_long(body: &Arc<Vec<u8>>, limit: usize) -> Option<(Arc<Vec<u
     let mut broken = 0;
     for line in body.split_inclusive(|&b| b == b'\n') {
         let text = content(line);
-        if text.len() > limit {
+        if wire_len(text) > limit {
             broken += 1;
             cut(text, limit, &mut out);
             out.extend_from_slice(&line[text.len()..]);
@@ -45,6 +47,11 @@ fn content(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
+/// The length of a line as DATA sends it: a leading dot is doubled.
+fn wire_len(line: &[u8]) -> usize {
+    line.len() + usize::from(line.starts_with(b"."))
+}
+
 fn is_wsp(b: u8) -> bool {
     b == b' ' || b == b'\t'
 }
@@ -53,8 +60,9 @@ fn is_wsp(b: u8) -> bool {
 /// after the first starting with white space, separated by CRLF.
 fn cut(line: &[u8], limit: usize, out: &mut Vec<u8>) {
     let mut rest = line;
-    // Octets already on the output line: the space we inserted, if any.
-    let mut lead = 0;
+    // Octets on the output line that are not in `rest`: the space we
+    // inserted, or the dot that dot-stuffing will add.
+    let mut lead = usize::from(line.starts_with(b"."));
     while lead + rest.len() > limit {
         // At least one octet per piece, whatever the limit.
         let room = (limit - lead.min(limit)).max(1);
@@ -97,7 +105,7 @@ mod tests {
     fn check(out: &[u8], limit: usize) {
         for line in out.split(|&b| b == b'\n') {
             assert!(
-                content(line).len() <= limit,
+                wire_len(content(line)) <= limit,
                 "{:?}",
                 String::from_utf8_lossy(line)
             );
@@ -144,17 +152,23 @@ mod tests {
 
     #[test]
     fn without_white_space_inserts_crlf_and_a_space_at_the_limit() {
-        let (out, n) = run(b"abcdefghij\r\n.xyz\r\n", 4).unwrap();
+        let (out, n) = run(b"abcdefghij\r\n.xy\r\n", 4).unwrap();
         assert_eq!(n, 1);
-        assert_eq!(out, b"abcd\r\n efg\r\n hij\r\n.xyz\r\n");
-        // A long body line of 1,002 octets, a dot first: the continuation
-        // starts with a space, never a dot.
+        assert_eq!(out, b"abcd\r\n efg\r\n hij\r\n.xy\r\n");
+        // A long body line of 1,002 octets, a dot first: it counts the dot
+        // dot-stuffing adds, and the continuation starts with a space.
         let line = [&b"."[..], &vec![b'y'; 1001]].concat();
         let (out, _) = run(&[&line[..], b"\r\n"].concat(), 998).unwrap();
         check(&out, 998);
         let pieces: Vec<&[u8]> = out.split(|&b| b == b'\n').collect();
         assert_eq!(pieces.len(), 3, "{pieces:?}");
-        assert!(pieces[1].starts_with(b" "));
+        // 997 octets, the dot among them, and CR: 998 with the stuffed dot.
+        assert_eq!(pieces[0].len(), 997 + 1, "{pieces:?}");
+        assert_eq!(pieces[1], [&b" "[..], &[b'y'; 5], b"\r"].concat());
+        // 998 octets and a dot first are 999 on the wire: broken too.
+        let dotted = [&b"."[..], &vec![b'z'; 997]].concat();
+        assert!(run(&dotted, 998).is_some());
+        assert_eq!(run(&dotted[1..], 998), None);
         // A last line without a line ending is broken too, and stays unended.
         assert_eq!(run(b"abcdef", 4).unwrap().0, b"abcd\r\n ef");
     }
