@@ -57,6 +57,10 @@ pub struct Metrics {
     pub delivery_seconds: Histogram,
     pub commit_seconds: Histogram,
     pub loops: IntCounterVec,
+    /// Over-long lines broken on the way to a next hop, per destination.
+    pub lines_broken: IntCounterVec,
+    /// Messages whose declared 8-bit MIME was made 7-bit for a next hop.
+    pub converted: IntCounterVec,
     pub callouts: IntCounterVec,
     queue_messages: IntGaugeVec,
     queue_bytes: IntGauge,
@@ -136,6 +140,16 @@ const DELIVERY_SECONDS: Family = Family {
 const DELIVERY_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+const LINES_BROKEN: Family = Family {
+    name: "mxspool_delivery_lines_broken_total",
+    help: "Lines longer than delivery.line_length_limit broken on the way to the next hop",
+    labels: &["domain"],
+};
+const CONVERTED: Family = Family {
+    name: "mxspool_delivery_8bit_converted_total",
+    help: "Messages declared 8BITMIME converted to 7-bit MIME for a next hop without 8BITMIME",
+    labels: &["domain"],
+};
 const LOOPS: Family = Family {
     name: "mxspool_routing_loops_total",
     help: "Routing found us to be the best MX of the domain",
@@ -270,6 +284,8 @@ impl Metrics {
             delivery_seconds: r.histogram(&DELIVERY_SECONDS, DELIVERY_BUCKETS),
             commit_seconds: r.histogram(&COMMIT_SECONDS, COMMIT_BUCKETS),
             loops: r.counter_vec(&LOOPS),
+            lines_broken: r.counter_vec(&LINES_BROKEN),
+            converted: r.counter_vec(&CONVERTED),
             callouts: r.counter_vec(&CALLOUTS),
             queue_messages: r.gauge_vec(&QUEUE_MESSAGES),
             queue_bytes: r.gauge(&QUEUE_BYTES),
@@ -295,6 +311,8 @@ impl Metrics {
             self.oldest_age.with_label_values(&[label]).set(0.0);
             self.delivered.with_label_values(&[label]);
             self.loops.with_label_values(&[label]);
+            self.lines_broken.with_label_values(&[label]);
+            self.converted.with_label_values(&[label]);
             for result in ["delivered", "deferred", "failed", "suspended"] {
                 self.attempts.with_label_values(&[label, result]);
             }

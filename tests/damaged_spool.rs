@@ -66,6 +66,7 @@ fn message(id: QueueId, token: &str) -> NewMessage {
             sender: "sender@origin.test".into(),
             ret: Ret::Unset,
             envid: None,
+            envid_xtext: None,
             body_type: BodyType::Unset,
             smtputf8: false,
             has_8bit: false,
@@ -79,6 +80,7 @@ fn message(id: QueueId, token: &str) -> NewMessage {
             recipients: vec![Recipient {
                 address: "user@example.com".into(),
                 orcpt: None,
+                orcpt_xtext: None,
                 notify: Notify::default(),
                 status: RcptStatus::Queued,
                 attempts: 0,

@@ -1272,16 +1272,37 @@ async fn one_delay_warning_however_many_retries() {
 // ---------------------------------------------------------------------------
 // What the next hop can take
 
+/// The value of an unlabelled or `domain="example.com"` series on /metrics.
+fn metric(t: &TestServer, name: &str) -> u64 {
+    let text = t.server.metrics().render(&t.spool().gauges(), 0);
+    let prefix = format!("{name}{{domain=\"example.com\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in /metrics"))
+}
+
 #[tokio::test]
-async fn eight_bit_mail_to_a_primary_without_8bitmime_fails_with_5_6_3() {
+async fn eight_bit_mail_to_a_primary_without_8bitmime_is_converted_or_fails_with_5_6_3() {
     let net = Net::start().await;
     net.relay.set_capabilities(Caps {
         eightbitmime: false,
         ..Caps::default()
     });
     let t = TestServer::start(net.config()).await;
+    assert_eq!(metric(&t, "mxspool_delivery_8bit_converted_total"), 0);
     let mut c = t.ehlo().await;
-    let content = b"Subject: eight bit\r\nMessage-ID: <8bit@origin.test>\r\n\r\ncaf\xc3\xa9\r\n";
+    let text = "Content-Type: text/plain; charset=utf-8\r\n\
+                Content-Transfer-Encoding: 8bit\r\n\r\ncaf\u{e9}\r\n";
+    let converted = send_raw(
+        &mut c,
+        &format!("MAIL FROM:<{SENDER}> BODY=8BITMIME"),
+        &["RCPT TO:<user@example.com>"],
+        format!("Subject: eight bit\r\nMIME-Version: 1.0\r\n{text}").as_bytes(),
+    )
+    .await;
+    // 8-bit in a header cannot be made 7-bit: refused, not sent raw.
+    let content = b"Subject: caf\xc3\xa9\r\nMessage-ID: <8bit@origin.test>\r\n\r\ncaf\xc3\xa9\r\n";
     let id = send_raw(
         &mut c,
         &format!("MAIL FROM:<{SENDER}> BODY=8BITMIME"),
@@ -1290,7 +1311,23 @@ async fn eight_bit_mail_to_a_primary_without_8bitmime_fails_with_5_6_3() {
     )
     .await;
     c.quit().await;
+    wait_gone(&t, converted).await;
     wait_gone(&t, id).await;
+    let got = net.relay.messages();
+    assert_eq!(got.len(), 1, "only the convertible message");
+    assert!(got[0].body.is_ascii());
+    assert!(
+        String::from_utf8_lossy(&got[0].body)
+            .contains("Content-Transfer-Encoding: quoted-printable\r\n\r\ncaf=C3=A9\r\n"),
+        "{}",
+        String::from_utf8_lossy(&got[0].body)
+    );
+    assert!(
+        !got[0].mail_from_line.contains("BODY="),
+        "{}",
+        got[0].mail_from_line
+    );
+    assert_eq!(metric(&t, "mxspool_delivery_8bit_converted_total"), 1);
     assert!(
         net.bounces.wait_for_messages(1, WAIT).await,
         "no failure notice"
@@ -1299,16 +1336,56 @@ async fn eight_bit_mail_to_a_primary_without_8bitmime_fails_with_5_6_3() {
     let (rcpt, action, status) = dsn.single();
     assert!(rcpt.ends_with("user@example.com"), "{rcpt}");
     assert_eq!((action.as_str(), status.as_str()), ("failed", "5.6.3"));
-    // Nothing of the message went to the primary, raw or otherwise.
-    assert!(net.relay.messages().is_empty());
+    // Only one transaction reached the primary.
+    let mails = net
+        .relay
+        .commands()
+        .iter()
+        .filter(|l| l.starts_with("MAIL"))
+        .count();
+    assert_eq!(mails, 1, "{:?}", net.relay.commands());
+}
+
+#[tokio::test]
+async fn long_lines_are_broken_at_delivery_line_length_limit_and_counted() {
+    let primary = Primary::start().await;
+    primary.set_line_limit(Some(1000));
+    let t = TestServer::start(config_for(&primary)).await;
+    let long = "x".repeat(1002);
+    let id = send(
+        &t,
+        "a@origin.test",
+        &["user@example.com"],
+        format!("Subject: long\r\n\r\n{long}\r\n").as_bytes(),
+    )
+    .await;
+    wait_gone(&t, id).await;
+    let got = primary.messages();
+    assert_eq!(got.len(), 1);
+    assert!(got[0].data.split(|&b| b == b'\n').all(|l| l.len() <= 1000));
+    // 998 octets, then CRLF, a space and the other four.
+    let body = String::from_utf8_lossy(&got[0].body).into_owned();
     assert!(
-        !net.relay
-            .commands()
-            .iter()
-            .any(|l| l.starts_with("MAIL") || l == "DATA"),
-        "{:?}",
-        net.relay.commands()
+        body.contains(&format!("\r\n{}\r\n xxxx\r\n", &long[..998])),
+        "{body}"
     );
+    assert_eq!(metric(&t, "mxspool_delivery_lines_broken_total"), 1);
+
+    // With the limit off the line goes as it is, and this primary refuses it.
+    let primary = Primary::start().await;
+    primary.set_line_limit(Some(1000));
+    let t = TestServer::start(config_for(&primary).set("delivery", "line_length_limit", "0")).await;
+    let id = send(
+        &t,
+        "a@origin.test",
+        &["user@example.com"],
+        format!("Subject: long\r\n\r\n{long}\r\n").as_bytes(),
+    )
+    .await;
+    wait_gone(&t, id).await;
+    assert_eq!(primary.too_long(), 1);
+    assert!(primary.messages().is_empty());
+    assert_eq!(metric(&t, "mxspool_delivery_lines_broken_total"), 0);
 }
 
 #[tokio::test]
@@ -1418,4 +1495,43 @@ async fn without_dsn_at_the_primary_no_parameters_and_a_relayed_notice() {
     assert_eq!(action, "relayed");
     assert!(status.starts_with("2."), "{status}");
     assert_eq!(dsn.fields("Original-Envelope-Id"), ["env-without-dsn"]);
+}
+
+#[tokio::test]
+async fn envid_and_orcpt_reach_the_primary_exactly_as_received() {
+    let net = Net::start().await;
+    // Down at first, so the stored envelope can be read.
+    net.relay.set_mode(Mode::Down);
+    let t = TestServer::start(net.config()).await;
+    let mut c = t.ehlo().await;
+    let id = send_raw(
+        &mut c,
+        &format!("MAIL FROM:<{SENDER}> RET=HDRS ENVID=Q+2BZ+3Dx+2Fy.42"),
+        &["RCPT TO:<user@example.com> NOTIFY=FAILURE ORCPT=rfc822;a+2bb@example.com"],
+        &tagged("exact"),
+    )
+    .await;
+    c.quit().await;
+    // Decoded in the spool, for notices; as received besides.
+    let env = t.spool().envelope(id).unwrap().expect("queued");
+    assert_eq!(env.envid.as_deref(), Some("Q+Z=x/y.42"));
+    assert_eq!(env.envid_xtext.as_deref(), Some("Q+2BZ+3Dx+2Fy.42"));
+    let rcpt = &env.recipients[0];
+    assert_eq!(rcpt.orcpt.as_deref(), Some("a+b@example.com"));
+    assert_eq!(
+        rcpt.orcpt_xtext.as_deref(),
+        Some("rfc822;a+2bb@example.com")
+    );
+    net.relay.set_mode(Mode::Up);
+    assert!(net.relay.wait_for_messages(1, WAIT).await);
+    wait_gone(&t, id).await;
+    let m = &net.relay.messages()[0];
+    assert_eq!(
+        m.mail_from_line,
+        format!("MAIL FROM:<{SENDER}> RET=HDRS ENVID=Q+2BZ+3Dx+2Fy.42")
+    );
+    assert_eq!(
+        m.rcpt_lines,
+        ["RCPT TO:<user@example.com> NOTIFY=FAILURE ORCPT=rfc822;a+2bb@example.com"]
+    );
 }

@@ -4,6 +4,7 @@ mod primary;
 
 use std::time::Duration;
 
+use mail_parser::{MessageParser, PartType};
 use mxspool::config::TlsPolicy;
 use mxspool::outbound::{self, Connection, Hop, Outcome, SessionError, Settings, Stage, Timeouts};
 use mxspool::spool::{BodyType, Client, Envelope, Notify, QueueId, RcptStatus, Recipient, Ret};
@@ -33,6 +34,7 @@ fn envelope(rcpts: &[&str]) -> Envelope {
         sender: "sender@example.org".into(),
         ret: Ret::Unset,
         envid: None,
+        envid_xtext: None,
         body_type: BodyType::Unset,
         smtputf8: false,
         has_8bit: false,
@@ -48,6 +50,7 @@ fn envelope(rcpts: &[&str]) -> Envelope {
             .map(|address| Recipient {
                 address: (*address).into(),
                 orcpt: None,
+                orcpt_xtext: None,
                 notify: Notify::default(),
                 status: RcptStatus::Queued,
                 attempts: 0,
@@ -444,26 +447,180 @@ async fn a_421_mid_transaction_fails_the_whole_attempt() {
     assert!(primary.messages().is_empty());
 }
 
-#[tokio::test]
-async fn declared_eight_bit_content_without_8bitmime_fails_with_5_6_3_and_sends_nothing() {
-    let primary = Primary::start().await;
-    primary.set_capabilities(Caps {
+/// A primary that offers neither 8BITMIME nor SMTPUTF8, and the SIZE it
+/// takes (so MAIL FROM says SIZE=).
+fn seven_bit_caps() -> Caps {
+    Caps {
         eightbitmime: false,
+        size: Some(0),
         ..Caps::default()
-    });
+    }
+}
+
+/// Every text part of `message`, decoded, in order.
+fn texts(message: &[u8]) -> Vec<String> {
+    let parsed = MessageParser::default().parse(message).expect("parses");
+    parsed
+        .parts
+        .iter()
+        .filter_map(|p| match &p.body {
+            PartType::Text(t) => Some(t.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn declared_eight_bit_content_is_converted_for_a_primary_without_8bitmime() {
+    let primary = Primary::start().await;
+    primary.set_capabilities(seven_bit_caps());
+    let mut env = envelope(&["a@example.com"]);
+    env.has_8bit = true;
+    env.body_type = BodyType::EightBitMime;
+    let plain = "Subject: plain\r\nMIME-Version: 1.0\r\n\
+                 Content-Type: text/plain; charset=utf-8\r\n\
+                 Content-Transfer-Encoding: 8bit\r\n\r\n\
+                 Gr\u{fc}\u{df}e aus K\u{f6}ln\r\n.dot first = equals\r\n";
+    let multipart = "Subject: multipart\r\nMIME-Version: 1.0\r\n\
+                     Content-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n\
+                     --b1\r\nContent-Type: text/plain\r\n\r\nseven bit\r\n\
+                     --b1\r\nContent-Type: text/plain; charset=utf-8\r\n\
+                     Content-Transfer-Encoding: 8bit\r\n\r\n\u{e9}t\u{e9} \u{e0} Paris\r\n\
+                     --b1--\r\n";
+    for (n, message) in [plain, multipart].into_iter().enumerate() {
+        let outcomes = send(
+            &primary,
+            &settings(TlsPolicy::None),
+            &env,
+            message.as_bytes(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(statuses(&outcomes), want(&[(0, "delivered")]));
+        let m = &primary.messages()[n];
+        assert!(m.body.is_ascii(), "{}", String::from_utf8_lossy(&m.body));
+        // No BODY= to a hop without 8BITMIME; SIZE= of what was sent.
+        assert_eq!(
+            m.mail_from_line,
+            format!("MAIL FROM:<sender@example.org> SIZE={}", m.body.len())
+        );
+        let sent = texts(message.as_bytes());
+        assert!(sent.iter().any(|t| !t.is_ascii()), "{sent:?}");
+        assert_eq!(texts(&m.body), sent);
+    }
+    // The 7-bit part of the multipart went byte for byte.
+    let body = String::from_utf8(primary.messages()[1].body.clone()).unwrap();
+    assert!(
+        body.contains("--b1\r\nContent-Type: text/plain\r\n\r\nseven bit\r\n--b1\r\n"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn declared_eight_bit_that_cannot_be_converted_fails_with_5_6_3_and_sends_nothing() {
+    let primary = Primary::start().await;
+    primary.set_capabilities(seven_bit_caps());
     let mut env = envelope(&["a@example.com", "b@example.com"]);
     env.has_8bit = true;
     env.body_type = BodyType::EightBitMime;
+    // 8-bit in a header: only SMTPUTF8 could carry it.
     let outcomes = send(
         &primary,
         &settings(TlsPolicy::None),
         &env,
-        "caf\u{e9}\r\n".as_bytes(),
+        "Subject: caf\u{e9}\r\n\r\ncaf\u{e9}\r\n".as_bytes(),
     )
     .await
     .unwrap();
     assert_eq!(statuses(&outcomes), want(&[(0, "5.6.3"), (1, "5.6.3")]));
+    assert!(
+        outcomes[0].1.reply().contains("header"),
+        "{:?}",
+        outcomes[0].1
+    );
     assert_eq!(mail_commands(&primary), 0);
+}
+
+/// A header line of 2,000 octets (a Subject of words), a body line of
+/// 1,002 (one word); the Subject.
+fn long_lines() -> (String, Vec<u8>) {
+    let value: String = (0..400)
+        .map(|i| format!("w{i:03}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let value = value[..2000 - "Subject: ".len()].to_string();
+    let body_line = "b".repeat(1002);
+    let message = format!("Subject: {value}\r\nX-Tag: long\r\n\r\n{body_line}\r\n.end\r\n");
+    assert_eq!(message.find("\r\n"), Some(2000));
+    (value, message.into_bytes())
+}
+
+#[tokio::test]
+async fn long_lines_are_broken_for_a_primary_that_enforces_the_limit() {
+    let primary = Primary::start().await;
+    primary.set_line_limit(Some(1000));
+    let (value, message) = long_lines();
+    assert!(message.split(|&b| b == b'\n').any(|l| l.len() > 1500));
+    let env = envelope(&["a@example.com"]);
+    for chunking in [false, true] {
+        primary.set_capabilities(Caps {
+            chunking,
+            size: Some(0),
+            ..Caps::default()
+        });
+        let outcomes = send(&primary, &settings(TlsPolicy::None), &env, &message)
+            .await
+            .unwrap();
+        assert_eq!(
+            statuses(&outcomes),
+            want(&[(0, "delivered")]),
+            "chunking {chunking}"
+        );
+    }
+    assert_eq!(primary.too_long(), 0);
+    for m in primary.messages() {
+        assert!(m.data.split(|&b| b == b'\n').all(|l| l.len() <= 1000));
+        assert_eq!(
+            m.mail_from_line,
+            format!("MAIL FROM:<sender@example.org> SIZE={}", m.body.len())
+        );
+        // Broken before a space: one folded header, which unfolds to the
+        // original line.
+        let parsed = MessageParser::default().parse(&m.body).expect("parses");
+        assert_eq!(parsed.subject(), Some(value.as_str()));
+        assert_eq!(
+            parsed
+                .header("X-Tag")
+                .and_then(|h| h.as_text())
+                .map(str::trim),
+            Some("long")
+        );
+        // The body line got CRLF and a space inserted, nothing else.
+        let body = String::from_utf8(m.body.clone()).unwrap();
+        let (_, text) = body.split_once("\r\n\r\n").unwrap();
+        assert_eq!(
+            text.replace("\r\n ", ""),
+            format!("{}\r\n.end\r\n", "b".repeat(1002))
+        );
+    }
+}
+
+#[tokio::test]
+async fn with_line_length_limit_0_long_lines_go_as_they_are() {
+    let primary = Primary::start().await;
+    let (_, message) = long_lines();
+    let env = envelope(&["a@example.com"]);
+    let unlimited = Settings {
+        line_length_limit: 0,
+        ..settings(TlsPolicy::None)
+    };
+    send(&primary, &unlimited, &env, &message).await.unwrap();
+    assert_eq!(primary.messages()[0].body, message);
+    // A primary that enforces the limit refuses it, then.
+    primary.set_line_limit(Some(1000));
+    let outcomes = send(&primary, &unlimited, &env, &message).await.unwrap();
+    assert_eq!(statuses(&outcomes), want(&[(0, "5.5.0")]));
+    assert_eq!(primary.too_long(), 1);
 }
 
 #[tokio::test]

@@ -116,6 +116,7 @@ fuzz_target!(|bytes: &[u8]| {
         .map(|r| Recipient {
             address: r.address.into(),
             orcpt: r.orcpt.map(Into::into),
+            orcpt_xtext: None,
             notify: Notify(r.notify),
             status: RcptStatus::Failed,
             attempts: 1,
@@ -135,6 +136,7 @@ fuzz_target!(|bytes: &[u8]| {
             _ => Ret::Headers,
         },
         envid: input.envid.map(Into::into),
+        envid_xtext: None,
         body_type: BodyType::Unset,
         smtputf8: input.smtputf8,
         has_8bit: !input.original.is_ascii(),

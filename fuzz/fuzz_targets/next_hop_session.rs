@@ -78,6 +78,7 @@ fn recipient(address: &str, notify: u8) -> Recipient {
     Recipient {
         address: address.into(),
         orcpt: Some(format!("rfc822;{address}")),
+        orcpt_xtext: None,
         notify: Notify(notify),
         status: RcptStatus::Queued,
         attempts: 0,
@@ -95,6 +96,7 @@ fn envelope(id: u64, has_8bit: bool) -> Envelope {
         sender: "sender@example.org".into(),
         ret: Ret::Headers,
         envid: Some(format!("env {id}")),
+        envid_xtext: None,
         body_type: BodyType::EightBitMime,
         smtputf8: false,
         has_8bit,

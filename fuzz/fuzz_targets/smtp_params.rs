@@ -104,6 +104,7 @@ fuzz_target!(|input: &[u8]| {
         sender: t.sender,
         ret: t.ret,
         envid: t.envid,
+        envid_xtext: t.envid_xtext,
         body_type: t.body_type,
         smtputf8: t.smtputf8,
         has_8bit: bits & 16 != 0,

@@ -237,6 +237,7 @@ fn check_message(session: &Session, world: &World, policy: &Policy, t: Transacti
         sender: t.sender,
         ret: t.ret,
         envid: t.envid,
+        envid_xtext: t.envid_xtext,
         body_type: t.body_type,
         smtputf8: t.smtputf8,
         has_8bit: data.has_8bit,

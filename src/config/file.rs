@@ -111,6 +111,7 @@ pub struct Delivery {
     pub probe_interval: String,
     pub health_interval: String,
     pub drain_guard: u32,
+    pub line_length_limit: usize,
     pub max_queue_lifetime: String,
     pub delay_warning_after: String,
     pub connections_per_domain: usize,
@@ -132,6 +133,7 @@ impl Default for Delivery {
             probe_interval: "5s".into(),
             health_interval: "60s".into(),
             drain_guard: 10,
+            line_length_limit: 998,
             max_queue_lifetime: "5d".into(),
             delay_warning_after: "off".into(),
             connections_per_domain: 20,
@@ -340,6 +342,7 @@ mod tests {
         assert_eq!(d.retry_jitter, 0.2);
         assert_eq!(d.probe_interval, Duration::from_secs(5));
         assert_eq!(d.drain_guard, 10);
+        assert_eq!(d.line_length_limit, 998);
         assert_eq!(d.max_queue_lifetime, Duration::from_secs(5 * 86_400));
         assert_eq!(d.delay_warning_after, None);
         assert_eq!(d.connections_per_domain, 20);
@@ -382,6 +385,10 @@ mod tests {
             (
                 "[delivery]\ndrain_guard = 1.5\n",
                 "delivery.drain_guard: invalid type",
+            ),
+            (
+                "[delivery]\nline_length_limit = -1\n",
+                "delivery.line_length_limit: invalid value",
             ),
             (
                 "[server]\nmax_recipients = \"ten\"\n",

@@ -126,6 +126,10 @@ pub struct DeliveryConfig {
     /// Permanent refusals in a row from a domain's primary, with no delivery
     /// between, after which the domain is paused; 0: never.
     pub drain_guard: u32,
+    /// Forwarded lines longer than this many octets (CRLF not counted) are
+    /// broken with CRLF and a space, as Postfix's `smtp_line_length_limit`;
+    /// 0: never.
+    pub line_length_limit: usize,
     pub max_queue_lifetime: Duration,
     /// `None` ("off"): no "delayed" notices.
     pub delay_warning_after: Option<Duration>,

@@ -99,6 +99,7 @@ fn delivery(d: &DeliveryConfig) -> file::Delivery {
             .map(format_duration)
             .unwrap_or_else(|| "off".into()),
         drain_guard: d.drain_guard,
+        line_length_limit: d.line_length_limit,
         max_queue_lifetime: format_duration(d.max_queue_lifetime),
         delay_warning_after: d
             .delay_warning_after
@@ -181,6 +182,7 @@ mod tests {
             max_queue_lifetime = "1d 12h"
             retry_jitter = 0.0
             drain_guard = 0
+            line_length_limit = 0
             [http]
             admin_token_file = "/etc/mxspool/admin-token"
             [tls]

@@ -22,6 +22,10 @@ use super::{
 use crate::address::is_domain_name;
 use crate::domain::Domain;
 
+/// The smallest `delivery.line_length_limit` but 0: RFC 5322 §2.1.1's 78
+/// characters, which no line ever needs to be broken below.
+const MIN_LINE_LENGTH_LIMIT: usize = 78;
+
 /// The typed configuration in `f`; `source` names the file in errors.
 pub(super) fn config(f: &file::File, source: &Path) -> Result<Config, ConfigError> {
     Validator { source }.config(f)
@@ -230,6 +234,13 @@ impl Validator<'_> {
             "delivery.messages_per_connection",
             d.messages_per_connection as u64,
         )?;
+        if d.line_length_limit != 0 && d.line_length_limit < MIN_LINE_LENGTH_LIMIT {
+            // A typo such as 9 would cut every line of every message.
+            return Err(self.err(
+                "delivery.line_length_limit",
+                format!("must be 0 (never break lines) or at least {MIN_LINE_LENGTH_LIMIT}"),
+            ));
+        }
         Ok(DeliveryConfig {
             port: d.port,
             nameservers,
@@ -240,6 +251,7 @@ impl Validator<'_> {
             probe_interval,
             health_interval,
             drain_guard: d.drain_guard,
+            line_length_limit: d.line_length_limit,
             max_queue_lifetime,
             delay_warning_after,
             connections_per_domain: d.connections_per_domain,
@@ -596,6 +608,21 @@ mod tests {
             ),
             ("[greylist]\nwait = \"1m\"\n", "greylist.wait"),
         ]);
+    }
+
+    #[test]
+    fn line_length_limit_is_zero_or_at_least_78() {
+        let c = parse("[[domain]]\nname = \"example.com\"\n").expect("valid");
+        assert_eq!(c.delivery.line_length_limit, 998);
+        for ok in [0, 78, 998, 5000] {
+            let text =
+                format!("[delivery]\nline_length_limit = {ok}\n[[domain]]\nname = \"a.test\"\n");
+            assert_eq!(parse(&text).expect("valid").delivery.line_length_limit, ok);
+        }
+        assert_errors(&[(
+            "[delivery]\nline_length_limit = 77\n",
+            "delivery.line_length_limit: must be 0 (never break lines) or at least 78",
+        )]);
     }
 
     #[test]

@@ -165,6 +165,7 @@ fn fetched_envelope(
         sender,
         ret: Ret::Unset,
         envid: None,
+        envid_xtext: None,
         body_type: BodyType::Unset,
         smtputf8,
         has_8bit: false,

@@ -517,6 +517,7 @@ async fn store(
         sender: transaction.sender,
         ret: transaction.ret,
         envid: transaction.envid,
+        envid_xtext: transaction.envid_xtext,
         body_type: transaction.body_type,
         smtputf8: transaction.smtputf8,
         has_8bit: data.has_8bit,

@@ -18,10 +18,11 @@ use tracing::debug;
 use super::Connection;
 use super::body::{self, DotStuffer};
 use super::error::{SessionError, Stage};
-use super::mail;
+use super::mail::{self, EightBit};
 use super::outcome::{Class, Outcome};
 use super::pipeline::{Step, Ticket, Transfer, refusal};
 use super::reply::Reply;
+use super::{downgrade, lines};
 use crate::spool::{Envelope, Notify};
 
 /// How much goes into one write (each write has its own `data_block` time
@@ -48,7 +49,47 @@ pub enum Progress {
     },
 }
 
+/// What was changed in messages on their way to the next hop, for the
+/// metrics: counted per message submitted, whether or not it was accepted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Lines longer than the limit, broken (see `lines.rs`).
+    pub lines_broken: u64,
+    /// Messages whose declared 8-bit MIME was converted to 7-bit.
+    pub converted: u64,
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// What was changed in transit since the last call.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// The content as it goes to this next hop: declared 8-bit MIME made
+    /// 7-bit if the hop lacks 8BITMIME, then over-long lines broken. The
+    /// stored body itself is returned (no copy) when nothing changes.
+    fn content(&mut self, envelope: &Envelope, body: Arc<Vec<u8>>) -> (Arc<Vec<u8>>, EightBit) {
+        let (body, eight_bit) = if mail::needs_8bitmime(envelope) && !self.caps.eightbitmime {
+            match downgrade::to_7bit(&body) {
+                Ok(converted) => {
+                    self.changes.converted += 1;
+                    (Arc::new(converted), EightBit::Converted)
+                }
+                // Refused in the plan: nothing is sent.
+                Err(why) => return (body, EightBit::Unconvertible(why.to_string())),
+            }
+        } else {
+            (body, EightBit::AsStored)
+        };
+        match lines::break_long(&body, self.line_limit) {
+            Some((broken, count)) => {
+                self.changes.lines_broken += count as u64;
+                (broken, eight_bit)
+            }
+            None => (body, eight_bit),
+        }
+    }
+
     /// Delivers one message and waits for its outcome: [`Connection::submit`]
     /// and [`Connection::advance`] for a connection that carries one message
     /// at a time. Outcomes are ordered by index; after an `Err` the
@@ -103,8 +144,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             self.failure.get_or_insert(SessionError::Unusable);
             return ticket;
         }
+        let (body, eight_bit) = self.content(envelope, body);
         let Some(transfer) = self.transfer() else {
-            let result = self.lockstep_transaction(envelope, &body, recipients).await;
+            let result = self
+                .lockstep_transaction(envelope, &body, &eight_bit, recipients)
+                .await;
             match result {
                 Ok(mut outcomes) => {
                     outcomes.sort_by_key(|(i, _)| *i);
@@ -119,7 +163,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Transfer::Data => None,
         };
         let chunk = content.as_ref().map(|c| c.len() as u64);
-        let plan = mail::plan(envelope, body.len() as u64, &self.caps, recipients);
+        let plan = mail::plan_with(
+            envelope,
+            body.len() as u64,
+            &eight_bit,
+            &self.caps,
+            recipients,
+        );
         let relayed: Vec<bool> = plan
             .rcpts
             .iter()
@@ -271,9 +321,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         &mut self,
         envelope: &Envelope,
         body: &[u8],
+        eight_bit: &EightBit,
         recipients: &[usize],
     ) -> Result<Vec<(usize, Outcome)>, SessionError> {
-        let plan = mail::plan(envelope, body.len() as u64, &self.caps, recipients);
+        let plan = mail::plan_with(
+            envelope,
+            body.len() as u64,
+            eight_bit,
+            &self.caps,
+            recipients,
+        );
         let mut outcomes = plan.settled;
         if plan.rcpts.is_empty() {
             return Ok(outcomes);
@@ -589,7 +646,11 @@ mod tests {
         let mut env = envelope(&["a@x.test"]);
         env.has_8bit = true;
         env.body_type = crate::spool::BodyType::EightBitMime;
-        let outcomes = conn.deliver(&env, b"caf\xc3\xa9\r\n", &[0]).await.unwrap();
+        // 8-bit in a header: no conversion to 7-bit can help.
+        let outcomes = conn
+            .deliver(&env, b"Subject: caf\xc3\xa9\r\n\r\nx\r\n", &[0])
+            .await
+            .unwrap();
         assert!(
             matches!(&outcomes[..], [(0, Outcome::Failed { status, .. })] if status.to_string() == "5.6.3")
         );

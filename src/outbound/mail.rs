@@ -38,18 +38,42 @@ fn failed(status: Status, reply: String) -> Outcome {
     }
 }
 
-/// Plans the delivery of `envelope` (a body of `body_len` bytes) to the listed
-/// recipients. Indexes outside the envelope are ignored.
+/// What became of content declared 8-bit (`BODY=8BITMIME`) on its way to a
+/// next hop without 8BITMIME (see `downgrade.rs`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum EightBit {
+    /// The content goes as stored: no conversion was needed, or none tried.
+    AsStored,
+    /// Re-encoded as 7-bit MIME: nothing in it needs 8BITMIME any more.
+    Converted,
+    /// It could not be converted; why.
+    Unconvertible(String),
+}
+
+/// Plans the delivery of `envelope` (a body of `body_len` bytes, sent as
+/// stored) to the listed recipients. Indexes outside the envelope are ignored.
 pub(crate) fn plan(
     envelope: &Envelope,
     body_len: u64,
     caps: &Capabilities,
     recipients: &[usize],
 ) -> Plan {
+    plan_with(envelope, body_len, &EightBit::AsStored, caps, recipients)
+}
+
+/// [`plan`] for content of `body_len` bytes that went through conversion
+/// as `eight_bit` says.
+pub(crate) fn plan_with(
+    envelope: &Envelope,
+    body_len: u64,
+    eight_bit: &EightBit,
+    caps: &Capabilities,
+    recipients: &[usize],
+) -> Plan {
     let wanted = recipients
         .iter()
         .filter_map(|&i| envelope.recipients.get(i).map(|r| (i, r)));
-    let refusal = refusal(envelope, body_len, caps);
+    let refusal = refusal(envelope, body_len, eight_bit, caps);
     let sender = path(&envelope.sender, envelope.smtputf8);
     let refusal = refusal.or_else(|| {
         sender.is_none().then(|| {
@@ -90,8 +114,14 @@ pub(crate) fn plan(
                     if let Some(orcpt) = &rcpt.orcpt {
                         let addr = strip_prefix_ignore_case(orcpt, "rfc822;");
                         if !addr.is_empty() {
-                            line.push_str(" ORCPT=rfc822;");
-                            line.push_str(&xtext::encode(addr));
+                            line.push_str(" ORCPT=");
+                            match orcpt_as_received(rcpt.orcpt_xtext.as_deref(), addr) {
+                                Some(raw) => line.push_str(raw),
+                                None => {
+                                    line.push_str("rfc822;");
+                                    line.push_str(&xtext::encode(addr));
+                                }
+                            }
                         }
                     }
                 }
@@ -109,7 +139,12 @@ pub(crate) fn plan(
 
 /// A reason the next hop must not get this message at all (RFC 1870, RFC 6531
 /// §3.2, RFC 6152 §3), checked in that order.
-fn refusal(envelope: &Envelope, body_len: u64, caps: &Capabilities) -> Option<Outcome> {
+fn refusal(
+    envelope: &Envelope,
+    body_len: u64,
+    eight_bit: &EightBit,
+    caps: &Capabilities,
+) -> Option<Outcome> {
     if let Some(limit) = caps.size.filter(|&limit| limit > 0 && body_len > limit) {
         return Some(failed(
             Status::permanent(3, 4),
@@ -122,13 +157,25 @@ fn refusal(envelope: &Envelope, body_len: u64, caps: &Capabilities) -> Option<Ou
             "message needs SMTPUTF8, which the next hop does not offer".into(),
         ));
     }
-    if envelope.has_8bit && envelope.body_type == BodyType::EightBitMime && !caps.eightbitmime {
+    if needs_8bitmime(envelope) && !caps.eightbitmime {
+        let why = match eight_bit {
+            EightBit::Converted => return None,
+            EightBit::AsStored => String::new(),
+            EightBit::Unconvertible(why) => format!(", and it cannot be converted to 7-bit: {why}"),
+        };
         return Some(failed(
             Status::permanent(6, 3),
-            "message has 8-bit content and the next hop does not offer 8BITMIME".into(),
+            format!("message has 8-bit content and the next hop does not offer 8BITMIME{why}"),
         ));
     }
     None
+}
+
+/// Declared 8-bit MIME that is 8-bit indeed: a next hop without 8BITMIME
+/// gets it only converted (RFC 6152 §3). Undeclared 8-bit is relayed as
+/// received, as Postfix does.
+pub(crate) fn needs_8bitmime(envelope: &Envelope) -> bool {
+    envelope.has_8bit && envelope.body_type == BodyType::EightBitMime
 }
 
 fn mail_from(envelope: &Envelope, sender: String, body_len: u64, caps: &Capabilities) -> String {
@@ -155,7 +202,10 @@ fn mail_from(envelope: &Envelope, sender: String, body_len: u64, caps: &Capabili
         }
         if let Some(envid) = envelope.envid.as_deref().filter(|e| !e.is_empty()) {
             line.push_str(" ENVID=");
-            line.push_str(&xtext::encode(envid));
+            match xtext::as_received(envelope.envid_xtext.as_deref(), envid) {
+                Some(raw) => line.push_str(raw),
+                None => line.push_str(&xtext::encode(envid)),
+            }
         }
     }
     line.push_str("\r\n");
@@ -180,6 +230,15 @@ fn notify(notify: Notify) -> Option<String> {
     .map(|(_, word)| word)
     .collect();
     (!words.is_empty()).then(|| words.join(","))
+}
+
+/// The `ORCPT=` value as received (`rfc822;` in any case, then xtext), if
+/// it may go out as it is (see [`xtext::as_received`]).
+fn orcpt_as_received<'a>(raw: Option<&'a str>, addr: &str) -> Option<&'a str> {
+    let raw = raw?;
+    let (kind, text) = raw.split_once(';')?;
+    (kind.eq_ignore_ascii_case("rfc822") && xtext::as_received(Some(text), addr).is_some())
+        .then_some(raw)
 }
 
 fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> &'a str {
@@ -264,6 +323,46 @@ mod tests {
                         .to_string()
                 ),
             ]
+        );
+    }
+
+    #[test]
+    fn envid_and_orcpt_go_out_exactly_as_received() {
+        let mut env = envelope(&["a+b@example.com", "c@example.com"]);
+        env.envid = Some("Q+Z=x/y.42".into());
+        env.envid_xtext = Some("Q+2BZ+3Dx+2Fy.42".into());
+        env.recipients[0].orcpt = Some("a+b@example.com".into());
+        env.recipients[0].orcpt_xtext = Some("RFC822;a+2bb@example.com".into());
+        // Not what the stored value decodes from: encoded afresh.
+        env.recipients[1].orcpt = Some("c@example.com".into());
+        env.recipients[1].orcpt_xtext = Some("rfc822;other@example.com".into());
+        let plan = plan(&env, 1, &all(), &[0, 1]);
+        assert_eq!(
+            plan.mail_from,
+            "MAIL FROM:<sender@example.org> SIZE=1 RET=HDRS ENVID=Q+2BZ+3Dx+2Fy.42\r\n"
+        );
+        assert_eq!(
+            plan.rcpts,
+            want(&[
+                (
+                    0,
+                    "RCPT TO:<a+b@example.com> NOTIFY=FAILURE,DELAY ORCPT=RFC822;a+2bb@example.com\r\n"
+                ),
+                (
+                    1,
+                    "RCPT TO:<c@example.com> NOTIFY=FAILURE,DELAY ORCPT=rfc822;c@example.com\r\n"
+                ),
+            ])
+        );
+        // A value as received that could split the line is never sent.
+        let mut env = envelope(&["a@example.com"]);
+        env.envid = Some("x\r\nRSET".into());
+        env.envid_xtext = Some("x\r\nRSET".into());
+        let plan = super::plan(&env, 1, &all(), &[0]);
+        assert!(
+            plan.mail_from.ends_with(" ENVID=x+0D+0ARSET\r\n"),
+            "{}",
+            plan.mail_from
         );
     }
 
@@ -368,6 +467,25 @@ mod tests {
         assert_eq!(
             statuses(&plan(&env, 10, &neither, &[0])),
             want(&[(0, "5.6.3")])
+        );
+        // Converted to 7-bit it goes, without BODY=; what could not be
+        // converted fails with the reason.
+        let converted = plan_with(&env, 10, &EightBit::Converted, &neither, &[0]);
+        assert!(converted.settled.is_empty());
+        assert_eq!(
+            converted.mail_from,
+            "MAIL FROM:<sender@example.org> SIZE=10 RET=HDRS ENVID=env+201\r\n"
+        );
+        let why = EightBit::Unconvertible("a header holds 8-bit octets".into());
+        let refused = plan_with(&env, 10, &why, &neither, &[0]);
+        assert_eq!(statuses(&refused), want(&[(0, "5.6.3")]));
+        assert!(
+            refused.settled[0]
+                .1
+                .reply()
+                .ends_with("a header holds 8-bit octets"),
+            "{:?}",
+            refused.settled
         );
         env.has_8bit = false;
         assert!(plan(&env, 10, &neither, &[0]).settled.is_empty());

@@ -13,6 +13,9 @@
 //! - `reply.rs`, `outcome.rs`: parsing replies and what they mean (pure).
 //! - `mail.rs`: the MAIL/RCPT lines and the checks before them (pure).
 //! - `body.rs`: dot-stuffing, CRLF-clean content for BDAT (pure).
+//! - `lines.rs`, `downgrade.rs`: what is changed in transit so the next hop
+//!   takes the message: over-long lines broken, declared 8-bit MIME made
+//!   7-bit for a hop without 8BITMIME (pure).
 //! - `pipeline.rs`: messages in flight and which reply answers what (pure).
 //! - `tls.rs`: the stream type and rustls configuration.
 //! - `deliver.rs`: submitting messages and reading their outcomes.
@@ -21,9 +24,11 @@
 
 mod body;
 mod deliver;
+mod downgrade;
 mod error;
 #[doc(hidden)]
 pub mod fuzz;
+mod lines;
 mod mail;
 mod outcome;
 mod pipeline;
@@ -41,7 +46,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-pub use deliver::Progress;
+pub use deliver::{Changes, Progress};
 pub use error::{SessionError, Stage};
 pub use outcome::{Class, Outcome, classify};
 pub use pipeline::Ticket;
@@ -113,7 +118,13 @@ pub struct Settings {
     /// (a private CA; the tests' CA).
     pub extra_roots: Vec<CertificateDer<'static>>,
     pub timeouts: Timeouts,
+    /// `delivery.line_length_limit`: lines longer than this many octets
+    /// (CRLF not counted) are broken before they go; 0: never.
+    pub line_length_limit: usize,
 }
+
+/// RFC 5321 §4.5.3.1.6: 1,000 octets with CRLF.
+pub const LINE_LENGTH_LIMIT: usize = 998;
 
 impl Settings {
     /// RFC timeouts and no extra roots.
@@ -123,6 +134,7 @@ impl Settings {
             tls,
             extra_roots: Vec::new(),
             timeouts: Timeouts::default(),
+            line_length_limit: LINE_LENGTH_LIMIT,
         }
     }
 }
@@ -166,6 +178,10 @@ pub struct Connection<S = Stream> {
     /// Messages that failed with the session outside the flight.
     lost: Vec<Ticket>,
     next_ticket: Ticket,
+    /// See [`Settings::line_length_limit`].
+    line_limit: usize,
+    /// What was changed in transit since [`Connection::take_changes`].
+    changes: Changes,
 }
 
 /// Connects to `hop` and makes the session ready for mail: greeting, EHLO (HELO
@@ -230,6 +246,7 @@ async fn open(hop: &Hop, settings: &Settings, starttls: bool) -> Result<Connecti
         timeouts,
     )
     .await?;
+    conn.line_limit = settings.line_length_limit;
     if !starttls {
         return Ok(conn);
     }
@@ -288,6 +305,7 @@ impl Connection<Stream> {
         let mut conn = Connection::new(Session::new(Stream::Tls(Box::new(tls))), hop, timeouts);
         conn.hello(&settings.helo_name).await?;
         conn.caps.tls = true;
+        conn.line_limit = settings.line_length_limit;
         Ok(conn)
     }
 }
@@ -329,6 +347,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             failure: None,
             lost: Vec::new(),
             next_ticket: 0,
+            line_limit: LINE_LENGTH_LIMIT,
+            changes: Changes::default(),
         }
     }
 
@@ -468,6 +488,7 @@ mod tests {
         let settings = Settings::new("mx2.example.net", TlsPolicy::Opportunistic);
         assert_eq!(settings.timeouts, t);
         assert!(settings.extra_roots.is_empty());
+        assert_eq!(settings.line_length_limit, 998);
     }
 
     /// A peer that answers each line it reads with the next canned reply and

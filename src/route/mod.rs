@@ -249,12 +249,13 @@ pub struct Destinations {
 
 impl Destinations {
     /// `config`'s domains, reached with `settings` (tests shorten timeouts
-    /// and add roots) and `delivery.tls`.
+    /// and add roots), `delivery.tls` and `delivery.line_length_limit`.
     pub fn for_config(config: &Config, settings: outbound::Settings) -> Self {
         Destinations::new(
             config.domains.clone(),
             outbound::Settings {
                 tls: config.delivery.tls,
+                line_length_limit: config.delivery.line_length_limit,
                 ..settings
             },
         )

@@ -311,6 +311,7 @@ mod tests {
         let rcpt = |address: &str, next: u64, status| Recipient {
             address: address.into(),
             orcpt: None,
+            orcpt_xtext: None,
             notify: Notify::default(),
             status,
             attempts: 0,

@@ -145,6 +145,7 @@ fn notice_message(
             sender: String::new(),
             ret: Ret::Unset,
             envid: None,
+            envid_xtext: None,
             body_type: if has_8bit {
                 BodyType::EightBitMime
             } else {

@@ -316,6 +316,7 @@ async fn carry(
             let body = Arc::new(body);
             let started = tokio::time::Instant::now();
             let ticket = connection.submit(&env, body.clone(), &job.rcpts).await;
+            count_changes(ctx, domain, connection.take_changes());
             let message = Sent {
                 job,
                 env,
@@ -358,6 +359,23 @@ async fn carry(
         queue.jobs().push_front(job);
     }
     recording.finish().await;
+}
+
+/// What the connection changed in a message on its way, in the metrics.
+fn count_changes(ctx: &Ctx, domain: &str, changes: outbound::Changes) {
+    let label = [ctx.metrics.label(domain)];
+    if changes.lines_broken > 0 {
+        ctx.metrics
+            .lines_broken
+            .with_label_values(&label)
+            .inc_by(changes.lines_broken);
+    }
+    if changes.converted > 0 {
+        ctx.metrics
+            .converted
+            .with_label_values(&label)
+            .inc_by(changes.converted);
+    }
 }
 
 /// The connection failed: fewer connections from now on, an unreachable
@@ -481,7 +499,7 @@ async fn load(ctx: &Ctx, job: &Job) -> Option<(Envelope, Vec<u8>)> {
             return Loaded::Gone;
         };
         match spool.body(id) {
-            Ok(Some(body)) => Loaded::Message(env, body),
+            Ok(Some(body)) => Loaded::Message(Box::new(env), body),
             Ok(None) => Loaded::NoBody,
             Err(_) => Loaded::Gone,
         }
@@ -489,7 +507,7 @@ async fn load(ctx: &Ctx, job: &Job) -> Option<(Envelope, Vec<u8>)> {
     .await
     .unwrap_or(Loaded::Gone);
     match loaded {
-        Loaded::Message(env, body) => return Some((env, body)),
+        Loaded::Message(env, body) => return Some((*env, body)),
         Loaded::Gone => tracing::debug!(queue_id = %id, "no longer queued, skipped"),
         Loaded::NoBody => match ctx.spool.change(id, Change::Quarantine, Vec::new()).await {
             Ok(_) => tracing::error!(
@@ -504,7 +522,7 @@ async fn load(ctx: &Ctx, job: &Job) -> Option<(Envelope, Vec<u8>)> {
 
 /// What [`load`] found.
 enum Loaded {
-    Message(Envelope, Vec<u8>),
+    Message(Box<Envelope>, Vec<u8>),
     /// Not queued (any more), held, or unreadable right now.
     Gone,
     /// Queued, but its body is missing.

@@ -116,7 +116,10 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// 4 writes bodies in pieces (`body_chunks`); bodies of older layouts stay
 /// in `bodies` until their messages leave, and an older mxspool refuses the
 /// file instead of finding every new body missing.
-const SCHEMA: u64 = 4;
+/// 5 added envelope records of layout 4 (`ENVID=`/`ORCPT=` as received);
+/// older records still decode, and an older mxspool refuses the file
+/// instead of quarantining every new message.
+const SCHEMA: u64 = 5;
 
 /// A change to greylisting's state (see `knowledge::greylist`).
 #[derive(Debug)]

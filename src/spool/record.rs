@@ -1,7 +1,8 @@
 //! What the spool stores about a message besides its body: the envelope, with a
 //! state per recipient. Records carry a version byte so an older layout is
 //! still read beside this one (layout 1 lacked [`Recipient::suspect`], layout
-//! 2 [`Envelope::notices_to`]), and
+//! 2 [`Envelope::notices_to`], layout 3 [`Envelope::envid_xtext`] and
+//! [`Recipient::orcpt_xtext`]), and
 //! anything that does not decode is reported as such (the spool quarantines
 //! it) instead of panicking. Also the record of a paused relay domain.
 
@@ -12,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use super::id::QueueId;
 
 /// First byte of every stored envelope.
-const VERSION: u8 = 3;
+const VERSION: u8 = 4;
+/// The layout before the DSN parameters as received: still read, never written.
+const VERSION_3: u8 = 3;
 /// The layout before [`Envelope::notices_to`]: still read, never written.
 const VERSION_2: u8 = 2;
 /// The layout before [`Recipient::suspect`]: still read, never written.
@@ -69,8 +72,13 @@ pub enum RcptStatus {
 pub struct Recipient {
     /// The forward path as accepted (after relay checks), e.g. `alice@example.com`.
     pub address: String,
-    /// RFC 3461 `ORCPT=`, passed on and quoted in DSNs.
+    /// RFC 3461 `ORCPT=`, decoded and without its address type: quoted in DSNs.
     pub orcpt: Option<String>,
+    /// The `ORCPT=` value exactly as received (`rfc822;` and xtext), passed
+    /// on as it is (RFC 3461 §5.2.1); `None` for records from before layout
+    /// 4 and for values that did not decode to `orcpt`: then `orcpt` is
+    /// encoded afresh.
+    pub orcpt_xtext: Option<String>,
     pub notify: Notify,
     pub status: RcptStatus,
     /// Delivery attempts so far; drives the backoff.
@@ -99,6 +107,7 @@ impl Recipient {
         Recipient {
             address,
             orcpt: None,
+            orcpt_xtext: None,
             notify: Notify::default(),
             status: RcptStatus::Queued,
             attempts: 0,
@@ -125,8 +134,11 @@ pub struct Envelope {
     /// Reverse path; empty for the null sender `<>` (never bounce to it).
     pub sender: String,
     pub ret: Ret,
-    /// RFC 3461 `ENVID=`, echoed in DSNs.
+    /// RFC 3461 `ENVID=`, decoded: echoed in DSNs.
     pub envid: Option<String>,
+    /// The `ENVID=` value exactly as received (xtext), passed on as it is
+    /// (RFC 3461 §5.2.1); `None` as for [`Recipient::orcpt_xtext`].
+    pub envid_xtext: Option<String>,
     pub body_type: BodyType,
     /// The client used `SMTPUTF8`; the next hop must offer it too.
     pub smtputf8: bool,
@@ -166,6 +178,9 @@ impl Envelope {
         match bytes.split_first() {
             None => Err(DecodeError::Empty),
             Some((&VERSION, rest)) => postcard::from_bytes(rest).map_err(malformed),
+            Some((&VERSION_3, rest)) => postcard::from_bytes::<v3::Envelope>(rest)
+                .map(Envelope::from)
+                .map_err(malformed),
             Some((&VERSION_2, rest)) => postcard::from_bytes::<v2::Envelope>(rest)
                 .map(Envelope::from)
                 .map_err(malformed),
@@ -177,12 +192,89 @@ impl Envelope {
     }
 }
 
+/// Layout 3, as spools written before the DSN parameters were kept as
+/// received hold it: no `envid_xtext`, no `orcpt_xtext`.
+mod v3 {
+    use serde::{Deserialize, Serialize};
+
+    use super::{BodyType, Client, Notify, QueueId, RcptStatus, Ret};
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Recipient {
+        pub address: String,
+        pub orcpt: Option<String>,
+        pub notify: Notify,
+        pub status: RcptStatus,
+        pub attempts: u32,
+        pub next_attempt_ms: u64,
+        pub last_reply: Option<String>,
+        pub unreachable: bool,
+        pub delay_notified: bool,
+        pub suspect: bool,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Envelope {
+        pub id: QueueId,
+        pub sender: String,
+        pub ret: Ret,
+        pub envid: Option<String>,
+        pub body_type: BodyType,
+        pub smtputf8: bool,
+        pub has_8bit: bool,
+        pub arrived_ms: u64,
+        pub size: u64,
+        pub client: Client,
+        pub recipients: Vec<Recipient>,
+        pub notices_to: Option<String>,
+    }
+}
+
+impl From<v3::Recipient> for Recipient {
+    fn from(old: v3::Recipient) -> Recipient {
+        Recipient {
+            address: old.address,
+            orcpt: old.orcpt,
+            orcpt_xtext: None,
+            notify: old.notify,
+            status: old.status,
+            attempts: old.attempts,
+            next_attempt_ms: old.next_attempt_ms,
+            last_reply: old.last_reply,
+            unreachable: old.unreachable,
+            delay_notified: old.delay_notified,
+            suspect: old.suspect,
+        }
+    }
+}
+
+impl From<v3::Envelope> for Envelope {
+    fn from(old: v3::Envelope) -> Envelope {
+        Envelope {
+            id: old.id,
+            sender: old.sender,
+            ret: old.ret,
+            envid: old.envid,
+            envid_xtext: None,
+            body_type: old.body_type,
+            smtputf8: old.smtputf8,
+            has_8bit: old.has_8bit,
+            arrived_ms: old.arrived_ms,
+            size: old.size,
+            client: old.client,
+            recipients: old.recipients.into_iter().map(Recipient::from).collect(),
+            notices_to: old.notices_to,
+        }
+    }
+}
+
 /// Layout 2, as spools written before mailbox fetch hold it: recipients as
 /// now, no `notices_to`.
 mod v2 {
     use serde::{Deserialize, Serialize};
 
-    use super::{BodyType, Client, QueueId, Recipient, Ret};
+    use super::v3::Recipient;
+    use super::{BodyType, Client, QueueId, Ret};
 
     #[derive(Serialize, Deserialize)]
     pub struct Envelope {
@@ -207,13 +299,14 @@ impl From<v2::Envelope> for Envelope {
             sender: old.sender,
             ret: old.ret,
             envid: old.envid,
+            envid_xtext: None,
             body_type: old.body_type,
             smtputf8: old.smtputf8,
             has_8bit: old.has_8bit,
             arrived_ms: old.arrived_ms,
             size: old.size,
             client: old.client,
-            recipients: old.recipients,
+            recipients: old.recipients.into_iter().map(Recipient::from).collect(),
             notices_to: None,
         }
     }
@@ -262,6 +355,7 @@ impl From<v1::Envelope> for Envelope {
             sender: old.sender,
             ret: old.ret,
             envid: old.envid,
+            envid_xtext: None,
             body_type: old.body_type,
             smtputf8: old.smtputf8,
             has_8bit: old.has_8bit,
@@ -274,6 +368,7 @@ impl From<v1::Envelope> for Envelope {
                 .map(|r| Recipient {
                     address: r.address,
                     orcpt: r.orcpt,
+                    orcpt_xtext: None,
                     notify: r.notify,
                     status: r.status,
                     attempts: r.attempts,
@@ -354,6 +449,7 @@ pub(crate) mod testing {
             sender: sender.into(),
             ret: Ret::Unset,
             envid: None,
+            envid_xtext: None,
             body_type: BodyType::Unset,
             smtputf8: false,
             has_8bit: false,
@@ -481,7 +577,7 @@ mod tests {
             arrived_ms: env.arrived_ms,
             size: env.size,
             client: env.client.clone(),
-            recipients: env.recipients.clone(),
+            recipients: env.recipients.iter().map(v3_recipient).collect(),
         };
         let mut bytes = vec![VERSION_2];
         bytes.extend(postcard::to_allocvec(&old).unwrap());
@@ -490,6 +586,53 @@ mod tests {
         let mut fetched = env;
         fetched.notices_to = Some("pm@example.com".into());
         assert_eq!(Envelope::decode(&fetched.encode()), Ok(fetched));
+    }
+
+    fn v3_recipient(r: &Recipient) -> v3::Recipient {
+        v3::Recipient {
+            address: r.address.clone(),
+            orcpt: r.orcpt.clone(),
+            notify: r.notify,
+            status: r.status,
+            attempts: r.attempts,
+            next_attempt_ms: r.next_attempt_ms,
+            last_reply: r.last_reply.clone(),
+            unreachable: r.unreachable,
+            delay_notified: r.delay_notified,
+            suspect: r.suspect,
+        }
+    }
+
+    #[test]
+    fn layout_3_records_still_decode() {
+        let mut env = sample(42, &["a@example.com", "b@example.com"]);
+        env.notices_to = Some("pm@example.com".into());
+        env.recipients[1].suspect = true;
+        let old = v3::Envelope {
+            id: env.id,
+            sender: env.sender.clone(),
+            ret: env.ret,
+            envid: env.envid.clone(),
+            body_type: env.body_type,
+            smtputf8: env.smtputf8,
+            has_8bit: env.has_8bit,
+            arrived_ms: env.arrived_ms,
+            size: env.size,
+            client: env.client.clone(),
+            recipients: env.recipients.iter().map(v3_recipient).collect(),
+            notices_to: env.notices_to.clone(),
+        };
+        let mut bytes = vec![VERSION_3];
+        bytes.extend(postcard::to_allocvec(&old).unwrap());
+        assert_eq!(Envelope::decode(&bytes), Ok(env.clone()));
+
+        // The parameters as received survive the current layout.
+        let mut exact = env;
+        exact.envid_xtext = Some("Q+2BZ+3Dx+2Fy.42".into());
+        exact.recipients[0].orcpt_xtext = Some("rfc822;a+2ba@example.com".into());
+        let encoded = exact.encode();
+        assert_eq!(encoded[0], VERSION);
+        assert_eq!(Envelope::decode(&encoded), Ok(exact));
     }
 
     #[test]

@@ -212,7 +212,7 @@ fn check_schema(txn: &WriteTransaction) -> Result<(), PrepareError> {
     let found = meta.get("schema")?.map(|v| v.value());
     match found {
         // Earlier layouts differ only by what later layouts added.
-        None | Some(1) | Some(2) | Some(3) => {
+        None | Some(1) | Some(2) | Some(3) | Some(4) => {
             meta.insert("schema", SCHEMA)?;
         }
         Some(SCHEMA) => {}
@@ -344,7 +344,7 @@ mod tests {
         spool.commit(message(1, b"x")).await.unwrap();
         spool.close();
         drop(spool);
-        for old in [1, 2, 3] {
+        for old in [1, 2, 3, 4] {
             set_schema(old);
             let spool = Spool::open(&path, 1 << 20).unwrap();
             assert_eq!(spool.envelopes().unwrap().len(), 1);

@@ -237,6 +237,7 @@ impl TestServer {
                 sender: sender.into(),
                 ret: Ret::Unset,
                 envid: None,
+                envid_xtext: None,
                 body_type: BodyType::Unset,
                 smtputf8: false,
                 has_8bit: false,

@@ -7,7 +7,8 @@
 //! parameters it did not advertise (555), a SIZE= above its limit (552),
 //! DATA with no accepted recipient (554), BDAT before MAIL or an accepted
 //! RCPT (503, its octets still read) and DATA after BDAT (503), and it closes
-//! the connection after BDAT it did not offer (502). It can sit one round trip
+//! the connection after BDAT it did not offer (502); with `set_line_limit` it
+//! refuses content with a line too long (500). It can sit one round trip
 //! away (`set_latency`) and counts its round trips (`turns`), so tests can see
 //! whether a client pipelines. It stays on loopback.
 #![allow(dead_code)]
@@ -213,6 +214,11 @@ struct State {
     max_sessions: Option<usize>,
     /// Connections refused that way.
     refused: usize,
+    /// Content with a line longer than this (CRLF included) is refused
+    /// at its end.
+    line_limit: Option<usize>,
+    /// Contents refused for that.
+    too_long: usize,
 }
 
 struct Shared {
@@ -282,6 +288,8 @@ impl Primary {
                 max_active: 0,
                 max_sessions: None,
                 refused: 0,
+                line_limit: None,
+                too_long: 0,
             }),
             received: Notify::new(),
         });
@@ -402,6 +410,18 @@ impl Primary {
     /// closed: a primary with a connection limit. For connections from now on.
     pub fn set_max_sessions(&self, max: Option<usize>) {
         self.shared.lock().max_sessions = max;
+    }
+
+    /// With `Some(n)`, content (as on the wire) with a line longer than `n`
+    /// octets, CRLF included, gets `500 5.5.0 Line too long` at its end and
+    /// is not recorded: a primary that enforces RFC 5321's 1,000 octets.
+    pub fn set_line_limit(&self, limit: Option<usize>) {
+        self.shared.lock().line_limit = limit;
+    }
+
+    /// Contents refused by `set_line_limit`'s limit.
+    pub fn too_long(&self) -> usize {
+        self.shared.lock().too_long
     }
 
     /// Connections refused by `set_max_sessions`' limit.
@@ -731,6 +751,14 @@ impl Session<'_> {
         let txn = std::mem::take(&mut self.txn);
         let reply = {
             let mut st = self.shared.lock();
+            let too_long = st.line_limit.is_some_and(|limit| {
+                data.split_inclusive(|&b| b == b'\n')
+                    .any(|line| line.len() > limit)
+            });
+            if too_long {
+                st.too_long += 1;
+                return (Some("500 5.5.0 Line too long".into()), None);
+            }
             st.data_replies
                 .pop_front()
                 .unwrap_or_else(|| st.data_reply.clone())

@@ -5,7 +5,7 @@ use smtp_proto::{
 };
 
 use super::bdat::Chunks;
-use super::params::{MAX_ENVID, has_control, is_dsn_text};
+use super::params::{MAX_ENVID, as_received, has_control, is_dsn_text};
 use super::{Env, Session, Transaction, need_helo, no_room, too_big};
 use crate::address;
 use crate::inbound::reply::Reply;
@@ -17,7 +17,7 @@ const MAIL_FLAGS_SUPPORTED: u64 =
     MAIL_BODY_7BIT | MAIL_BODY_8BITMIME | MAIL_RET_FULL | MAIL_RET_HDRS | MAIL_SMTPUTF8;
 
 impl Session {
-    pub(super) fn mail(&mut self, from: MailFrom<String>, env: &Env<'_>) -> Reply {
+    pub(super) fn mail(&mut self, from: MailFrom<String>, line: &[u8], env: &Env<'_>) -> Reply {
         let Some((_, esmtp)) = &self.helo else {
             return need_helo();
         };
@@ -77,10 +77,15 @@ impl Session {
         if !(env.spool_has_room)(size) {
             return no_room();
         }
+        let envid_xtext = from
+            .env_id
+            .as_deref()
+            .and_then(|envid| as_received(line, "ENVID", envid, false));
         self.transaction = Some(Transaction {
             sender,
             ret: ret(from.flags),
             envid: from.env_id,
+            envid_xtext,
             body_type: body_type(from.flags),
             smtputf8,
             recipients: Vec::new(),

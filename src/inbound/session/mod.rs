@@ -93,6 +93,9 @@ pub struct Transaction {
     pub sender: String,
     pub ret: Ret,
     pub envid: Option<String>,
+    /// `ENVID=` as the client wrote it, when it spells `envid` (see
+    /// `params::as_received`).
+    pub envid_xtext: Option<String>,
     pub body_type: BodyType,
     pub smtputf8: bool,
     /// Accepted recipients, in order, without duplicates.
@@ -274,7 +277,7 @@ impl Session {
                 self.reset();
                 Reply::new(250, "", policy.hostname.clone())
             }
-            Request::Mail { from } => self.mail(from, env),
+            Request::Mail { from } => self.mail(from, line, env),
             Request::Rcpt { to } => match self.rcpt(to, line, env) {
                 Ok(reply) => reply,
                 Err(address) => return Step::Verify(address),

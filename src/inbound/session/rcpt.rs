@@ -5,7 +5,7 @@ use smtp_proto::{
 };
 
 use super::bdat::Chunks;
-use super::params::{MAX_ORCPT, has_control, is_dsn_text};
+use super::params::{MAX_ORCPT, as_received, has_control, is_dsn_text};
 use super::{Env, Knowledge, Session, Transaction};
 use crate::address;
 use crate::config::UnknownRecipients;
@@ -62,7 +62,7 @@ impl Session {
         if (env.primary_up)(&address) {
             return Ok(primary_is_up(&address));
         }
-        add_recipient(transaction, address, &to);
+        add_recipient(transaction, address, &to, line);
         Ok(Reply::new(250, "2.1.5", "Ok"))
     }
 }
@@ -246,7 +246,7 @@ fn unverified(
 
 /// Adds the recipient with its NOTIFY=/ORCPT=, once (a repeat is accepted
 /// and ignored).
-fn add_recipient(transaction: &mut Transaction, address: String, to: &RcptTo<String>) {
+fn add_recipient(transaction: &mut Transaction, address: String, to: &RcptTo<String>, line: &[u8]) {
     let duplicate = transaction
         .recipients
         .iter()
@@ -263,8 +263,13 @@ fn add_recipient(transaction: &mut Transaction, address: String, to: &RcptTo<Str
                 notify |= bit;
             }
         }
+        let orcpt_xtext = to
+            .orcpt
+            .as_deref()
+            .and_then(|orcpt| as_received(line, "ORCPT", orcpt, true));
         transaction.recipients.push(Recipient {
             orcpt: to.orcpt.clone(),
+            orcpt_xtext,
             notify: Notify(notify),
             ..Recipient::queued(address, 0)
         });
