@@ -163,6 +163,7 @@ impl Scheduler {
             envelopes.into_iter().map(|env| (env.id, env)).collect();
         let mut touched: HashSet<Arc<str>> = HashSet::new();
         let mut parked: Vec<Job> = Vec::new();
+        let mut rescan = false;
         for (domain, id) in picked {
             // Gone meanwhile (delivered with another job, deleted): nothing to do.
             let Some(env) = by_id.get(&id) else {
@@ -180,6 +181,11 @@ impl Scheduler {
                 .map(|(i, _)| i)
                 .collect();
             if rcpts.is_empty() {
+                // Not recorded as waiting (that write failed, say): whatever
+                // of it is due is the due scan's, which left it to the
+                // backlog until now. Look again rather than at its next
+                // retry time.
+                rescan = true;
                 continue;
             }
             let state = self.domains.get_mut(&domain).expect("picked from it");
@@ -205,6 +211,9 @@ impl Scheduler {
             self.dispatch(&domain);
         }
         self.park(parked);
+        if rescan {
+            self.rescan_soon(Duration::ZERO);
+        }
     }
 
     /// Makes a job of each destination's due recipients (up to

@@ -90,6 +90,12 @@ pub(crate) enum Event {
         /// Some recipient was delivered: the destination takes mail.
         delivered: bool,
     },
+    /// A job's message could not be read (a `Done` follows): it is handed to
+    /// delivery again, as if it had waited for its primary.
+    Unread {
+        id: QueueId,
+        domain: Arc<str>,
+    },
     /// The destination refused one more connection while `connected` others
     /// worked (`Some`), or a session failed with messages in flight (`None`):
     /// open fewer.
@@ -470,6 +476,14 @@ impl Scheduler {
                 }
                 self.in_flight.remove(&(id, domain));
                 self.rescan_soon(RESCAN_DELAY);
+            }
+            Event::Unread { id, domain } => {
+                let (_, state) = self.domain(&domain);
+                if state.down.is_some() {
+                    state.waiting.insert(id);
+                } else {
+                    state.backlog.insert(id);
+                }
             }
             Event::WorkerExit { domain } => {
                 if let Some(state) = self.domains.get_mut(&domain) {

@@ -492,23 +492,36 @@ async fn load(ctx: &Ctx, job: &Job) -> Option<(Envelope, Vec<u8>)> {
     let spool = ctx.spool.clone();
     let id = job.id;
     let loaded = tokio::task::spawn_blocking(move || {
-        if spool.is_held(id).unwrap_or(true) {
-            return Loaded::Gone;
+        match spool.is_held(id) {
+            Ok(true) => return Loaded::Gone,
+            Ok(false) => {}
+            Err(e) => return Loaded::Unreadable(e.to_string()),
         }
-        let Ok(Some(env)) = spool.envelope(id) else {
-            return Loaded::Gone;
+        let env = match spool.envelope(id) {
+            Ok(Some(env)) => env,
+            Ok(None) => return Loaded::Gone,
+            Err(e) => return Loaded::Unreadable(e.to_string()),
         };
         match spool.body(id) {
             Ok(Some(body)) => Loaded::Message(Box::new(env), body),
             Ok(None) => Loaded::NoBody,
-            Err(_) => Loaded::Gone,
+            Err(e) => Loaded::Unreadable(e.to_string()),
         }
     })
     .await
-    .unwrap_or(Loaded::Gone);
+    .unwrap_or_else(|e| Loaded::Unreadable(e.to_string()));
     match loaded {
         Loaded::Message(env, body) => return Some((*env, body)),
         Loaded::Gone => tracing::debug!(queue_id = %id, "no longer queued, skipped"),
+        // The spool is being reopened after a failed write, say: the message
+        // is still queued and must not wait for its next retry time.
+        Loaded::Unreadable(error) => {
+            warn!(queue_id = %id, %error, "cannot read a queued message; trying it again shortly");
+            let _ = ctx.events.send(Event::Unread {
+                id,
+                domain: job.domain.clone(),
+            });
+        }
         Loaded::NoBody => match ctx.spool.change(id, Change::Quarantine, Vec::new()).await {
             Ok(_) => tracing::error!(
                 queue_id = %id,
@@ -523,8 +536,10 @@ async fn load(ctx: &Ctx, job: &Job) -> Option<(Envelope, Vec<u8>)> {
 /// What [`load`] found.
 enum Loaded {
     Message(Box<Envelope>, Vec<u8>),
-    /// Not queued (any more), held, or unreadable right now.
+    /// Not queued (any more), or held.
     Gone,
+    /// The spool could not be read just now.
+    Unreadable(String),
     /// Queued, but its body is missing.
     NoBody,
 }
