@@ -8,10 +8,12 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use tracing::warn;
 
 use super::worker;
-use super::{Job, Scheduler};
+use super::{DUE_SCAN_DURING_BACKLOG, Job, Scheduler};
 use crate::address::domain_of;
 use crate::spool::{Envelope, PARKED, QueueId, RcptStatus, ReadError};
 
@@ -23,6 +25,15 @@ const MAX_LOADED: usize = 2_000;
 impl Scheduler {
     /// Loads due mail into destination queues and starts workers.
     pub(super) async fn scan(&mut self) {
+        let draining = self.domains.values().any(|s| !s.backlog.is_empty());
+        let since = self.due_scanned.map(|at| at.elapsed());
+        if draining && since.is_some_and(|since| since < DUE_SCAN_DURING_BACKLOG) {
+            self.take_backlog().await;
+            let left = DUE_SCAN_DURING_BACKLOG - since.unwrap_or_default();
+            self.rescan_soon(left);
+            return;
+        }
+        self.due_scanned = Some(Instant::now());
         let now = self.ctx.clock.now_ms();
         let Some((envelopes, next)) = self.load_due(now).await else {
             self.rescan_soon(Duration::from_secs(1));

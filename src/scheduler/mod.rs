@@ -64,6 +64,11 @@ use worker::Ctx;
 
 /// After workers report, look for more due mail at most this often.
 const RESCAN_DELAY: Duration = Duration::from_millis(20);
+/// While a returning primary's backlog drains, every finished job asks for a
+/// scan (see [`RESCAN_DELAY`]); the backlog is topped up each time, the due
+/// index (thousands of entries to skip past the backlog's own) read only
+/// this often.
+const DUE_SCAN_DURING_BACKLOG: Duration = Duration::from_millis(250);
 /// Longest sleep without looking at the due index (it is cheap to look).
 const MAX_SLEEP: Duration = Duration::from_secs(60);
 /// How long shutdown waits for workers to finish the message in hand.
@@ -183,6 +188,9 @@ pub struct Scheduler {
     tasks: JoinSet<()>,
     shutdown: Shutdown,
     rescan_at: Option<Instant>,
+    /// When the due index was last read; while a backlog drains it is read
+    /// at most every [`DUE_SCAN_DURING_BACKLOG`] (see [`Scheduler::scan`]).
+    due_scanned: Option<Instant>,
     /// Who waits for [`Command::Settle`].
     settling: Vec<oneshot::Sender<()>>,
 }
@@ -263,6 +271,7 @@ impl Scheduler {
             tasks: JoinSet::new(),
             shutdown,
             rescan_at: None,
+            due_scanned: None,
             settling: Vec::new(),
         };
         let handle = Handle::new(
