@@ -677,7 +677,7 @@ ID             AGE    SIZE     SENDER             RECIPIENT          STATUS     
         m.held = false;
         m.ret = Some("hdrs".into());
         m.recipients[0].notify = Some(vec!["failure".into(), "delay".into()]);
-        m.recipients[0].orcpt = Some("rfc822;bob@example.com".into());
+        m.recipients[0].orcpt = Some("bob@example.com".into());
         m.headers = Some("Received: from a\r\n\tby b\r\nSubject: hi\x1b[31m\r\n".into());
         let now = 1_795_412_945_678 - 250_000;
         assert_eq!(
@@ -696,7 +696,7 @@ Recipients:
     next attempt: in 4m10s
     last reply:   mx1.example.com[192.0.2.10]: cannot connect: Connection refused (os error 111) after waiting a long time
     notify:       failure, delay
-    orcpt:        rfc822;bob@example.com
+    orcpt:        bob@example.com
   carol@example.com
     status:       delivered, 1 attempt
     last reply:   250 2.0.0 Ok

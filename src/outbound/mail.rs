@@ -112,7 +112,9 @@ pub(crate) fn plan_with(
                         line.push_str(&notify);
                     }
                     if let Some(orcpt) = &rcpt.orcpt {
-                        let addr = strip_prefix_ignore_case(orcpt, "rfc822;");
+                        // The address as the session stored it: the text
+                        // after `rfc822;` (which an address may itself start with).
+                        let addr = orcpt.as_str();
                         if !addr.is_empty() {
                             line.push_str(" ORCPT=");
                             match orcpt_as_received(rcpt.orcpt_xtext.as_deref(), addr) {
@@ -241,13 +243,6 @@ fn orcpt_as_received<'a>(raw: Option<&'a str>, addr: &str) -> Option<&'a str> {
         .then_some(raw)
 }
 
-fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> &'a str {
-    match text.get(..prefix.len()) {
-        Some(head) if head.eq_ignore_ascii_case(prefix) => &text[prefix.len()..],
-        _ => text,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,7 +296,7 @@ mod tests {
         env.body_type = BodyType::EightBitMime;
         env.has_8bit = true;
         env.recipients[1].notify = Notify(Notify::SUCCESS | Notify::FAILURE);
-        env.recipients[1].orcpt = Some("rfc822;b+x=y@example.com".into());
+        env.recipients[1].orcpt = Some("b+x=y@example.com".into());
         let plan = plan(&env, 500, &all(), &[0, 1]);
         assert!(plan.settled.is_empty());
         assert_eq!(

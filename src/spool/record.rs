@@ -483,7 +483,7 @@ pub(crate) fn sample(id: u64, rcpts: &[&str]) -> Envelope {
     env.has_8bit = true;
     env.arrived_ms = 1_000;
     for r in &mut env.recipients {
-        r.orcpt = Some(format!("rfc822;{}", r.address));
+        r.orcpt = Some(r.address.clone());
         r.notify = Notify(Notify::FAILURE | Notify::DELAY);
         r.next_attempt_ms = 1_000;
     }
