@@ -21,6 +21,15 @@ pub fn is_domain_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= MAX_NAME && name.split('.').all(is_label)
 }
 
+/// Whether the domain of `address` has a label over 63 octets (RFC 1035
+/// §2.3.4): no such name can exist, whoever it belongs to, so this is a
+/// syntax error before it is anything else.
+pub fn has_overlong_label(address: &str) -> bool {
+    address
+        .rsplit_once('@')
+        .is_some_and(|(_, domain)| domain.split('.').any(|l| l.len() > MAX_LABEL))
+}
+
 fn is_label(label: &str) -> bool {
     !label.is_empty()
         && label.len() <= MAX_LABEL

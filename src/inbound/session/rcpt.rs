@@ -157,6 +157,14 @@ fn relay_address(
             ));
         }
         policy.postmaster.clone()
+    } else if address::has_overlong_label(&to.address) {
+        // Refused as syntax whether or not the domain is ours: a relay
+        // refusal would tell the client the name could exist.
+        return Err(Reply::syntax(
+            501,
+            "5.1.3",
+            "Error: bad recipient address syntax",
+        ));
     } else {
         match policy.check_recipient(&to.address) {
             Ok(address) => address,
@@ -414,6 +422,7 @@ mod tests {
         let label64 = "l".repeat(64);
         let long_rcpt = format!("RCPT TO:<alice@{label64}.example.org>");
         let long_sender = format!("MAIL FROM:<a@{label64}.test>");
+        let foreign_long_rcpt = format!("RCPT TO:<bob@{label64}.elsewhere.test>");
         let mut s = local();
         run(
             &mut s,
@@ -427,6 +436,7 @@ mod tests {
                 ("RCPT TO:<alice@a!b.example.org>", 501),
                 ("RCPT TO:<alice@-a.example.org>", 501),
                 (&long_rcpt, 501),
+                (&foreign_long_rcpt, 501),
                 ("RCPT TO:<alice@a_b.example.org>", 250),
                 ("RCPT TO:<alice@sub.example.org.>", 250),
             ],
