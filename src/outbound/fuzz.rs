@@ -6,7 +6,9 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::body::{self, DotStuffer};
-use super::{Capabilities, Connection, Hop, Reply, SessionError, Timeouts, mail, reply};
+use super::{
+    Capabilities, Connection, Hop, Reply, SessionError, Timeouts, downgrade, lines, mail, reply,
+};
 use crate::spool::Envelope;
 
 pub use super::mail::Plan;
@@ -52,6 +54,18 @@ pub fn dot_stuff<'a>(pieces: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
 /// The content of `BDAT n LAST` for a stored body.
 pub fn crlf_clean(body: &[u8]) -> Vec<u8> {
     body::crlf_clean(body).into_owned()
+}
+
+/// Declared 8-bit MIME made 7-bit for a next hop without 8BITMIME, or why
+/// it cannot be.
+pub fn to_7bit(message: &[u8]) -> Result<Vec<u8>, String> {
+    downgrade::to_7bit(message).map_err(|e| e.to_string())
+}
+
+/// `body` with lines longer than `limit` broken, and how many were; `None`
+/// when none was.
+pub fn break_long(body: &[u8], limit: usize) -> Option<(Vec<u8>, usize)> {
+    lines::break_long(&std::sync::Arc::new(body.to_vec()), limit).map(|(b, n)| (b.to_vec(), n))
 }
 
 /// Greeting and EHLO (HELO) over an open stream, as a real delivery starts.
