@@ -387,21 +387,12 @@ fn is_space(b: u8) -> bool {
 /// Base64 (RFC 2045 §6.8) in lines of 76 characters, the last one ended
 /// with CRLF too.
 fn base64(body: &[u8], out: &mut Vec<u8>) {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    for line in body.chunks(LINE / 4 * 3) {
-        for group in line.chunks(3) {
-            let n = group.len();
-            let v = (u32::from(group[0]) << 16)
-                | (u32::from(*group.get(1).unwrap_or(&0)) << 8)
-                | u32::from(*group.get(2).unwrap_or(&0));
-            for k in 0..4 {
-                if k <= n {
-                    out.push(ALPHABET[(v >> (18 - 6 * k) & 63) as usize]);
-                } else {
-                    out.push(b'=');
-                }
-            }
-        }
+    use base64::Engine;
+    let mut line = String::with_capacity(LINE);
+    for piece in body.chunks(LINE / 4 * 3) {
+        line.clear();
+        base64::engine::general_purpose::STANDARD.encode_string(piece, &mut line);
+        out.extend_from_slice(line.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
 }

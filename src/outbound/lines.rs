@@ -19,11 +19,19 @@ use std::sync::Arc;
 /// broken, and how many lines were; `None` when no line is that long (or
 /// `limit` is 0), so the caller keeps the original without a copy.
 pub(crate) fn break_long(body: &Arc<Vec<u8>>, limit: usize) -> Option<(Arc<Vec<u8>>, usize)> {
-    if limit == 0
-        || !body
-            .split(|&b| b == b'\n')
-            .any(|l| wire_len(content(l)) > limit)
-    {
+    // Every message to a next hop passes here: find line ends with memchr,
+    // and a body no longer than the limit cannot hold a line over it.
+    let mut start = 0;
+    let too_long = limit > 0
+        && body.len() >= limit
+        && memchr::memchr_iter(b'\n', body)
+            .chain(std::iter::once(body.len()))
+            .any(|end| {
+                let line = &body[start..end];
+                start = end + 1;
+                wire_len(content(line)) > limit
+            });
+    if !too_long {
         return None;
     }
     let mut out = Vec::with_capacity(body.len() + body.len() / limit * 3 + 3);

@@ -7,7 +7,8 @@
 //! client did not declare 8-bit is relayed as received, to any next hop, as
 //! Postfix does (RFC 5321 §2.4: a relay does not inspect content, and nearly
 //! every server takes 8-bit anyway). Content declared `BODY=8BITMIME` that
-//! really is 8-bit fails with 5.6.3 at a next hop without 8BITMIME rather than
+//! really is 8-bit goes to a next hop without 8BITMIME only converted to 7-bit
+//! (`downgrade.rs`); what cannot be converted fails with 5.6.3 rather than
 //! going out raw under a broken promise.
 
 use super::Capabilities;
@@ -111,18 +112,15 @@ pub(crate) fn plan_with(
                         line.push_str(" NOTIFY=");
                         line.push_str(&notify);
                     }
-                    if let Some(orcpt) = &rcpt.orcpt {
-                        // The address as the session stored it: the text
-                        // after `rfc822;` (which an address may itself start with).
-                        let addr = orcpt.as_str();
-                        if !addr.is_empty() {
-                            line.push_str(" ORCPT=");
-                            match orcpt_as_received(rcpt.orcpt_xtext.as_deref(), addr) {
-                                Some(raw) => line.push_str(raw),
-                                None => {
-                                    line.push_str("rfc822;");
-                                    line.push_str(&xtext::encode(addr));
-                                }
+                    // The address as the session stored it: the text after
+                    // `rfc822;` (which an address may itself start with).
+                    if let Some(addr) = rcpt.orcpt.as_deref().filter(|a| !a.is_empty()) {
+                        line.push_str(" ORCPT=");
+                        match orcpt_as_received(rcpt.orcpt_xtext.as_deref(), addr) {
+                            Some(raw) => line.push_str(raw),
+                            None => {
+                                line.push_str("rfc822;");
+                                line.push_str(&xtext::encode(addr));
                             }
                         }
                     }

@@ -244,14 +244,29 @@ impl Spool {
         self.decodable(DEAD)
     }
 
-    /// Every envelope of `table` (queue or dead letters) in ID order, skipping
-    /// any that does not decode.
     /// Calls `f` with every queued envelope in ID (arrival) order, one at a
     /// time from one snapshot: a million-message queue is read without being
     /// held in memory.
     pub fn each_envelope(&self, f: &mut dyn FnMut(Envelope)) -> Result<(), ReadError> {
+        self.each_in(MESSAGES, f)
+    }
+
+    /// Every envelope of `table` (queue or dead letters) in ID order, skipping
+    /// any that does not decode.
+    fn decodable(&self, table: TableDefinition<u64, &[u8]>) -> Result<Vec<Envelope>, ReadError> {
+        let mut out = Vec::new();
+        self.each_in(table, &mut |env| out.push(env))?;
+        Ok(out)
+    }
+
+    /// Calls `f` with every envelope of `table` that decodes, in ID order.
+    fn each_in(
+        &self,
+        table: TableDefinition<u64, &[u8]>,
+        f: &mut dyn FnMut(Envelope),
+    ) -> Result<(), ReadError> {
         let txn = self.inner.db.begin_read()?;
-        let table = txn.open_table(MESSAGES).map_err(read_err)?;
+        let table = txn.open_table(table).map_err(read_err)?;
         for row in table.iter().map_err(read_err)? {
             let (_, raw) = row.map_err(read_err)?;
             if let Ok(env) = Envelope::decode(raw.value()) {
@@ -259,19 +274,6 @@ impl Spool {
             }
         }
         Ok(())
-    }
-
-    fn decodable(&self, table: TableDefinition<u64, &[u8]>) -> Result<Vec<Envelope>, ReadError> {
-        let txn = self.inner.db.begin_read()?;
-        let table = txn.open_table(table).map_err(read_err)?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(read_err)? {
-            let (_, raw) = row.map_err(read_err)?;
-            if let Ok(env) = Envelope::decode(raw.value()) {
-                out.push(env);
-            }
-        }
-        Ok(out)
     }
 
     /// One page of the queue in ID (arrival) order: up to `limit` messages

@@ -182,10 +182,10 @@ impl Envelope {
                 .map(Envelope::from)
                 .map_err(malformed),
             Some((&VERSION_2, rest)) => postcard::from_bytes::<v2::Envelope>(rest)
-                .map(Envelope::from)
+                .map(|old| Envelope::from(v3::Envelope::from(old)))
                 .map_err(malformed),
             Some((&VERSION_1, rest)) => postcard::from_bytes::<v1::Envelope>(rest)
-                .map(Envelope::from)
+                .map(|old| Envelope::from(v3::Envelope::from(v2::Envelope::from(old))))
                 .map_err(malformed),
             Some((&v, _)) => Err(DecodeError::UnknownVersion(v)),
         }
@@ -269,7 +269,7 @@ impl From<v3::Envelope> for Envelope {
 }
 
 /// Layout 2, as spools written before mailbox fetch hold it: recipients as
-/// now, no `notices_to`.
+/// in layout 3, no `notices_to`.
 mod v2 {
     use serde::{Deserialize, Serialize};
 
@@ -292,28 +292,29 @@ mod v2 {
     }
 }
 
-impl From<v2::Envelope> for Envelope {
-    fn from(old: v2::Envelope) -> Envelope {
-        Envelope {
+impl From<v2::Envelope> for v3::Envelope {
+    fn from(old: v2::Envelope) -> v3::Envelope {
+        v3::Envelope {
             id: old.id,
             sender: old.sender,
             ret: old.ret,
             envid: old.envid,
-            envid_xtext: None,
             body_type: old.body_type,
             smtputf8: old.smtputf8,
             has_8bit: old.has_8bit,
             arrived_ms: old.arrived_ms,
             size: old.size,
             client: old.client,
-            recipients: old.recipients.into_iter().map(Recipient::from).collect(),
+            recipients: old.recipients,
             notices_to: None,
         }
     }
 }
 
-/// Layout 1, as spools written before the drain guard hold it. Postcard
-/// records are not self-describing, so the old shape is spelled out here.
+/// Layout 1, as spools written before the drain guard hold it: no `suspect`
+/// recipients, no `notices_to`. Postcard records are not self-describing,
+/// so each old shape is spelled out, and each converts to the next layout
+/// only: a new layout adds one conversion, not one per old layout.
 mod v1 {
     use serde::{Deserialize, Serialize};
 
@@ -348,14 +349,13 @@ mod v1 {
     }
 }
 
-impl From<v1::Envelope> for Envelope {
-    fn from(old: v1::Envelope) -> Envelope {
-        Envelope {
+impl From<v1::Envelope> for v2::Envelope {
+    fn from(old: v1::Envelope) -> v2::Envelope {
+        v2::Envelope {
             id: old.id,
             sender: old.sender,
             ret: old.ret,
             envid: old.envid,
-            envid_xtext: None,
             body_type: old.body_type,
             smtputf8: old.smtputf8,
             has_8bit: old.has_8bit,
@@ -365,10 +365,9 @@ impl From<v1::Envelope> for Envelope {
             recipients: old
                 .recipients
                 .into_iter()
-                .map(|r| Recipient {
+                .map(|r| v3::Recipient {
                     address: r.address,
                     orcpt: r.orcpt,
-                    orcpt_xtext: None,
                     notify: r.notify,
                     status: r.status,
                     attempts: r.attempts,
@@ -379,7 +378,6 @@ impl From<v1::Envelope> for Envelope {
                     suspect: false,
                 })
                 .collect(),
-            notices_to: None,
         }
     }
 }

@@ -457,9 +457,7 @@ impl Tables<'_, '_> {
             self.held.remove(id)?;
             delta.held -= 1;
         }
-        self.bodies.remove(id)?;
-        delta.bytes -= footprint(env.size) as i64;
-        Ok(())
+        self.remove_body(env, delta)
     }
 
     /// Moves a queued message to quarantine; its body goes.
@@ -477,9 +475,7 @@ impl Tables<'_, '_> {
         }
         self.quarantine.insert(id, env.encode().as_slice())?;
         delta.quarantined += 1;
-        self.bodies.remove(id)?;
-        delta.bytes -= footprint(env.size) as i64;
-        Ok(())
+        self.remove_body(env, delta)
     }
 
     fn bury(&mut self, env: &Envelope, held: bool, delta: &mut Delta) -> Result<(), redb::Error> {
@@ -495,17 +491,23 @@ impl Tables<'_, '_> {
 
     /// Writes a queued message back (counting it in the queue again); one
     /// with nothing left to do is removed.
+    /// Removes `env`'s body and gives its space back to the totals.
+    fn remove_body(&mut self, env: &Envelope, delta: &mut Delta) -> Result<(), redb::Error> {
+        self.bodies.remove(env.id.0)?;
+        delta.bytes -= footprint(env.size) as i64;
+        Ok(())
+    }
+
     fn store(&mut self, env: &Envelope, held: bool, delta: &mut Delta) -> Result<(), redb::Error> {
         let id = env.id.0;
         match env.next_due_ms() {
             None => {
                 self.messages.remove(id)?;
-                self.bodies.remove(id)?;
+                self.remove_body(env, delta)?;
                 if held {
                     self.held.remove(id)?;
                     delta.held -= 1;
                 }
-                delta.bytes -= footprint(env.size) as i64;
             }
             Some(at) => {
                 self.messages.insert(id, env.encode().as_slice())?;
